@@ -1,0 +1,171 @@
+"""A Hugging Face checkpoint on disk: config, tokenizer files and lazily mapped weights.
+
+Safetensors files are parsed here rather than through torch so conversion needs
+no torch and touches one tensor at a time: each tensor is a read-only view of a
+memory map, turned into float32 only when the exporter asks for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgelm.errors import ConversionError
+
+# safetensors dtype -> (numpy dtype of the stored bits, bytes per element)
+_DTYPES = {
+    "F32": (np.float32, 4),
+    "F16": (np.float16, 2),
+    "BF16": (np.uint16, 2),  # widened to float32 by shifting into the high half
+    "F64": (np.float64, 8),
+}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own bound
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in file
+    end: int
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def _read_safetensors_header(path: Path) -> list[TensorRef]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConversionError(f"{path.name}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ConversionError(f"{path.name}: truncated or corrupt safetensors header ({n} bytes declared, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{path.name}: corrupt safetensors header: {e}") from None
+    base = 8 + n
+    refs = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (lo, hi) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if dtype not in _DTYPES:
+            raise ConversionError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
+        ref = TensorRef(name, dtype, shape, path, base + lo, base + hi)
+        if ref.end - ref.start != ref.n_elements * _DTYPES[dtype][1]:
+            raise ConversionError(f"{path.name}: tensor {name}: byte range does not match shape {list(shape)}")
+        if ref.end > size:
+            raise ConversionError(
+                f"{path.name}: truncated safetensors file: tensor {name} ends at byte {ref.end}, file has {size}"
+            )
+        refs.append(ref)
+    return refs
+
+
+@dataclass
+class Checkpoint:
+    """A transformers checkpoint directory."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorRef]
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path, *, allow_pickle: bool = False) -> "Checkpoint":
+        path = Path(path)
+        if not path.is_dir():
+            raise ConversionError(f"{path}: not a checkpoint directory")
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ConversionError(f"{path}: missing config.json")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{config_path}: invalid JSON: {e}") from None
+        files = _weight_files(path, allow_pickle)
+        tensors: dict[str, TensorRef] = {}
+        for f in files:
+            for ref in _read_safetensors_header(f):
+                if ref.name in tensors:
+                    raise ConversionError(f"{path}: tensor {ref.name} appears in two weight files")
+                tensors[ref.name] = ref
+        return cls(path, config, tensors)
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor as float32 (a copy: the source stays mapped read-only)."""
+        ref = self.tensors.get(name)
+        if ref is None:
+            raise ConversionError(f"{self.path}: missing tensor {name}")
+        mm = self._maps.get(ref.file)
+        if mm is None:
+            with open(ref.file, "rb") as f:
+                mm = self._maps[ref.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        np_dtype, _ = _DTYPES[ref.dtype]
+        raw = np.frombuffer(mm, dtype=np_dtype, count=ref.n_elements, offset=ref.start).reshape(ref.shape)
+        if ref.dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)
+
+    def json_file(self, name: str) -> dict | None:
+        p = self.path / name
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{p}: invalid JSON: {e}") from None
+
+    def fingerprint(self) -> str:
+        """sha256 of config.json and every weight file: the provenance written into the GGUF."""
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        for f in sorted({ref.file for ref in self.tensors.values()}):
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            mm.close()
+        self._maps.clear()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+
+def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConversionError(f"{index}: invalid index: {e}") from None
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ConversionError(f"{path}: index names missing shard(s): {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted([*path.glob("*.bin"), *path.glob("*.pt")])
+    if pickled and not allow_pickle:
+        raise ConversionError(
+            f"{path}: only pickled weights ({pickled[0].name}); pass --allow-pickle to load them (weights_only)"
+        )
+    if pickled:
+        raise ConversionError(f"{path}: pickled weights are not supported yet; convert them to safetensors")
+    raise ConversionError(f"{path}: no weight files (*.safetensors)")

@@ -1,0 +1,165 @@
+"""Hugging Face checkpoint -> GGUF: the `edgelm convert` pipeline stage."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgelm._version import __version__
+from edgelm.errors import ConversionError
+
+from .arch import Arch, HParams, arch_for
+from .checkpoint import Checkpoint
+from .export import FILE_TYPES, OUTTYPES, PlannedTensor, tensor_type, write_gguf
+from .vocab import Vocab, load_vocab
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    n_parameters: int
+    n_bytes: int
+    seconds: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.n_bytes / self.n_parameters
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.path}: {self.n_parameters / 1e6:.2f}M parameters, "
+            f"{self.n_bytes / 1e6:.1f} MB, {self.bits_per_weight:.2f} bits/weight, {self.seconds:.1f} s"
+        )
+
+
+def size_label(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{0 if n / scale >= 10 else 1}f}{unit}"
+    return str(n)
+
+
+def _vocab_metadata(v: Vocab) -> dict[str, object]:
+    kv: dict[str, object] = {
+        "tokenizer.ggml.model": v.model,
+        "tokenizer.ggml.tokens": v.tokens,
+        "tokenizer.ggml.token_type": v.types,
+        "tokenizer.ggml.add_bos_token": v.add_bos,
+        "tokenizer.ggml.add_eos_token": v.add_eos,
+    }
+    if v.pre:
+        kv["tokenizer.ggml.pre"] = v.pre
+    if v.merges:
+        kv["tokenizer.ggml.merges"] = v.merges
+    names = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id", "unk": "unknown_token_id", "eot": "eot_token_id"}
+    for key, token_id in v.special_ids.items():
+        kv[f"tokenizer.ggml.{names[key]}"] = token_id
+    if v.chat_template:
+        kv["tokenizer.chat_template"] = v.chat_template
+    return kv
+
+
+def plan_tensors(ckpt: Checkpoint, arch: Arch, hp: HParams, outtype: str) -> list[PlannedTensor]:
+    planned: dict[str, PlannedTensor] = {}
+    for hf_name, ref in ckpt.tensors.items():
+        mapped = arch.gguf_tensor(hf_name)
+        if mapped is None:
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed by llama.cpp from rope.freq_base
+            raise ConversionError(f"{ckpt.path}: unexpected tensor {hf_name} for {arch.gguf_name}")
+        name, transform = mapped
+
+        def load(hf_name=hf_name, transform=transform):
+            w = ckpt.array(hf_name)
+            return transform(w, hp) if transform else w
+
+        planned[name] = PlannedTensor(name, ref.shape, tensor_type(name, ref.shape, outtype), load)
+    missing = [n for n in arch.expected_tensors(hp) if n not in planned]
+    if missing:
+        raise ConversionError(f"{ckpt.path}: missing tensor(s) {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    _check_shapes(planned, hp)
+    if hp.tied_embeddings:
+        planned.pop("output.weight", None)
+    return list(planned.values())
+
+
+def _check_shapes(planned: dict[str, PlannedTensor], hp: HParams) -> None:
+    q_rows, kv_rows = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+    expected = {
+        "token_embd.weight": (hp.n_vocab, hp.n_embd),
+        "output.weight": (hp.n_vocab, hp.n_embd),
+        "output_norm.weight": (hp.n_embd,),
+    }
+    for i in range(hp.n_layer):
+        expected |= {
+            f"blk.{i}.attn_norm.weight": (hp.n_embd,),
+            f"blk.{i}.ffn_norm.weight": (hp.n_embd,),
+            f"blk.{i}.attn_q.weight": (q_rows, hp.n_embd),
+            f"blk.{i}.attn_k.weight": (kv_rows, hp.n_embd),
+            f"blk.{i}.attn_v.weight": (kv_rows, hp.n_embd),
+            f"blk.{i}.attn_output.weight": (hp.n_embd, q_rows),
+            f"blk.{i}.ffn_gate.weight": (hp.n_ff, hp.n_embd),
+            f"blk.{i}.ffn_up.weight": (hp.n_ff, hp.n_embd),
+            f"blk.{i}.ffn_down.weight": (hp.n_embd, hp.n_ff),
+        }
+    for name, t in planned.items():
+        want = expected.get(name)
+        if want is not None and tuple(t.shape) != want:
+            raise ConversionError(f"tensor {name}: shape {list(t.shape)}, config implies {list(want)}")
+    if hp.n_head % hp.n_head_kv:
+        raise ConversionError(f"config.json: {hp.n_head} heads do not split into {hp.n_head_kv} KV groups")
+
+
+def convert(
+    hf_dir: str | Path,
+    out: str | Path,
+    *,
+    outtype: str = "f16",
+    name: str | None = None,
+    progress: bool | None = None,
+) -> ConvertResult:
+    """Convert a transformers checkpoint directory into a GGUF file at `out`."""
+    if outtype not in OUTTYPES:
+        raise ConversionError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    ckpt = Checkpoint.open(hf_dir)
+    try:
+        arch = arch_for(ckpt.config)
+        hp = HParams.from_config(ckpt.config)
+        tensors = plan_tensors(ckpt, arch, hp, outtype)
+        vocab = load_vocab(ckpt, hp.n_vocab)
+        n_params = sum(int(__import__("math").prod(t.shape)) for t in tensors)
+        metadata: dict[str, object] = {
+            "general.type": "model",
+            "general.name": name or ckpt.path.resolve().name,
+            "general.size_label": size_label(n_params),
+            "general.file_type": int(FILE_TYPES[outtype]),
+            "general.quantization_version": 2,
+            **arch.metadata(hp),
+            **_vocab_metadata(vocab),
+            "edgelm.version": __version__,
+            "edgelm.source.sha256": ckpt.fingerprint(),
+            "edgelm.pipeline": [f"convert:{outtype}"],
+        }
+        license_ = (ckpt.json_file("config.json") or {}).get("license")
+        if license_:
+            metadata["general.license"] = license_
+        bar = _progress_bar(len(tensors), progress)
+        n_bytes = write_gguf(out, arch.gguf_name, metadata, tensors, progress=(lambda t: bar.update(1)) if bar else None)
+        if bar:
+            bar.close()
+    finally:
+        ckpt.close()
+    return ConvertResult(out, n_params, n_bytes, time.perf_counter() - t0)
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tensor", desc="converting", leave=False)

@@ -1,0 +1,1 @@
+"""One module per `edgelm` subcommand: a pure function plus a thin main()."""

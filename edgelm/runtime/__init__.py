@@ -1,0 +1,1 @@
+"""The runtime: llama.cpp models, contexts, sampling and generation."""

@@ -1,0 +1,140 @@
+"""A llama.cpp context: one KV cache, a reusable batch, decode and logits.
+
+Positions and sequence ids are explicit so that later layers (prefix cache,
+micro-batching, early exit) can drive several sequences in one context.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import llama_cpp as lib
+import numpy as np
+
+from edgelm.errors import ContextOverflowError, ModelLoadError, UsageError
+
+from .model import LlamaModel
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    n_ctx: int = 2048  # 0: the model's training context
+    n_batch: int = 512
+    n_threads: int | None = None  # None: every core
+    n_seq_max: int = 1
+    flash_attn: bool | None = None  # None: llama.cpp decides
+    type_k: str = "f16"
+    type_v: str = "f16"
+
+    def validate(self) -> None:
+        for name in ("n_ctx", "n_batch", "n_seq_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n_ctx" else 1):
+                raise UsageError(f"{name} must be a positive integer, not {value!r}")
+        if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
+            raise UsageError(f"n_threads must be a positive integer, not {self.n_threads!r}")
+        for name in ("type_k", "type_v"):
+            if getattr(self, name) not in KV_TYPES:
+                raise UsageError(f"{name} must be one of {', '.join(KV_TYPES)}, not {getattr(self, name)!r}")
+
+
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}  # ggml_type ids
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class Context:
+    def __init__(self, model: LlamaModel, options: ContextOptions | None = None):
+        self.model = model
+        self.options = options = options or ContextOptions()
+        options.validate()
+        params = lib.llama_context_default_params()
+        params.n_ctx = options.n_ctx or model.n_ctx_train
+        params.n_batch = params.n_ubatch = min(options.n_batch, params.n_ctx)
+        params.n_seq_max = options.n_seq_max
+        params.n_threads = params.n_threads_batch = options.n_threads or default_threads()
+        params.no_perf = True
+        params.type_k, params.type_v = KV_TYPES[options.type_k], KV_TYPES[options.type_v]
+        if options.flash_attn is not None:
+            params.flash_attn_type = 1 if options.flash_attn else 0
+        self._ptr = lib.llama_init_from_model(model.ptr, params)
+        if not self._ptr:
+            raise ModelLoadError(f"{model.path}: llama.cpp could not create a context of {params.n_ctx} tokens")
+        self.n_ctx = lib.llama_n_ctx(self._ptr)
+        self.n_batch = lib.llama_n_batch(self._ptr)
+        self.memory = lib.llama_get_memory(self._ptr)
+        self._batch = lib.llama_batch_init(self.n_batch, 0, options.n_seq_max)
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            lib.llama_batch_free(self._batch)
+            lib.llama_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self):
+        self.close()
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+    # ------------------------------------------------------------ KV cache
+
+    def clear(self) -> None:
+        lib.llama_memory_clear(self.memory, True)
+
+    def remove(self, seq: int, start: int = 0, end: int = -1) -> None:
+        """Drop positions [start, end) of a sequence (end -1: to the end)."""
+        lib.llama_memory_seq_rm(self.memory, seq, start, end)
+
+    # ------------------------------------------------------------ decode
+
+    def decode(self, tokens: list[int], start: int, seq: int = 0, *, logits_last: bool = True) -> None:
+        """Evaluate `tokens` at positions start.. of `seq`, in chunks of n_batch."""
+        if not tokens:
+            raise UsageError("nothing to decode: empty token list")
+        if start + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"{start + len(tokens)} tokens do not fit the context of {self.n_ctx} (use a larger --ctx)"
+            )
+        self.model.check_tokens(tokens)
+        b = self._batch
+        for lo in range(0, len(tokens), self.n_batch):
+            chunk = tokens[lo:lo + self.n_batch]
+            last_chunk = lo + len(chunk) == len(tokens)
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = start + lo + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = False
+            if logits_last and last_chunk:
+                b.logits[len(chunk) - 1] = True
+            b.n_tokens = len(chunk)
+            rc = lib.llama_decode(self._ptr, b)
+            if rc != 0:
+                raise ModelLoadError(f"llama_decode failed with code {rc}")
+
+    def decode_one(self, token: int, pos: int, seq: int = 0) -> None:
+        """The decode step's hot path: one token, logits on."""
+        if pos >= self.n_ctx:
+            raise ContextOverflowError(f"position {pos} is past the context of {self.n_ctx}")
+        if not 0 <= token < self.model.n_vocab:
+            raise UsageError(f"token id {token} out of range [0, {self.model.n_vocab})")
+        b = self._batch
+        b.token[0] = token
+        b.pos[0] = pos
+        b.n_seq_id[0] = 1
+        b.seq_id[0][0] = seq
+        b.logits[0] = True
+        b.n_tokens = 1
+        rc = lib.llama_decode(self._ptr, b)
+        if rc != 0:
+            raise ModelLoadError(f"llama_decode failed with code {rc}")
+
+    def logits(self, index: int = -1) -> np.ndarray:
+        """A copy of the logits row of output `index` (-1: the last one)."""
+        ptr = lib.llama_get_logits_ith(self._ptr, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()

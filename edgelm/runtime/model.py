@@ -1,0 +1,166 @@
+"""A loaded GGUF model: weights, vocabulary, tokenizer and metadata.
+
+Every file is checked by edgelm's own GGUF reader before llama.cpp sees it,
+because llama.cpp aborts the whole process on some malformed files.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import llama_cpp as lib
+
+from edgelm.errors import ModelLoadError, ModelNotFoundError, UsageError
+from edgelm.gguf_reader import GGUFFile, read_gguf
+
+from .backend import ensure_backend
+
+DEFAULT_MODEL = "edgelm-small-q8_0.gguf"
+
+
+def default_model_path() -> Path:
+    """The model bundled inside the package."""
+    return Path(str(resources.files("edgelm") / "models" / DEFAULT_MODEL))
+
+
+def resolve_model(ref: str | os.PathLike | None) -> Path:
+    """A model reference -> an existing local file (None: the bundled model)."""
+    path = default_model_path() if ref is None else Path(ref).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: no such model file")
+    if path.is_dir():
+        raise ModelNotFoundError(f"{path}: is a directory, not a GGUF file (convert it with `edgelm convert`)")
+    return path
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    n_gpu_layers: int = 0
+    use_mmap: bool = True
+    use_mlock: bool = False
+    vocab_only: bool = False
+
+
+class LlamaModel:
+    """Weights and vocabulary; contexts (KV caches) are created from it."""
+
+    def __init__(self, path: str | os.PathLike | None = None, options: LoadOptions | None = None):
+        self.options = options or LoadOptions()
+        self.path = resolve_model(path)
+        self.gguf: GGUFFile = read_gguf(self.path)
+        ensure_backend()
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = self.options.n_gpu_layers
+        params.vocab_only = self.options.vocab_only
+        params.load_mode = _load_mode(self.options)
+        self._ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
+        if not self._ptr:
+            raise ModelLoadError(f"{self.path}: llama.cpp could not load this model (run with --verbose for its log)")
+        self.vocab = lib.llama_model_get_vocab(self._ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lib.llama_model_n_ctx_train(self._ptr)
+        self.n_embd = lib.llama_model_n_embd(self._ptr)
+        self.n_layer = lib.llama_model_n_layer(self._ptr)
+        self.bos = lib.llama_vocab_bos(self.vocab)
+        self.eos = lib.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
+        self._piece_cache: dict[int, bytes] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            lib.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self) -> "LlamaModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def ptr(self):
+        if not self._ptr:
+            raise UsageError("model is closed")
+        return self._ptr
+
+    # ------------------------------------------------------------ metadata
+
+    @property
+    def architecture(self) -> str:
+        return str(self.gguf.get("general.architecture", "unknown"))
+
+    @property
+    def name(self) -> str:
+        return str(self.gguf.get("general.name", self.path.stem))
+
+    @property
+    def n_params(self) -> int:
+        return int(lib.llama_model_n_params(self.ptr))
+
+    @property
+    def chat_template(self) -> str | None:
+        value = self.gguf.get("tokenizer.chat_template")
+        return str(value) if value is not None else None
+
+    def describe(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(self.ptr, buf, len(buf))
+        return buf.value.decode()
+
+    # ------------------------------------------------------------ tokens
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text -> token ids; BOS is added when the model asks for it and add_special is set."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (lib.llama_token * n_max)()
+        n = lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # cannot happen with one token per byte plus specials, but llama.cpp says so
+            n_max = -n
+            buf = (lib.llama_token * n_max)()
+            n = lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise ModelLoadError(f"tokenization failed ({n})")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """The raw bytes of one token (may be part of a multi-byte character)."""
+        key = token if not special else -1 - token
+        piece = self._piece_cache.get(key)
+        if piece is None:
+            self.check_tokens([token])
+            buf = ctypes.create_string_buffer(64)
+            n = lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            piece = self._piece_cache[key] = buf.raw[:n]
+        return piece
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lib.llama_vocab_is_eog(self.vocab, token))
+
+    def check_tokens(self, tokens: list[int]) -> None:
+        """llama.cpp indexes its tables with token ids unchecked: reject out-of-range ids here."""
+        for t in tokens:
+            if not 0 <= t < self.n_vocab:
+                raise UsageError(f"token id {t} out of range [0, {self.n_vocab})")
+
+
+def _load_mode(options: LoadOptions) -> int:
+    if options.use_mmap and options.use_mlock:
+        return lib.LLAMA_LOAD_MODE_MMAP_MLOCK
+    if options.use_mlock:
+        return lib.LLAMA_LOAD_MODE_MLOCK
+    return lib.LLAMA_LOAD_MODE_MMAP if options.use_mmap else lib.LLAMA_LOAD_MODE_NONE
