@@ -1,0 +1,39 @@
+# The single entry point. `make run` and `make test` each do all set-up on a fresh machine:
+# a virtual environment in .venv, llama-cpp-python built from source with RPC, edgelm with its
+# native kernels. A second run reuses all of it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.edgelm-installed
+PROMPT ?= def fibonacci(n):
+ARGS   ?= -n 64 --temp 0
+
+.PHONY: run test setup models default-model clean
+
+run: $(STAMP)
+	$(BIN)/edgelm run -p '$(PROMPT)' $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py scripts/setup_llama_cpp.sh $(wildcard native/*.c native/*.h native/*.py)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
+	scripts/setup_llama_cpp.sh $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# Retrain the reference models from scratch (about 30 minutes on 2 cores), then rebuild the bundled GGUF.
+models: $(STAMP)
+	$(BIN)/python scripts/train_reference.py tokenizer
+	$(BIN)/python scripts/train_reference.py model --size tiny
+	$(BIN)/python scripts/train_reference.py model --size small
+	$(MAKE) default-model
+
+default-model: $(STAMP)
+	$(BIN)/edgelm convert models/small -o edgelm/models/edgelm-small-q8_0.gguf --outtype q8_0 --name edgelm-small
+
+clean:
+	rm -rf $(VENV) build *.egg-info edgelm/_native*.so

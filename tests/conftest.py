@@ -1,0 +1,39 @@
+"""Shared fixtures: the reference models, converted once per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+STORIES = ROOT.parent / "shared" / "models" / "stories260K.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return MODELS / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_dir) -> dict[str, Path]:
+    """The tiny model converted at each direct outtype."""
+    from edgelm.converters import convert
+
+    out = tmp_path_factory.mktemp("tiny")
+    return {t: convert(tiny_dir, out / f"tiny-{t}.gguf", outtype=t).path for t in ("f32", "f16", "q8_0")}
+
+
+@pytest.fixture(scope="session")
+def stories() -> Path:
+    if not STORIES.is_file():
+        pytest.skip(f"third-party test model missing: {STORIES}")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_gguf):
+    import edgelm
+
+    with edgelm.load(tiny_gguf["f32"], n_ctx=512, n_threads=2) as m:
+        yield m

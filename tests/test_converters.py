@@ -1,0 +1,134 @@
+"""HF checkpoint -> GGUF: logits and tokenizer parity with transformers, metadata, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgelm import corpus
+from edgelm.converters import convert
+from edgelm.errors import ConversionError
+from edgelm.gguf_reader import read_gguf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["import os\n\ndef main():\n    return 1", "class Foo(object):\n    \"\"\"A docstring.\"\"\"\n"]
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("outtype,tolerance", [("f32", 1e-3), ("f16", 1e-2)])
+def test_logits_match_transformers(tiny_gguf, hf_tiny, outtype, tolerance):
+    import edgelm
+
+    with edgelm.load(tiny_gguf[outtype], n_ctx=256, n_threads=2) as m:
+        for prompt in PROMPTS:
+            ids = m.tokenize(prompt)
+            with torch.no_grad():
+                ref = hf_tiny(torch.tensor([ids])).logits[0].numpy()
+            for pos in range(len(ids)):  # every position, one decode each
+                m.ctx.clear()
+                m.ctx.decode(ids[:pos + 1], 0)
+                got = m.ctx.logits()
+                spread = ref[pos].max() - ref[pos].min()
+                assert np.abs(got - ref[pos]).max() <= tolerance * spread, (outtype, pos)
+                assert got.argmax() == ref[pos].argmax(), (outtype, pos)
+
+
+def test_tokenization_matches_hf_on_heldout(tiny_model, tiny_dir):
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    texts = [d.text for d in corpus.documents("heldout")]
+    texts += ["  leading spaces\n\n\ttabs\r\n", "numbers 1234567 3.14159 0x1F", "accents: café naïve Ωmega",
+              "CJK: 日本語のテキスト 中文", "emoji: 🙂👍🏽 🇫🇷", "x = {'a': [1, 2]}  # comment   \n"]
+    for text in texts:
+        assert tiny_model.tokenize(text) == hf.encode(text).ids, text[:60]
+
+
+def test_metadata_keys(tiny_gguf):
+    g = read_gguf(tiny_gguf["q8_0"])
+    assert g.get("general.architecture") == "llama"
+    for key in ("llama.context_length", "llama.embedding_length", "llama.block_count", "llama.feed_forward_length",
+                "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.dimension_count",
+                "llama.attention.layer_norm_rms_epsilon", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "edgelm.source.sha256"):
+        assert g.get(key) is not None, key
+    assert g.get("tokenizer.ggml.pre") == "llama-bpe"
+    types = {t.type_name for t in g.tensors}
+    assert {"q8_0", "f32"} == {t.lower() for t in types}  # norms stay f32
+
+
+@pytest.fixture
+def ckpt_copy(tmp_path, tiny_dir):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, dst)
+    return dst
+
+
+def _mutate_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+BAD_INPUTS = [
+    # (mutation, phrase expected in the error)
+    (lambda d: (d / "config.json").unlink(), "missing config.json"),
+    (lambda d: _mutate_config(d, architectures=["GPTNeoXForCausalLM"]), "unsupported architecture"),
+    (lambda d: _mutate_config(d, hidden_size=256), "shape"),
+    (lambda d: (d / "tokenizer.json").unlink(), "missing tokenizer.json"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100_000]), "truncated"),
+    (lambda d: (d / "model.safetensors").unlink(), "no weight files"),
+]
+
+
+@pytest.mark.parametrize("mutate,phrase", BAD_INPUTS)
+def test_bad_checkpoint_is_a_clear_error_and_writes_nothing(ckpt_copy, tmp_path, mutate, phrase):
+    mutate(ckpt_copy)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ConversionError, match=phrase):
+        convert(ckpt_copy, out)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.gguf*"))  # no temporary left behind
+
+
+def test_missing_tensor(ckpt_copy, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    ref = ckpt_copy / "model.safetensors"
+    tensors = load_file(ref)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, ref)
+    with pytest.raises(ConversionError, match="missing tensor"):
+        convert(ckpt_copy, tmp_path / "out.gguf")
+
+
+def test_failed_write_leaves_no_output(tiny_dir, tmp_path):
+    """A write that fails part-way (file-size limit) leaves neither OUT nor a temporary."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))\n"
+        "from edgelm.converters import convert\n"
+        "from edgelm.errors import ConversionError\n"
+        f"try:\n    convert({str(tiny_dir)!r}, {str(tmp_path / 'out.gguf')!r}, outtype='f32')\n"
+        "except ConversionError as e:\n    print('ERR', e); sys.exit(3)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert "write failed" in r.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_not_writable(tiny_dir, tmp_path):
+    with pytest.raises(ConversionError, match="does not exist"):
+        convert(tiny_dir, tmp_path / "no" / "such" / "dir" / "out.gguf")
