@@ -254,7 +254,8 @@ def _read_header(cur: _Cursor) -> tuple[int, int, int]:
     if version not in SUPPORTED_VERSIONS:
         raise cur.fail(f"unsupported GGUF version {version} (supported: 2, 3)")
     n_tensors, n_kv = cur.unpack("q"), cur.unpack("q")
-    for what, n, min_size in (("tensor count", n_tensors, _MIN_TENSOR_INFO_BYTES), ("key-value count", n_kv, _MIN_KV_BYTES)):
+    counts = (("tensor count", n_tensors, _MIN_TENSOR_INFO_BYTES), ("key-value count", n_kv, _MIN_KV_BYTES))
+    for what, n, min_size in counts:
         if n < 0:
             raise cur.fail(f"{what} {n} is negative")
         if n * min_size > cur.remaining:
@@ -332,7 +333,9 @@ def _read_tensor_infos(cur: _Cursor, n_tensors: int) -> list[TensorInfo]:
         cur.where = f"tensor info {i} of {n_tensors}"
         name = cur.string(cur.where)
         if len(name.encode()) >= GGML_MAX_NAME:
-            raise cur.fail(f"tensor name {name!r} is too long ({len(name.encode())} bytes, llama.cpp allows {GGML_MAX_NAME - 1})")
+            raise cur.fail(
+                f"tensor name {name!r} is too long ({len(name.encode())} bytes, llama.cpp allows {GGML_MAX_NAME - 1})"
+            )
         if name in seen:
             raise cur.fail(f"duplicate tensor name {name!r} ({cur.where})")
         seen.add(name)
@@ -358,7 +361,8 @@ def _read_tensor_info(cur: _Cursor, name: str) -> TensorInfo:
 
     code = cur.unpack("i")
     if code in REMOVED_GGML_TYPES:
-        raise cur.fail(f"tensor {name!r} uses removed ggml type {code} ({REMOVED_GGML_TYPES[code]}); re-quantize the model")
+        removed = REMOVED_GGML_TYPES[code]
+        raise cur.fail(f"tensor {name!r} uses removed ggml type {code} ({removed}); re-quantize the model")
     if code not in GGML_TYPES:
         raise cur.fail(f"tensor {name!r} has unknown ggml type {code}")
     gtype = GGML_TYPES[code]
@@ -387,7 +391,8 @@ def _check_layout(cur: _Cursor, tensors: list[TensorInfo], alignment: int, data_
                 f"runs past end of file ({cur.file_size} bytes)"
             )
         if t.offset < expected:
-            other = next((o for o in tensors[:i] if o.offset < t.offset + t.n_bytes and t.offset < o.offset + o.n_bytes), None)
+            t_end = t.offset + t.n_bytes
+            other = next((o for o in tensors[:i] if o.offset < t_end and t.offset < o.offset + o.n_bytes), None)
             with_what = f"tensor {other.name!r}" if other else "an earlier tensor"
             raise cur.fail(f"tensor {t.name!r} data at offset {t.offset} overlaps {with_what}")
         if t.offset > expected:

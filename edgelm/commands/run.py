@@ -26,7 +26,9 @@ def run(model: str | None, prompt: str, *, out: TextIO = sys.stdout, load_option
         **sampling) -> dict:
     """Generate from `prompt`, streaming text to `out`; returns the --json record."""
     import edgelm
+    from edgelm.runtime.sampling import SamplingParams
 
+    SamplingParams.from_kwargs(**sampling)  # bad values fail before the model loads
     parts, last = [], None
     with edgelm.load(model, **(load_options or {})) as m:
         for last in m.stream(prompt, **sampling):

@@ -1,0 +1,111 @@
+"""The `edgelm` command as a user runs it: a real subprocess, real models, one-line errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edgelm.runtime.model import default_model_path
+
+
+def edgelm(*args: str, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True,
+                          timeout=timeout, input=stdin)
+
+
+def test_version():
+    r = edgelm("--version")
+    assert r.returncode == 0 and r.stdout.startswith("edgelm ")
+
+
+def test_run_bundled_model_prints_text_and_stats():
+    assert default_model_path().is_file()
+    r = edgelm("run", "-p", "def fibonacci(n):", "-n", "24", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) > 0
+    assert "tok/s" in r.stderr and "ttft" in r.stderr and "peak RSS" in r.stderr
+
+
+def test_run_json(tiny_gguf):
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-p", "import os", "-n", "8", "--temp", "0", "--json", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["completion_tokens"] == 8 and record["finish_reason"] == "length"
+    assert set(record) == {"text", "prompt_tokens", "completion_tokens", "prompt_tps", "gen_tps", "ttft_ms",
+                           "peak_rss_mb", "finish_reason"}
+
+
+def test_run_reads_prompt_from_stdin(tiny_gguf):
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-n", "4", "--temp", "0", "--json", stdin="class Foo:")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["prompt_tokens"] > 1
+
+
+def _not_gguf(tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_text("this is not a model\n" * 100)
+    return p
+
+
+def _truncated(tmp_path, src):
+    p = tmp_path / "truncated.gguf"
+    p.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    return p
+
+
+@pytest.mark.parametrize("make,phrase", [
+    (lambda tmp, src: tmp / "missing.gguf", "no such model file"),
+    (lambda tmp, src: _not_gguf(tmp), "not a GGUF file"),
+    (lambda tmp, src: _truncated(tmp, src), "truncated"),
+    (lambda tmp, src: tmp, "is a directory"),
+])
+def test_bad_model_is_one_line_and_nonzero(tmp_path, tiny_gguf, make, phrase):
+    path = make(tmp_path, tiny_gguf["f16"])
+    r = edgelm("run", str(path), "-p", "x", "-n", "1")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgelm: error:") and phrase in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    debug = edgelm("--debug", "run", str(path), "-p", "x", "-n", "1")
+    assert debug.returncode == r.returncode and "Traceback" in debug.stderr
+
+
+def test_bad_sampling_value_is_one_line():
+    r = edgelm("run", "-p", "x", "--temp", "nan")
+    assert r.returncode == 2 and "temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_command():
+    r = edgelm("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_convert_cli(tiny_dir, tmp_path):
+    out = tmp_path / "t.gguf"
+    r = edgelm("convert", str(tiny_dir), "-o", str(out), "--outtype", "q8_0")
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and "bits/weight" in r.stderr
+    r = edgelm("convert", str(tmp_path), "-o", str(tmp_path / "x.gguf"))
+    assert r.returncode == 1 and "missing config.json" in r.stderr and not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("which", ["bundled", "stories"])
+def test_info(which, stories):
+    path = default_model_path() if which == "bundled" else stories
+    r = edgelm("info", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    text = json.dumps(info).lower()
+    assert "llama" in text
+    r = edgelm("info", str(path))
+    assert r.returncode == 0 and "llama" in r.stdout.lower()
+
+
+def test_bench_runs(tiny_gguf):
+    r = edgelm("bench", str(tiny_gguf["q8_0"]), "-p", "32", "-n", "8", "-r", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["pp32"] > 0 and result["tg8"] > 0
