@@ -5,13 +5,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgelm-installed
-PROMPT ?= def fibonacci(n):
+PROMPT ?= class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n
 ARGS   ?= -n 64 --temp 0
 
 .PHONY: run test setup models default-model clean
 
 run: $(STAMP)
-	$(BIN)/edgelm run -p '$(PROMPT)' $(ARGS)
+	$(BIN)/edgelm run -p "$$(printf '%b' '$(PROMPT)')" $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
