@@ -116,14 +116,42 @@ def convert(
     out: str | Path,
     *,
     outtype: str = "f16",
+    quant: str | None = None,
+    tensor_types: dict[str, str] | None = None,
     name: str | None = None,
     progress: bool | None = None,
 ) -> ConvertResult:
-    """Convert a transformers checkpoint directory into a GGUF file at `out`."""
+    """Convert a transformers checkpoint directory into a GGUF file at `out`.
+
+    `quant` (any llama.cpp type, e.g. "q4_k_m") quantizes the `outtype` GGUF with
+    llama.cpp's own quantizer; `tensor_types` maps tensor-name patterns to types.
+    """
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if quant is not None or tensor_types:
+        return _convert_quantized(hf_dir, Path(out), outtype, quant or outtype, tensor_types, name, progress)
+    return _convert(hf_dir, Path(out), outtype, name, progress, pipeline=[f"convert:{outtype}"])
+
+
+def _convert_quantized(hf_dir, out: Path, outtype: str, quant: str, tensor_types, name, progress) -> ConvertResult:
+    from .quantize import NEEDS_IMATRIX, QUANT_TYPES, quantize
+
+    if quant not in QUANT_TYPES:  # fail before the (long) conversion
+        raise ConversionError(f"unknown quantization type {quant!r}; known: {', '.join(QUANT_TYPES)}")
+    if quant in NEEDS_IMATRIX:
+        raise ConversionError(f"{quant} needs an importance matrix (--imatrix auto or --imatrix FILE)")
     t0 = time.perf_counter()
-    out = Path(out)
+    mid = out.with_name(f".{out.name}.{outtype}.intermediate")
+    try:
+        first = _convert(hf_dir, mid, outtype, name, progress, pipeline=[f"convert:{outtype}", f"quantize:{quant}"])
+        quantize(mid, out, quant, tensor_types=tensor_types)
+    finally:
+        mid.unlink(missing_ok=True)
+    return ConvertResult(out, first.n_parameters, out.stat().st_size, time.perf_counter() - t0)
+
+
+def _convert(hf_dir, out: Path, outtype: str, name, progress, pipeline: list[str]) -> ConvertResult:
+    t0 = time.perf_counter()
     ckpt = Checkpoint.open(hf_dir)
     try:
         arch = arch_for(ckpt.config)
@@ -141,7 +169,7 @@ def convert(
             **_vocab_metadata(vocab),
             "edgelm.version": __version__,
             "edgelm.source.sha256": ckpt.fingerprint(),
-            "edgelm.pipeline": [f"convert:{outtype}"],
+            "edgelm.pipeline": pipeline,
         }
         license_ = (ckpt.json_file("config.json") or {}).get("license")
         if license_:
