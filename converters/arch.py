@@ -106,25 +106,47 @@ class Arch:
 
 
 _LAYER = r"model\.layers\.(\d+)\."
-LLAMA = Arch(
-    gguf_name="llama",
-    tensor_map={
+_permute_q = lambda w, hp: permute_rope(w, hp.n_head)  # noqa: E731
+_permute_k = lambda w, hp: permute_rope(w, hp.n_head_kv)  # noqa: E731
+
+
+def _decoder_map(rope_permute: bool) -> dict[str, tuple[str, Transform | None]]:
+    """The tensor table every Llama-family decoder shares."""
+    return {
         r"model\.embed_tokens\.weight": ("token_embd.weight", None),
         r"model\.norm\.weight": ("output_norm.weight", None),
         r"lm_head\.weight": ("output.weight", None),
         _LAYER + r"input_layernorm\.weight": ("blk.{}.attn_norm.weight", None),
-        _LAYER + r"self_attn\.q_proj\.weight": ("blk.{}.attn_q.weight", lambda w, hp: permute_rope(w, hp.n_head)),
-        _LAYER + r"self_attn\.k_proj\.weight": ("blk.{}.attn_k.weight", lambda w, hp: permute_rope(w, hp.n_head_kv)),
+        _LAYER + r"self_attn\.q_proj\.weight": ("blk.{}.attn_q.weight", _permute_q if rope_permute else None),
+        _LAYER + r"self_attn\.k_proj\.weight": ("blk.{}.attn_k.weight", _permute_k if rope_permute else None),
         _LAYER + r"self_attn\.v_proj\.weight": ("blk.{}.attn_v.weight", None),
         _LAYER + r"self_attn\.o_proj\.weight": ("blk.{}.attn_output.weight", None),
         _LAYER + r"post_attention_layernorm\.weight": ("blk.{}.ffn_norm.weight", None),
         _LAYER + r"mlp\.gate_proj\.weight": ("blk.{}.ffn_gate.weight", None),
         _LAYER + r"mlp\.up_proj\.weight": ("blk.{}.ffn_up.weight", None),
         _LAYER + r"mlp\.down_proj\.weight": ("blk.{}.ffn_down.weight", None),
-    },
-)
+    }
 
-ARCHITECTURES = {"LlamaForCausalLM": LLAMA}
+
+# llama.cpp's llama graph rotates adjacent pairs, so HF's q/k rows are permuted;
+# qwen2/qwen3 use NeoX-style rotation like HF and take them as they are.
+LLAMA = Arch("llama", _decoder_map(rope_permute=True))
+QWEN2 = Arch("qwen2", _decoder_map(rope_permute=False) | {
+    _LAYER + r"self_attn\.q_proj\.bias": ("blk.{}.attn_q.bias", None),
+    _LAYER + r"self_attn\.k_proj\.bias": ("blk.{}.attn_k.bias", None),
+    _LAYER + r"self_attn\.v_proj\.bias": ("blk.{}.attn_v.bias", None),
+})
+QWEN3 = Arch("qwen3", _decoder_map(rope_permute=False) | {
+    _LAYER + r"self_attn\.q_norm\.weight": ("blk.{}.attn_q_norm.weight", None),
+    _LAYER + r"self_attn\.k_norm\.weight": ("blk.{}.attn_k_norm.weight", None),
+})
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": LLAMA,
+    "MistralForCausalLM": LLAMA,  # same graph in llama.cpp; sliding window unused by Mistral 7B v0.2+
+    "Qwen2ForCausalLM": QWEN2,
+    "Qwen3ForCausalLM": QWEN3,
+}
 
 
 def arch_for(config: dict) -> Arch:
