@@ -13,6 +13,7 @@ COMMANDS = {
     "convert": "convert a Hugging Face checkpoint to GGUF",
     "info": "show a GGUF file's metadata, tensors and sizes",
     "bench": "measure prompt and generation speed",
+    "perplexity": "perplexity of a model on a text, from llama.cpp's logits",
 }
 
 USAGE = "usage: edgelm [--version] [--debug] <command> [<args>]\n\ncommands:\n" + "\n".join(

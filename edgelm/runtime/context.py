@@ -91,8 +91,15 @@ class Context:
 
     # ------------------------------------------------------------ decode
 
-    def decode(self, tokens: list[int], start: int, seq: int = 0, *, logits_last: bool = True) -> None:
-        """Evaluate `tokens` at positions start.. of `seq`, in chunks of n_batch."""
+    def decode(self, tokens: list[int], start: int, seq: int = 0, *, logits_last: bool = True,
+               logits_from: int | None = None) -> None:
+        """Evaluate `tokens` at positions start.. of `seq`, in chunks of n_batch.
+
+        Logits are kept for the last token, or for every index >= `logits_from`
+        (then all of `tokens` must fit one batch, since each decode call replaces them).
+        """
+        if logits_from is not None and len(tokens) > self.n_batch:
+            raise UsageError(f"logits for many positions need one batch: {len(tokens)} > n_batch {self.n_batch}")
         if not tokens:
             raise UsageError("nothing to decode: empty token list")
         if start + len(tokens) > self.n_ctx:
@@ -109,7 +116,7 @@ class Context:
                 b.pos[i] = start + lo + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
-                b.logits[i] = False
+                b.logits[i] = logits_from is not None and lo + i >= logits_from
             if logits_last and last_chunk:
                 b.logits[len(chunk) - 1] = True
             b.n_tokens = len(chunk)
@@ -133,6 +140,11 @@ class Context:
         rc = lib.llama_decode(self._ptr, b)
         if rc != 0:
             raise ModelLoadError(f"llama_decode failed with code {rc}")
+
+    def all_logits(self, n_outputs: int) -> np.ndarray:
+        """A copy of every output row of the last decode, in batch order: (n_outputs, n_vocab)."""
+        ptr = lib.llama_get_logits(self._ptr)
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.model.n_vocab)).copy()
 
     def logits(self, index: int = -1) -> np.ndarray:
         """A copy of the logits row of output `index` (-1: the last one)."""
