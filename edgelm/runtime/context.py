@@ -46,7 +46,7 @@ def default_threads() -> int:
 
 
 class Context:
-    def __init__(self, model: LlamaModel, options: ContextOptions | None = None):
+    def __init__(self, model: LlamaModel, options: ContextOptions | None = None, *, eval_callback=None):
         self.model = model
         self.options = options = options or ContextOptions()
         options.validate()
@@ -57,6 +57,9 @@ class Context:
         params.n_threads = params.n_threads_batch = options.n_threads or default_threads()
         params.no_perf = True
         params.type_k, params.type_v = KV_TYPES[options.type_k], KV_TYPES[options.type_v]
+        if eval_callback is not None:  # a ggml_backend_sched_eval_callback; the caller keeps it alive
+            params.cb_eval = eval_callback
+            params.cb_eval_user_data = None
         if options.flash_attn is not None:
             params.flash_attn_type = 1 if options.flash_attn else 0
         self._ptr = lib.llama_init_from_model(model.ptr, params)
