@@ -118,6 +118,8 @@ def convert(
     outtype: str = "f16",
     quant: str | None = None,
     tensor_types: dict[str, str] | None = None,
+    imatrix: str | Path | None = None,
+    calib: str | None = None,
     name: str | None = None,
     progress: bool | None = None,
 ) -> ConvertResult:
@@ -125,26 +127,40 @@ def convert(
 
     `quant` (any llama.cpp type, e.g. "q4_k_m") quantizes the `outtype` GGUF with
     llama.cpp's own quantizer; `tensor_types` maps tensor-name patterns to types.
+    `imatrix` is "auto" (computed from `calib` text, default the reference corpus)
+    or the path of an imatrix GGUF.
     """
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if imatrix is not None and quant is None:
+        raise ConversionError("--imatrix needs --quant")
     if quant is not None or tensor_types:
-        return _convert_quantized(hf_dir, Path(out), outtype, quant or outtype, tensor_types, name, progress)
+        return _convert_quantized(hf_dir, Path(out), outtype, quant or outtype, tensor_types, imatrix, calib,
+                                  name, progress)
     return _convert(hf_dir, Path(out), outtype, name, progress, pipeline=[f"convert:{outtype}"])
 
 
-def _convert_quantized(hf_dir, out: Path, outtype: str, quant: str, tensor_types, name, progress) -> ConvertResult:
+def _convert_quantized(hf_dir, out: Path, outtype: str, quant: str, tensor_types, imatrix, calib, name,
+                       progress) -> ConvertResult:
+    from .imatrix import compute_imatrix, load_imatrix
     from .quantize import NEEDS_IMATRIX, QUANT_TYPES, quantize
 
     if quant not in QUANT_TYPES:  # fail before the (long) conversion
         raise ConversionError(f"unknown quantization type {quant!r}; known: {', '.join(QUANT_TYPES)}")
-    if quant in NEEDS_IMATRIX:
+    if quant in NEEDS_IMATRIX and imatrix is None:
         raise ConversionError(f"{quant} needs an importance matrix (--imatrix auto or --imatrix FILE)")
+    loaded = load_imatrix(imatrix) if imatrix not in (None, "auto") else None  # bad files fail early
     t0 = time.perf_counter()
     mid = out.with_name(f".{out.name}.{outtype}.intermediate")
+    steps = [f"convert:{outtype}"] + (["imatrix"] if imatrix is not None else []) + [f"quantize:{quant}"]
     try:
-        first = _convert(hf_dir, mid, outtype, name, progress, pipeline=[f"convert:{outtype}", f"quantize:{quant}"])
-        quantize(mid, out, quant, tensor_types=tensor_types)
+        first = _convert(hf_dir, mid, outtype, name, progress, pipeline=steps)
+        if imatrix == "auto":
+            from edgelm import corpus
+
+            text = calib if calib is not None else corpus.text("train", max_chars=400_000)
+            loaded = compute_imatrix(mid, text, max_chunks=100, dataset="calib" if calib else "edgelm-corpus")
+        quantize(mid, out, quant, tensor_types=tensor_types, imatrix=loaded.means() if loaded else None)
     finally:
         mid.unlink(missing_ok=True)
     return ConvertResult(out, first.n_parameters, out.stat().st_size, time.perf_counter() - t0)

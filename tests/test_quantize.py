@@ -62,3 +62,16 @@ def test_bad_quant_requests(tiny_gguf, tmp_path, kwargs, phrase):
 def test_bad_tensor_type_specs(spec, phrase):
     with pytest.raises(ConversionError, match=phrase):
         parse_tensor_types([spec])
+
+
+def test_convert_with_imatrix_auto(tiny_dir, tmp_path):
+    from edgelm import corpus
+
+    out = tmp_path / "tiny-iq4_nl.gguf"
+    convert(tiny_dir, out, quant="iq4_nl", imatrix="auto", calib=corpus.text("train")[:20_000])
+    assert read_gguf(out).get("edgelm.pipeline") == ["convert:f16", "imatrix", "quantize:iq4_nl"]
+
+
+def test_imatrix_without_quant_is_refused(tiny_dir, tmp_path):
+    with pytest.raises(ConversionError, match="needs --quant"):
+        convert(tiny_dir, tmp_path / "x.gguf", imatrix="auto")

@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", metavar="TYPE", help="quantize with llama.cpp's quantizer: q4_k_m, q6_k, iq4_xs, …")
     p.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="per-tensor type override, a regex on GGUF tensor names (repeatable)")
+    p.add_argument("--imatrix", metavar="auto|FILE", help="importance matrix: computed from --calib, or an imatrix GGUF")
+    p.add_argument("--calib", metavar="TEXT_FILE", help="calibration text for --imatrix auto (default: edgelm's corpus)")
     p.add_argument("--name", help="general.name (default: the directory name)")
     return p
 
@@ -24,7 +26,17 @@ def main(argv: list[str]) -> int:
     from edgelm.converters.quantize import parse_tensor_types
 
     args = build_parser().parse_args(argv)
+    calib = None
+    if args.calib:
+        from pathlib import Path
+
+        from edgelm.errors import UsageError
+
+        if not Path(args.calib).is_file():
+            raise UsageError(f"{args.calib}: no such calibration text file")
+        calib = Path(args.calib).read_text(encoding="utf-8", errors="replace")
     result = convert(args.hf_dir, args.output, outtype=args.outtype, quant=args.quant,
-                     tensor_types=parse_tensor_types(args.tensor_type), name=args.name)
+                     tensor_types=parse_tensor_types(args.tensor_type), imatrix=args.imatrix, calib=calib,
+                     name=args.name)
     print(result.summary(), file=sys.stderr)
     return 0
