@@ -1,6 +1,7 @@
 """Hugging Face checkpoint -> GGUF: the `edgelm convert` pipeline stage."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -174,7 +175,7 @@ def _convert(hf_dir, out: Path, outtype: str, name, progress, pipeline: list[str
         hp = HParams.from_config(ckpt.config)
         tensors = plan_tensors(ckpt, arch, hp, outtype)
         vocab = load_vocab(ckpt, hp.n_vocab)
-        n_params = sum(int(__import__("math").prod(t.shape)) for t in tensors)
+        n_params = sum(math.prod(t.shape) for t in tensors)
         metadata: dict[str, object] = {
             "general.type": "model",
             "general.name": name or ckpt.path.resolve().name,
