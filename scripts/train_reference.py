@@ -61,7 +61,8 @@ class Recipe:
 
 RECIPES = {
     "tiny": Recipe(128, 384, 4, 4, 2, steps=800, batch_size=8, seq_len=256, lr=3e-3, warmup=50),
-    "small": Recipe(384, 1024, 10, 6, 2, steps=700, batch_size=8, seq_len=512, lr=2e-3, warmup=100),
+    # hidden and FFN sizes are multiples of 256 so every k-quant applies without fallbacks
+    "small": Recipe(256, 768, 16, 4, 2, steps=800, batch_size=8, seq_len=512, lr=2e-3, warmup=100),
 }
 
 
