@@ -18,30 +18,9 @@ NATIVE = Path(__file__).resolve().parent
 ROOT = NATIVE.parent
 SOURCES = ["confidence.c", "accept.c"]
 
-# The cdef mirrors edgelm_native.h; the compiler checks the two agree because
-# API mode compiles calls against the real header.
-CDEF = """
-const char *edgelm_simd_path(void);
-void edgelm_set_simd(int enable);
-int edgelm_get_simd(void);
-
-typedef struct {
-    float max_prob;
-    float entropy;
-    float margin;
-    int32_t argmax;
-} edgelm_confidence_t;
-
-void edgelm_confidence(const float *logits, int64_t n_vocab, edgelm_confidence_t *out);
-void edgelm_confidence_batch(const float *logits, int64_t n_rows, int64_t n_vocab,
-                             float *max_prob, float *entropy, float *margin,
-                             int32_t *argmax);
-
-int64_t edgelm_greedy_accept(const int32_t *draft, const int32_t *target, int64_t n);
-int64_t edgelm_speculative_accept(const float *p, const float *q, const int32_t *draft,
-                                  const double *u, int64_t n, int64_t n_vocab);
-int32_t edgelm_residual_sample(const float *p, const float *q, int64_t n_vocab, double u);
-"""
+HEADER = NATIVE / "edgelm_native.h"
+# The cdef is the header itself, less its preprocessor lines (cffi strips the comments).
+CDEF = "\n".join(line for line in HEADER.read_text().splitlines() if not line.lstrip().startswith("#"))
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
@@ -51,7 +30,7 @@ ffibuilder.set_source(
     # absolute: cffi's compile() chdirs into its tmpdir, pip builds from the root
     sources=[str(NATIVE / name) for name in SOURCES],
     include_dirs=[str(NATIVE)],
-    depends=[str(NATIVE / "edgelm_native.h")],
+    depends=[str(HEADER)],
     extra_compile_args=["-O3", "-std=c99"],
 )
 
