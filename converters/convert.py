@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edgelm._version import __version__
 from edgelm.errors import ConversionError
+from edgelm.gguf_reader import format_count
 
 from .arch import Arch, HParams, arch_for
 from .checkpoint import Checkpoint
@@ -32,13 +33,6 @@ class ConvertResult:
             f"wrote {self.path}: {self.n_parameters / 1e6:.2f}M parameters, "
             f"{self.n_bytes / 1e6:.1f} MB, {self.bits_per_weight:.2f} bits/weight, {self.seconds:.1f} s"
         )
-
-
-def size_label(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.{0 if n / scale >= 10 else 1}f}{unit}"
-    return str(n)
 
 
 def _vocab_metadata(v: Vocab) -> dict[str, object]:
@@ -179,7 +173,7 @@ def _convert(hf_dir, out: Path, outtype: str, name, progress, pipeline: list[str
         metadata: dict[str, object] = {
             "general.type": "model",
             "general.name": name or ckpt.path.resolve().name,
-            "general.size_label": size_label(n_params),
+            "general.size_label": format_count(n_params, label=True),
             "general.file_type": int(FILE_TYPES[outtype]),
             "general.quantization_version": 2,
             **arch.metadata(hp),

@@ -403,11 +403,15 @@ def _check_layout(cur: _Cursor, tensors: list[TensorInfo], alignment: int, data_
         expected += _pad(t.n_bytes, alignment)
 
 
-def format_count(n: int) -> str:
-    """Parameter counts the way model cards write them: 292.8K, 21.9M, 7.2B."""
+def format_count(n: int, *, label: bool = False) -> str:
+    """Parameter counts the way model cards write them: 292.8K, 21.9M, 7.2B.
+
+    label=True gives general.size_label's style: no decimal from 10 up (17M, 1.5B).
+    """
     for scale, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
         if n >= scale:
-            return f"{n / scale:.1f}{suffix}"
+            digits = 0 if label and n / scale >= 10 else 1
+            return f"{n / scale:.{digits}f}{suffix}"
     return str(n)
 
 
