@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py scripts/setup_llama_cpp.sh $(wildcard native/*
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 	scripts/setup_llama_cpp.sh $(BIN)/python
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
 # Retrain the reference models from scratch (about 30 minutes on 2 cores), then rebuild the bundled GGUF.

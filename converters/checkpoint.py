@@ -2,7 +2,9 @@
 
 Safetensors files are parsed here rather than through torch so conversion needs
 no torch and touches one tensor at a time: each tensor is a read-only view of a
-memory map, turned into float32 only when the exporter asks for it.
+memory map, turned into float32 only when the exporter asks for it. Pickled
+`.bin`/`.pt` weights load only on request (`allow_pickle`), through torch's
+`weights_only` unpickler, which refuses anything but tensors and plain containers.
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ class Checkpoint:
     config: dict
     tensors: dict[str, TensorRef]
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    _pickled: dict[str, object] = field(default_factory=dict, repr=False)  # name -> torch.Tensor
 
     @classmethod
     def open(cls, path: str | Path, *, allow_pickle: bool = False) -> "Checkpoint":
@@ -97,18 +100,27 @@ class Checkpoint:
             raise ConversionError(f"{config_path}: invalid JSON: {e}") from None
         files = _weight_files(path, allow_pickle)
         tensors: dict[str, TensorRef] = {}
+        pickled: dict[str, object] = {}
         for f in files:
-            for ref in _read_safetensors_header(f):
+            if f.suffix == ".safetensors":
+                refs = _read_safetensors_header(f)
+            else:
+                loaded = _load_pickled(f)
+                pickled.update((ref.name, t) for ref, t in loaded)
+                refs = [ref for ref, _ in loaded]
+            for ref in refs:
                 if ref.name in tensors:
                     raise ConversionError(f"{path}: tensor {ref.name} appears in two weight files")
                 tensors[ref.name] = ref
-        return cls(path, config, tensors)
+        return cls(path, config, tensors, _pickled=pickled)
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as float32 (a copy: the source stays mapped read-only)."""
         ref = self.tensors.get(name)
         if ref is None:
             raise ConversionError(f"{self.path}: missing tensor {name}")
+        if name in self._pickled:
+            return self._pickled[name].float().numpy()  # type: ignore[attr-defined]
         mm = self._maps.get(ref.file)
         if mm is None:
             with open(ref.file, "rb") as f:
@@ -128,6 +140,23 @@ class Checkpoint:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversionError(f"{p}: invalid JSON: {e}") from None
 
+    def card(self) -> dict[str, str]:
+        """Top-level scalar fields of README.md's YAML front matter (the Hub's model card: license, …)."""
+        readme = self.path / "README.md"
+        if not readme.is_file():
+            return {}
+        lines = readme.read_text(encoding="utf-8", errors="replace").splitlines()
+        if not lines or lines[0].strip() != "---":
+            return {}
+        fields = {}
+        for line in lines[1:]:
+            if line.strip() == "---":
+                break
+            key, sep, value = line.partition(":")
+            if sep and key and not key[0].isspace() and value.strip():
+                fields[key.strip()] = value.strip().strip("'\"")
+        return fields
+
     def fingerprint(self) -> str:
         """sha256 of config.json and every weight file: the provenance written into the GGUF."""
         h = hashlib.sha256((self.path / "config.json").read_bytes())
@@ -141,31 +170,66 @@ class Checkpoint:
         for mm in self._maps.values():
             mm.close()
         self._maps.clear()
+        self._pickled.clear()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ConversionError(f"{index}: invalid index: {e}") from None
-        files = sorted({path / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ConversionError(f"{path}: index names missing shard(s): {', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
+    files = _indexed(path, "model.safetensors.index.json") or sorted(path.glob("*.safetensors"))
     if files:
         return files
-    pickled = sorted([*path.glob("*.bin"), *path.glob("*.pt")])
+    pickled = _indexed(path, "pytorch_model.bin.index.json") or sorted([*path.glob("*.bin"), *path.glob("*.pt")])
     if pickled and not allow_pickle:
         raise ConversionError(
             f"{path}: only pickled weights ({pickled[0].name}); pass --allow-pickle to load them (weights_only)"
         )
     if pickled:
-        raise ConversionError(f"{path}: pickled weights are not supported yet; convert them to safetensors")
+        return pickled
     raise ConversionError(f"{path}: no weight files (*.safetensors)")
+
+
+def _indexed(path: Path, index_name: str) -> list[Path]:
+    """The shard files a sharded checkpoint's index names (empty when there is no index)."""
+    index = path / index_name
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConversionError(f"{index}: invalid index: {e}") from None
+    files = sorted({path / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ConversionError(f"{path}: index names missing shard(s): {', '.join(missing)}")
+    return files
+
+
+def _load_pickled(f: Path) -> list[tuple[TensorRef, object]]:
+    """A pickled state dict, through torch's restricted unpickler (tensors and containers only)."""
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f"{f.name}: loading pickled weights needs torch (pip install 'edgelm[train]')") from None
+    dtypes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+    try:
+        # mmap keeps one tensor at a time in memory for zip-format files; legacy files load whole
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=_is_zip(f))
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad or hostile files
+        raise ConversionError(f"{f.name}: cannot load pickled weights safely: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ConversionError(f"{f.name}: not a state dict of tensors")
+    for name, t in state.items():
+        if t.dtype not in dtypes:
+            raise ConversionError(f"{f.name}: tensor {name} has unsupported dtype {t.dtype}")
+    # file offsets stay 0: these tensors are read through torch, not the memory map
+    return [(TensorRef(name, dtypes[t.dtype], tuple(t.shape), f, 0, 0), t) for name, t in state.items()]
+
+
+def _is_zip(f: Path) -> bool:
+    with open(f, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+

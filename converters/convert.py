@@ -117,13 +117,15 @@ def convert(
     calib: str | None = None,
     name: str | None = None,
     progress: bool | None = None,
+    allow_pickle: bool = False,
 ) -> ConvertResult:
     """Convert a transformers checkpoint directory into a GGUF file at `out`.
 
     `quant` (any llama.cpp type, e.g. "q4_k_m") quantizes the `outtype` GGUF with
     llama.cpp's own quantizer; `tensor_types` maps tensor-name patterns to types.
     `imatrix` is "auto" (computed from `calib` text, default the reference corpus)
-    or the path of an imatrix GGUF.
+    or the path of an imatrix GGUF. `allow_pickle` lets pickled .bin/.pt weights load
+    through torch's `weights_only` unpickler; without it they are refused.
     """
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
@@ -131,12 +133,12 @@ def convert(
         raise ConversionError("--imatrix needs --quant")
     if quant is not None or tensor_types:
         return _convert_quantized(hf_dir, Path(out), outtype, quant or outtype, tensor_types, imatrix, calib,
-                                  name, progress)
-    return _convert(hf_dir, Path(out), outtype, name, progress, pipeline=[f"convert:{outtype}"])
+                                  name, progress, allow_pickle)
+    return _convert(hf_dir, Path(out), outtype, name, progress, [f"convert:{outtype}"], allow_pickle)
 
 
 def _convert_quantized(hf_dir, out: Path, outtype: str, quant: str, tensor_types, imatrix, calib, name,
-                       progress) -> ConvertResult:
+                       progress, allow_pickle: bool) -> ConvertResult:
     from .imatrix import compute_imatrix, load_imatrix
     from .quantize import NEEDS_IMATRIX, QUANT_TYPES, quantize
 
@@ -149,7 +151,7 @@ def _convert_quantized(hf_dir, out: Path, outtype: str, quant: str, tensor_types
     mid = out.with_name(f".{out.name}.{outtype}.intermediate")
     steps = [f"convert:{outtype}"] + (["imatrix"] if imatrix is not None else []) + [f"quantize:{quant}"]
     try:
-        first = _convert(hf_dir, mid, outtype, name, progress, pipeline=steps)
+        first = _convert(hf_dir, mid, outtype, name, progress, steps, allow_pickle)
         if imatrix == "auto":
             from edgelm import corpus
 
@@ -161,9 +163,10 @@ def _convert_quantized(hf_dir, out: Path, outtype: str, quant: str, tensor_types
     return ConvertResult(out, first.n_parameters, out.stat().st_size, time.perf_counter() - t0)
 
 
-def _convert(hf_dir, out: Path, outtype: str, name, progress, pipeline: list[str]) -> ConvertResult:
+def _convert(hf_dir, out: Path, outtype: str, name, progress, pipeline: list[str],
+             allow_pickle: bool = False) -> ConvertResult:
     t0 = time.perf_counter()
-    ckpt = Checkpoint.open(hf_dir)
+    ckpt = Checkpoint.open(hf_dir, allow_pickle=allow_pickle)
     try:
         arch = arch_for(ckpt.config)
         hp = HParams.from_config(ckpt.config)
@@ -182,9 +185,10 @@ def _convert(hf_dir, out: Path, outtype: str, name, progress, pipeline: list[str
             "edgelm.source.sha256": ckpt.fingerprint(),
             "edgelm.pipeline": pipeline,
         }
-        license_ = (ckpt.json_file("config.json") or {}).get("license")
-        if license_:
-            metadata["general.license"] = license_
+        card = ckpt.card()
+        for key in ("license", "license_name", "license_link"):
+            if key in card:
+                metadata[f"general.{key.replace('_', '.')}"] = card[key]
         bar = _progress_bar(len(tensors), progress)
         n_bytes = write_gguf(out, arch.gguf_name, metadata, tensors, progress=(lambda t: bar.update(1)) if bar else None)
         if bar:

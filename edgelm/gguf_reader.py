@@ -151,6 +151,12 @@ class GGUFFile:
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
+    def tensor_bytes(self, t: TensorInfo) -> bytes:
+        """The tensor's stored bytes (any ggml type), read from the file."""
+        with open(self.path, "rb") as f:
+            f.seek(self.data_offset + t.offset)
+            return f.read(t.n_bytes)
+
 
 class _Cursor:
     """Buffered, bounds-checked reads; `where` names the item being read for errors."""

@@ -132,3 +132,64 @@ def test_failed_write_leaves_no_output(tiny_dir, tmp_path):
 def test_output_folder_not_writable(tiny_dir, tmp_path):
     with pytest.raises(ConversionError, match="does not exist"):
         convert(tiny_dir, tmp_path / "no" / "such" / "dir" / "out.gguf")
+
+
+def _as_pickle(d, sharded: bool = False):
+    """Replace the safetensors weights with torch-pickled ones (optionally two shards and an index)."""
+    from safetensors.torch import load_file
+
+    state = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    if not sharded:
+        torch.save(state, d / "pytorch_model.bin")
+        return
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, part in shards.items():
+        torch.save({n: state[n] for n in part}, d / file)
+    index = {"weight_map": {n: f for f, part in shards.items() for n in part}}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+def test_pickled_weights_need_allow_pickle(ckpt_copy, tmp_path):
+    _as_pickle(ckpt_copy)
+    with pytest.raises(ConversionError, match="--allow-pickle"):
+        convert(ckpt_copy, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_pickled_weights_convert_like_safetensors(ckpt_copy, tmp_path, tiny_gguf, sharded):
+    _as_pickle(ckpt_copy, sharded=sharded)
+    out = convert(ckpt_copy, tmp_path / "out.gguf", outtype="f32", allow_pickle=True).path
+    ref, got = read_gguf(tiny_gguf["f32"]), read_gguf(out)
+    assert sorted((t.name, t.shape) for t in got.tensors) == sorted((t.name, t.shape) for t in ref.tensors)
+    for t in ref.tensors:  # shards may change the order, never the data
+        assert ref.tensor_bytes(t) == got.tensor_bytes(got.tensor(t.name)), t.name
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_hostile_pickle_is_refused_even_with_allow_pickle(ckpt_copy, tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    (ckpt_copy / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _Exploit()}, ckpt_copy / "pytorch_model.bin", pickle_module=pickle)
+    with pytest.raises(ConversionError, match="cannot load pickled weights safely"):
+        convert(ckpt_copy, tmp_path / "out.gguf", allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_license_from_model_card(ckpt_copy, tmp_path):
+    (ckpt_copy / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n  - code\n---\n# A model\nlicense: no\n")
+    g = read_gguf(convert(ckpt_copy, tmp_path / "out.gguf", outtype="q8_0").path)
+    assert g.get("general.license") == "apache-2.0"
+    assert g.get("general.size_label") == "2.9M"
+    assert g.get("edgelm.pipeline") == ["convert:q8_0"]

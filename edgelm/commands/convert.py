@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imatrix", metavar="auto|FILE", help="importance matrix: computed from --calib, or an imatrix GGUF")
     p.add_argument("--calib", metavar="TEXT_FILE", help="calibration text for --imatrix auto (default: edgelm's corpus)")
     p.add_argument("--name", help="general.name (default: the directory name)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickled .bin/.pt weights (torch weights_only unpickler); refused otherwise")
     return p
 
 
@@ -37,6 +39,6 @@ def main(argv: list[str]) -> int:
         calib = Path(args.calib).read_text(encoding="utf-8", errors="replace")
     result = convert(args.hf_dir, args.output, outtype=args.outtype, quant=args.quant,
                      tensor_types=parse_tensor_types(args.tensor_type), imatrix=args.imatrix, calib=calib,
-                     name=args.name)
+                     name=args.name, allow_pickle=args.allow_pickle)
     print(result.summary(), file=sys.stderr)
     return 0
