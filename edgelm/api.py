@@ -5,10 +5,13 @@ import os
 import threading
 from typing import Iterator
 
+from .errors import ContextOverflowError, UsageError
 from .runtime.context import Context, ContextOptions
 from .runtime.generate import Chunk, Completion, generate, stream
 from .runtime.model import LlamaModel, LoadOptions
 from .runtime.sampling import SamplingParams
+
+TRUNCATE = ("error", "left")  # what a prompt longer than the context does
 
 
 class Model:
@@ -16,10 +19,18 @@ class Model:
 
     def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, flash_attn: bool | None = None,
-                 type_k: str = "f16", type_v: str = "f16", use_mmap: bool = True, use_mlock: bool = False):
+                 type_k: str = "f16", type_v: str = "f16", use_mmap: bool = True, use_mlock: bool = False,
+                 seed: int | None = None, truncate: str = "error"):
+        if truncate not in TRUNCATE:
+            raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
+        if seed is not None:
+            SamplingParams(seed=seed).validate()
         self.llama = LlamaModel(path, LoadOptions(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock))
         self.ctx = Context(self.llama, ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                                       flash_attn=flash_attn, type_k=type_k, type_v=type_v))
+        self.seed, self.truncate = seed, truncate  # defaults for every call
+        self._n_threads = n_threads
+        self._embedder = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ text
@@ -30,24 +41,72 @@ class Model:
     def detokenize(self, tokens: list[int]) -> str:
         return self.llama.detokenize(tokens)
 
-    def _prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+    def _prompt_tokens(self, prompt: str | list[int], params: SamplingParams, truncate: str | None) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenize(prompt)
-        tokens = list(prompt)
-        self.llama.check_tokens(tokens)
-        return tokens
+            tokens = self.tokenize(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            tokens = list(prompt)
+            self.llama.check_tokens(tokens)
+        else:
+            raise UsageError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+        if not tokens:
+            raise UsageError("empty prompt: nothing to condition on")
+        room = self.ctx.n_ctx - 1  # at least one position to generate into
+        if len(tokens) <= room:
+            return tokens
+        if (truncate or self.truncate) == "error":
+            raise ContextOverflowError(
+                f"prompt of {len(tokens)} tokens does not fit the context of {self.ctx.n_ctx} "
+                f"(use a larger n_ctx, or truncate='left')"
+            )
+        # keep the most recent tokens, leaving room for the reply (and a leading BOS where the model wants one)
+        keep = max(1, room - min(params.max_tokens, room // 2))
+        head = tokens[:1] if self.llama.add_bos and tokens[0] == self.llama.bos else []
+        return head + tokens[len(tokens) - keep + len(head):]
+
+    def _params(self, sampling: dict) -> tuple[SamplingParams, str | None]:
+        truncate = sampling.pop("truncate", None)
+        if truncate is not None and truncate not in TRUNCATE:
+            raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
+        if self.seed is not None and sampling.get("seed") is None:
+            sampling["seed"] = self.seed
+        return SamplingParams.from_kwargs(**sampling), truncate
 
     def generate(self, prompt: str | list[int], **sampling) -> Completion:
-        params = SamplingParams.from_kwargs(**sampling)
-        tokens = self._prompt_tokens(prompt)
+        """Complete `prompt`; `sampling` takes SamplingParams' fields and truncate="error"|"left"."""
+        params, truncate = self._params(sampling)
+        tokens = self._prompt_tokens(prompt, params, truncate)
         with self._lock:
             return generate(self.ctx, tokens, params)
 
     def stream(self, prompt: str | list[int], **sampling) -> Iterator[Chunk]:
-        params = SamplingParams.from_kwargs(**sampling)
-        tokens = self._prompt_tokens(prompt)
+        """Like generate(), as text chunks; the last one carries finish_reason and timings."""
+        params, truncate = self._params(sampling)
+        tokens = self._prompt_tokens(prompt, params, truncate)
         with self._lock:
             yield from stream(self.ctx, tokens, params)
+
+    # ------------------------------------------------------------ analysis
+
+    def embed(self, texts: list[str] | str, *, normalize: bool = True):
+        """Mean-pooled, L2-normalised hidden states: an (n, n_embd) float32 array (one row for a str)."""
+        from .runtime.embed import Embedder
+
+        single = isinstance(texts, str)
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = Embedder(self.llama, n_ctx=self.ctx.n_ctx, n_threads=self._n_threads)
+            out = self._embedder.embed([texts] if single else list(texts), normalize=normalize)
+        return out[0] if single else out
+
+    def perplexity(self, text: str, *, window: int | None = None, stride: int | None = None):
+        """Perplexity of `text` over strided windows (default: the context size, half-window stride)."""
+        from .runtime.perplexity import perplexity
+
+        window = window or min(self.ctx.n_ctx, 512)
+        with self._lock:
+            return perplexity(self.llama, self.tokenize(text), window=window, stride=stride,
+                              n_threads=self._n_threads)
 
     # ------------------------------------------------------------ info
 
@@ -60,6 +119,8 @@ class Model:
         return self.ctx.n_ctx
 
     def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
         self.ctx.close()
         self.llama.close()
 

@@ -1,4 +1,4 @@
-"""`edgelm run [MODEL] -p PROMPT`: one-shot generation, streamed to stdout, with a stats line."""
+"""`edgelm run [MODEL] [-p PROMPT]`: one-shot generation streamed to stdout, or an interactive chat."""
 from __future__ import annotations
 
 import argparse
@@ -7,14 +7,14 @@ import resource
 import sys
 from typing import TextIO
 
-from edgelm.runtime.generate import Timings
+from edgelm.errors import UsageError
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def stats_line(t: Timings) -> str:
+def stats_line(t) -> str:
     return (
         f"prompt {t.prompt_tokens} tok, {t.prompt_tps:.1f} tok/s | "
         f"generation {t.completion_tokens} tok, {t.gen_tps:.1f} tok/s | "
@@ -22,71 +22,102 @@ def stats_line(t: Timings) -> str:
     )
 
 
-def run(model: str | None, prompt: str, *, out: TextIO = sys.stdout, load_options: dict | None = None,
-        **sampling) -> dict:
-    """Generate from `prompt`, streaming text to `out`; returns the --json record."""
-    import edgelm
-    from edgelm.runtime.sampling import SamplingParams
-
-    SamplingParams.from_kwargs(**sampling)  # bad values fail before the model loads
-    parts, last = [], None
-    with edgelm.load(model, **(load_options or {})) as m:
-        for last in m.stream(prompt, **sampling):
-            parts.append(last.text)
-            if out is not None and last.text:
-                out.write(last.text)
-                out.flush()
-    timings, reason = last.timings, last.finish_reason
+def record(text: str, last) -> dict:
+    """The --json object for one completion."""
+    t = last.timings
     return {
-        "text": "".join(parts),
-        "prompt_tokens": timings.prompt_tokens,
-        "completion_tokens": timings.completion_tokens,
-        "prompt_tps": round(timings.prompt_tps, 2),
-        "gen_tps": round(timings.gen_tps, 2),
-        "ttft_ms": round(timings.ttft_s * 1000, 2),
+        "text": text,
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "prompt_tps": round(t.prompt_tps, 2),
+        "gen_tps": round(t.gen_tps, 2),
+        "ttft_ms": round(t.ttft_s * 1000, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "finish_reason": reason,
-        "_timings": timings,
+        "finish_reason": last.finish_reason,
     }
+
+
+def run(model, prompt: str, *, chat: bool = False, system: str | None = None, out: TextIO | None = sys.stdout,
+        **sampling):
+    """Generate from `prompt` with a loaded model, streaming text to `out`; returns (text, last chunk).
+
+    `chat` (implied by `system`) wraps the prompt in the model's chat template as a user message.
+    """
+    if chat or system:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        chunks = model.chat_stream(messages, **sampling)
+    else:
+        chunks = model.stream(prompt, **sampling)
+    parts, last = [], None
+    for last in chunks:
+        parts.append(last.text)
+        if out is not None and last.text:
+            out.write(last.text)
+            out.flush()
+    return "".join(parts), last
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelm run", description=__doc__)
-    p.add_argument("model", nargs="?", help="GGUF file (default: the bundled model)")
-    p.add_argument("-p", "--prompt", help="prompt text (default: read from stdin)")
-    p.add_argument("-n", "--max-tokens", type=int, default=128)
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (benchmarks)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("model", nargs="?", help="GGUF file or hf://owner/repo/file.gguf (default: the bundled model)")
+    p.add_argument("-p", "--prompt", help="one-shot prompt (without it: chat, or the prompt read from piped stdin)")
+    p.add_argument("-i", "--interactive", action="store_true", help="chat even when stdin is not a terminal")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to -p (implied by --system)")
+    p.add_argument("--system", help="system message for chat")
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=None, help="tokens to generate (default 256)")
+    g.add_argument("--temp", type=float, help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (benchmarks)")
+    m = p.add_argument_group("model")
+    m.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
+    m.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    m.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
+    m.add_argument("--truncate", choices=("error", "left"), default="error",
+                   help="a prompt longer than the context: fail, or keep its end")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     return p
 
 
+def _sampling(args) -> dict:
+    pairs = {"max_tokens": args.max_tokens, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+             "min_p": args.min_p, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos or None}
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    sampling = _sampling(args)
+    from edgelm.runtime.sampling import SamplingParams
+
+    SamplingParams.from_kwargs(**sampling)  # bad values fail before the model loads
+    interactive = args.prompt is None and (args.interactive or sys.stdin.isatty())
+    if args.json and interactive:
+        raise UsageError("--json needs a one-shot prompt (-p, or piped stdin)")
     if args.verbose:
         from edgelm.runtime.backend import set_verbose
 
         set_verbose(True)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    record = run(
-        args.model, prompt,
-        out=None if args.json else sys.stdout,
-        load_options={"n_ctx": args.ctx, "n_threads": args.threads},
-        max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
-    )
-    timings = record.pop("_timings")
+    import edgelm
+
+    with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+                     truncate=args.truncate) as model:
+        if interactive:
+            from edgelm.repl import ChatSession, repl
+
+            session = ChatSession(model, args.system, **sampling)
+            return repl(session, on_reply=lambda last: print(stats_line(last.timings), file=sys.stderr))
+        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        text, last = run(model, prompt, chat=args.chat, system=args.system,
+                         out=None if args.json else sys.stdout, **sampling)
     if args.json:
-        print(json.dumps(record, ensure_ascii=False))
+        print(json.dumps(record(text, last), ensure_ascii=False))
     else:
         sys.stdout.write("\n")
-        print(stats_line(timings), file=sys.stderr)
+        print(stats_line(last.timings), file=sys.stderr)
     return 0

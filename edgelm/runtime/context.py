@@ -25,6 +25,7 @@ class ContextOptions:
     flash_attn: bool | None = None  # None: llama.cpp decides
     type_k: str = "f16"
     type_v: str = "f16"
+    embeddings: bool = False  # pooled hidden states instead of logits (see runtime/embed.py)
 
     def validate(self) -> None:
         for name in ("n_ctx", "n_batch", "n_seq_max"):
@@ -60,6 +61,9 @@ class Context:
         if eval_callback is not None:  # a ggml_backend_sched_eval_callback; the caller keeps it alive
             params.cb_eval = eval_callback
             params.cb_eval_user_data = None
+        if options.embeddings:  # mean of the last hidden states over each sequence
+            params.embeddings = True
+            params.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
         if options.flash_attn is not None:
             params.flash_attn_type = 1 if options.flash_attn else 0
         self._ptr = lib.llama_init_from_model(model.ptr, params)

@@ -1,0 +1,123 @@
+"""The interactive chat behind `edgelm run` without -p: history, slash commands, Ctrl-C per reply."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .errors import UsageError
+
+HELP = """commands:
+  /reset        forget the conversation (keeps --system)
+  /save FILE    save the conversation as JSON
+  /load FILE    load a conversation saved with /save
+  /help         this help
+  /exit, /bye   leave (Ctrl-D too); Ctrl-C stops the current reply"""
+
+
+class ChatSession:
+    """A conversation: the message history and the model call that extends it."""
+
+    def __init__(self, model, system: str | None = None, **sampling):
+        self.model, self.system, self.sampling = model, system, sampling
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def reply(self, text: str, write: Callable[[str], None]):
+        """Stream the assistant's reply to `write`; Ctrl-C ends it early. Returns the last chunk (None if cut)."""
+        self.messages.append({"role": "user", "content": text})
+        parts, last = [], None
+        chunks = self.model.chat_stream(self.messages, **self.sampling)
+        try:
+            for last in chunks:
+                parts.append(last.text)
+                write(last.text)
+        except KeyboardInterrupt:
+            chunks.close()  # releases the model for the next turn
+            write(" [interrupted]")
+            last = None
+        # a cut reply stays in the history as far as it got, so the next turn can refer to it
+        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        return last
+
+    def save(self, path: str) -> None:
+        data = json.dumps({"messages": self.messages}, ensure_ascii=False, indent=1)
+        target = Path(path).expanduser()
+        fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+            os.replace(tmp, target)  # atomic: a failed save never clobbers an older file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self, path: str) -> None:
+        try:
+            data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"{path}: cannot load a conversation: {e}") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise UsageError(f"{path}: not a conversation saved by /save")
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def repl(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+         on_reply: Callable | None = None) -> int:
+    """Read lines until /exit or end of input. Errors in one turn are reported, not fatal."""
+    interactive = inp.isatty()
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    if interactive:
+        print("edgelm chat: /help for commands, Ctrl-D to leave", file=err)
+    while True:
+        if interactive:
+            write(">>> ")
+        try:
+            line = inp.readline()
+        except KeyboardInterrupt:  # at the prompt: drop the line, keep going
+            write("\n")
+            continue
+        if not line:
+            return 0
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        cmd, _, arg = line.strip().partition(" ")
+        try:
+            if cmd in ("/exit", "/bye", "/quit"):
+                return 0
+            if cmd == "/help":
+                print(HELP, file=err)
+            elif cmd == "/reset":
+                session.reset()
+                print("(conversation cleared)", file=err)
+            elif cmd in ("/save", "/load"):
+                if not arg.strip():
+                    raise UsageError(f"{cmd} needs a file name")
+                getattr(session, cmd[1:])(arg.strip())
+                print(f"({'saved to' if cmd == '/save' else 'loaded'} {arg.strip()})", file=err)
+            elif cmd.startswith("/") and " " not in cmd and len(cmd) > 1 and cmd[1:].isalpha():
+                raise UsageError(f"unknown command {cmd} (/help lists them)")
+            else:
+                last = session.reply(line, write)
+                write("\n")
+                if on_reply is not None and last is not None:
+                    on_reply(last)
+        except UsageError as e:
+            print(f"edgelm: {e}", file=err)
+        except KeyboardInterrupt:
+            write("\n")
