@@ -109,3 +109,48 @@ def test_bench_runs(tiny_gguf):
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["pp32"] > 0 and result["tg8"] > 0
+
+
+def test_chat_repl_history_save_load_reset(tiny_gguf, tmp_path):
+    saved = tmp_path / "chat.json"
+    script = f"hello\n/save {saved}\n/reset\n/load {saved}\nagain\n/nosuch\n/exit\n"
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-i", "-n", "6", "--temp", "0", "--ignore-eos", "--system", "Be brief.",
+               stdin=script)
+    assert r.returncode == 0, r.stderr
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[1]["content"] == "hello" and messages[0]["content"] == "Be brief."
+    assert "unknown command /nosuch" in r.stderr
+    assert r.stderr.count("peak RSS") == 2  # a stats line per reply
+    assert len([line for line in r.stdout.splitlines() if line.strip()]) == 2
+
+
+def test_chat_repl_bad_load_keeps_going(tiny_gguf, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": 1}]}')
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-i", "-n", "4", "--temp", "0", stdin=f"/load {bad}\n/load\nhi\n")
+    assert r.returncode == 0, r.stderr
+    assert "not a conversation" in r.stderr and "needs a file name" in r.stderr
+    assert "tok/s" in r.stderr  # the turn after the errors still ran
+
+
+def test_ctrl_c_stops_the_reply_not_the_program(tiny_gguf):
+    import os
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "edgelm", "run", str(tiny_gguf["q8_0"]), "-i", "-n", "100000",
+                          "--ignore-eos", "--ctx", "4096"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdin.write("go on forever\n")
+    p.stdin.flush()
+    os.set_blocking(p.stdout.fileno(), False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (p.stdout.read(4096) or ""):
+        time.sleep(0.05)  # wait until the reply is streaming
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    os.set_blocking(p.stdout.fileno(), True)
+    out, err = p.communicate("/exit\n", timeout=120)
+    assert p.returncode == 0, err
+    assert "[interrupted]" in out
