@@ -6,6 +6,7 @@ import threading
 from typing import Iterator
 
 from .errors import ContextOverflowError, UsageError
+from .runtime.chat import chat_tokens, template_for
 from .runtime.context import Context, ContextOptions
 from .runtime.generate import Chunk, Completion, generate, stream
 from .runtime.model import LlamaModel, LoadOptions
@@ -20,7 +21,7 @@ class Model:
     def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, flash_attn: bool | None = None,
                  type_k: str = "f16", type_v: str = "f16", use_mmap: bool = True, use_mlock: bool = False,
-                 seed: int | None = None, truncate: str = "error"):
+                 seed: int | None = None, truncate: str = "error", chat_template: str | None = None):
         if truncate not in TRUNCATE:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
         if seed is not None:
@@ -32,6 +33,8 @@ class Model:
         self._n_threads = n_threads
         self._embedder = None
         self._lock = threading.Lock()
+        # chat_template: a built-in name ("chatml", "completion") or Jinja source replacing the model's own
+        self._chat_template = None if chat_template is None else template_for(self.llama, chat_template)
 
     # ------------------------------------------------------------ text
 
@@ -83,6 +86,37 @@ class Model:
         """Like generate(), as text chunks; the last one carries finish_reason and timings."""
         params, truncate = self._params(sampling)
         tokens = self._prompt_tokens(prompt, params, truncate)
+        with self._lock:
+            yield from stream(self.ctx, tokens, params)
+
+    # ------------------------------------------------------------ chat
+
+    def _template(self, chat_template: str | None):
+        if chat_template is not None:
+            return template_for(self.llama, chat_template)
+        if self._chat_template is None:  # the model's own template (or the fallback), resolved on first use
+            self._chat_template = template_for(self.llama)
+        return self._chat_template
+
+    def chat_prompt(self, messages: list[dict], *, chat_template: str | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        """The prompt text chat() would send for `messages` (see edgelm/runtime/chat.py)."""
+        return self._template(chat_template).render(messages, add_generation_prompt=add_generation_prompt)
+
+    def _chat_tokens(self, messages: list[dict], chat_template: str | None, sampling: dict):
+        tokens = chat_tokens(self.llama, messages, self._template(chat_template))
+        params, truncate = self._params(sampling)
+        return self._prompt_tokens(tokens, params, truncate), params
+
+    def chat(self, messages: list[dict], *, chat_template: str | None = None, **sampling) -> Completion:
+        """Reply to `messages` ([{"role": ..., "content": ...}]); stops at the model's end-of-turn token."""
+        tokens, params = self._chat_tokens(messages, chat_template, sampling)
+        with self._lock:
+            return generate(self.ctx, tokens, params)
+
+    def chat_stream(self, messages: list[dict], *, chat_template: str | None = None, **sampling) -> Iterator[Chunk]:
+        """Like chat(), as text chunks; the last one carries finish_reason and timings."""
+        tokens, params = self._chat_tokens(messages, chat_template, sampling)
         with self._lock:
             yield from stream(self.ctx, tokens, params)
 

@@ -22,6 +22,10 @@ class GGUFError(EdgelmError):
     """A file that is not a well-formed GGUF (bad magic, truncated, inconsistent tables)."""
 
 
+class DownloadError(EdgelmError):
+    """A model reference that could not be fetched: network, authentication, offline mode or a bad transfer."""
+
+
 class ModelLoadError(EdgelmError):
     """llama.cpp refused a file that passed edgelm's own checks."""
 
@@ -36,3 +40,11 @@ class ContextOverflowError(EdgelmError):
 
 class NativeError(EdgelmError):
     """The native kernels are missing or failed."""
+
+
+class ChatTemplateError(EdgelmError):
+    """A chat template that does not parse, fails while rendering, or rejects the conversation."""
+
+
+class TemplateSecurityError(ChatTemplateError):
+    """A chat template that reached for Python internals or tried to change its inputs (blocked by the sandbox)."""

@@ -27,7 +27,11 @@ def default_model_path() -> Path:
 
 
 def resolve_model(ref: str | os.PathLike | None) -> Path:
-    """A model reference -> an existing local file (None: the bundled model)."""
+    """A model reference -> an existing local file (None: the bundled model; hf://...: via the Hub cache)."""
+    if isinstance(ref, str) and ref.startswith("hf://"):
+        from edgelm.hub import fetch  # huggingface_hub loads only for Hub references
+
+        return fetch(ref)
     path = default_model_path() if ref is None else Path(ref).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such model file")
@@ -67,6 +71,7 @@ class LlamaModel:
         self.bos = lib.llama_vocab_bos(self.vocab)
         self.eos = lib.llama_vocab_eos(self.vocab)
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
+        self.add_eos = bool(lib.llama_vocab_get_add_eos(self.vocab))
         self._piece_cache: dict[int, bytes] = {}
 
     # ------------------------------------------------------------ lifecycle
@@ -147,6 +152,10 @@ class LlamaModel:
 
     def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
         return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", "replace")
+
+    def special_text(self, token: int) -> str:
+        """The text of a special token such as BOS ("" when the model has none, i.e. id -1)."""
+        return self.detokenize([token], special=True) if 0 <= token < self.n_vocab else ""
 
     def is_eog(self, token: int) -> bool:
         return bool(lib.llama_vocab_is_eog(self.vocab, token))

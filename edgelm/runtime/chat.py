@@ -1,0 +1,240 @@
+"""Chat templates: a model's Jinja `tokenizer.chat_template`, rendered as transformers renders it.
+
+A template ships inside the model file, so it is untrusted code. It runs in jinja2's immutable
+sandbox, which refuses underscore attributes (`''.__class__`, `cycler.__init__.__globals__`) and
+in-place changes to lists and dicts (`messages.append(...)`, `messages[0].update(...)`). edgelm
+closes what that sandbox leaves open:
+- the `dict` global is the real type, whose unbound methods mutate any dict (`dict.update(messages[0], ...)`):
+  templates get a builder that only makes new dicts;
+- `namespace()` accepts underscore names: refused, so a template cannot shadow internals on it;
+- a blocked attribute renders as an empty Undefined that fails only when used: here it fails at once;
+- `'x' * 10**10` and `2 ** 10**8` would exhaust memory or CPU: repetitions and powers are capped.
+Other resource use (deep loops, huge format widths) is not bounded; the template cannot run code.
+
+Models without a template get ChatML when their vocabulary has the ChatML markers (llama.cpp's default
+for every model), and the plain "completion" layout otherwise: ChatML markers that a vocabulary does not
+know would only reach a base model as noise.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from edgelm.errors import ChatTemplateError, TemplateSecurityError, UsageError
+
+ROLES = ("system", "user", "assistant", "tool")
+OPTIONAL_KEYS = ("name", "tool_call_id")  # passed through to the template when present
+
+# llama.cpp's default template (common/chat.cpp), for models that carry none
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# base models: the turns' text alone, so chat() on one user message equals generate() on its text
+COMPLETION = "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}\n\n{% endif %}{% endfor %}"
+BUILTIN = {"chatml": CHATML, "completion": COMPLETION}
+
+MAX_REPEAT = 1 << 22  # longest str/list a template may build with `*`
+MAX_POWER_BITS = 1 << 16  # largest integer a template may build with `**`
+
+
+# ------------------------------------------------------------ messages
+
+def validate_messages(messages) -> list[dict[str, str]]:
+    """Checks the conversation and returns a fresh copy of plain str dicts (the template never sees the caller's)."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, (list, tuple)):
+        raise UsageError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+                         f"not {type(messages).__name__}")
+    if not messages:
+        raise UsageError("messages is empty: nothing to reply to")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise UsageError(f"messages[{i}] must be a dict with 'role' and 'content', not {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or role not in ROLES:
+            raise UsageError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}, not {role!r}")
+        if not isinstance(content, str):
+            raise UsageError(f"messages[{i}]['content'] must be a string, not {type(content).__name__}")
+        unknown = sorted(str(k) for k in message if k not in ("role", "content", *OPTIONAL_KEYS))
+        if unknown:
+            raise UsageError(f"messages[{i}] has unknown key(s) {', '.join(unknown)} "
+                             f"(allowed: role, content, {', '.join(OPTIONAL_KEYS)})")
+        plain = {"role": str.__str__(role), "content": str.__str__(content)}  # drops str subclasses' methods
+        for key in OPTIONAL_KEYS:
+            if key in message:
+                if not isinstance(message[key], str):
+                    raise UsageError(f"messages[{i}]['{key}'] must be a string, not {type(message[key]).__name__}")
+                plain[key] = str.__str__(message[key])
+        out.append(plain)
+    return out
+
+
+# ------------------------------------------------------------ the sandbox
+
+class _Raised(Exception):
+    """raise_exception() from a template: the template's own refusal, reported with its message."""
+
+
+def _raise_exception(message):
+    raise _Raised(str(message))
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' filter: no HTML escaping (jinja's default), indent and separators exposed
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _DictBuilder:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without the type's mutating unbound methods."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, keys, value=None):
+        return dict.fromkeys(keys, value)
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
+    # jinja2 is imported on first use: loading a model for plain generation never pays for it
+    from jinja2 import nodes
+    from jinja2 import utils as jutils
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    def check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"a template may not store {name!r} on a namespace (underscore names are internal)")
+
+    class Namespace(jutils.Namespace):
+        def __init__(*args, **kwargs):  # no named self: namespace(self=1) is a valid template call
+            for name in dict(*args[1:], **kwargs):
+                check_name(name)
+            jutils.Namespace.__init__(*args, **kwargs)
+
+        def __setitem__(self, name, value):
+            check_name(name)
+            jutils.Namespace.__setitem__(self, name, value)
+
+    class GenerationTag(Extension):
+        # transformers' {% generation %} marks assistant text for training masks; rendering just keeps the body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def unsafe_undefined(self, obj, attribute):
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} object is not allowed")
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
+                        raise SecurityError(f"repetition to {len(seq) * n} items is over the limit of {MAX_REPEAT}")
+            elif isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+                if math.log2(abs(left)) * right > MAX_POWER_BITS:
+                    raise SecurityError(f"{left} ** {right} is over the limit of {MAX_POWER_BITS} bits")
+            return super().call_binop(context, operator, left, right)
+
+    # trim_blocks / lstrip_blocks and the extra globals are what transformers gives HF templates
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationTag])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
+                       dict=_DictBuilder(), namespace=Namespace)
+    return env
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(source: str):
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        return _environment().from_string(source)
+    except TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template syntax error at line {e.lineno}: {e.message}") from None
+
+
+def _run(template, variables: dict) -> str:
+    from jinja2 import TemplateError
+    from jinja2.sandbox import SecurityError
+
+    try:
+        return template.render(**variables)
+    except SecurityError as e:
+        raise TemplateSecurityError(f"chat template blocked by the sandbox: {e}") from None
+    except _Raised as e:
+        raise ChatTemplateError(f"chat template rejected the conversation: {e}") from None
+    except TemplateError as e:
+        raise ChatTemplateError(f"chat template failed: {e}") from None
+    except Exception as e:  # a template bug (TypeError, range() over the sandbox's limit, ...), never edgelm's
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------ templates
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    source: str
+    bos_token: str = ""  # the texts the template may emit for BOS / EOS
+    eos_token: str = ""
+    name: str = "custom"  # "model", "chatml", "completion" or "custom"
+
+    def render(self, messages, *, add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages`, ending with the assistant's turn opener when add_generation_prompt."""
+        if not isinstance(add_generation_prompt, bool):
+            raise UsageError(f"add_generation_prompt must be True or False, not {add_generation_prompt!r}")
+        variables = dict(messages=validate_messages(messages), add_generation_prompt=add_generation_prompt,
+                         bos_token=self.bos_token, eos_token=self.eos_token, tools=None, documents=None)
+        return _run(_compile(self.source), variables)
+
+
+def has_chatml_markers(model) -> bool:
+    """Whether the vocabulary knows <|im_start|> and <|im_end|> as single special tokens."""
+    return all(len(model.tokenize(m, add_special=False, parse_special=True)) == 1
+               for m in ("<|im_start|>", "<|im_end|>"))
+
+
+def template_for(model, override: str | None = None) -> ChatTemplate:
+    """The template to chat with: `override` (a built-in name or Jinja source), the model's own, or a fallback."""
+    if override is not None and (not isinstance(override, str) or not override.strip()):
+        raise UsageError(f"chat_template must be {' or '.join(BUILTIN)} or Jinja source text, not {override!r}")
+    tokens = dict(bos_token=model.special_text(model.bos), eos_token=model.special_text(model.eos))
+    if override in BUILTIN:
+        return ChatTemplate(BUILTIN[override], name=override, **tokens)
+    if override is not None:
+        _compile(override)  # a caller's template fails here, not on its first use
+        return ChatTemplate(override, name="custom", **tokens)
+    if model.chat_template:
+        return ChatTemplate(model.chat_template, name="model", **tokens)
+    name = "chatml" if has_chatml_markers(model) else "completion"
+    return ChatTemplate(BUILTIN[name], name=name, **tokens)
+
+
+def chat_tokens(model, messages, template: ChatTemplate, *, add_generation_prompt: bool = True) -> list[int]:
+    """Render and tokenise a conversation: special-token texts become their ids, BOS appears once."""
+    text = template.render(messages, add_generation_prompt=add_generation_prompt)
+    # the tokenizer adds BOS / EOS itself where the model asks: drop the template's copies (as llama.cpp does)
+    if model.add_bos and template.bos_token and text.startswith(template.bos_token):
+        text = text[len(template.bos_token):]
+    if model.add_eos and template.eos_token and text.endswith(template.eos_token):
+        text = text[:-len(template.eos_token)]
+    return model.tokenize(text, add_special=True, parse_special=True)
