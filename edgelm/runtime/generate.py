@@ -60,7 +60,8 @@ def generate_tokens(
     """
     if len(prompt) >= ctx.n_ctx:
         raise ContextOverflowError(f"prompt of {len(prompt)} tokens does not fit the context of {ctx.n_ctx}")
-    sampler = SamplerChain(params)
+    sampler = SamplerChain(params, ctx.model, ctx.n_ctx)
+    sampler.accept_prompt(prompt)
     t0 = time.perf_counter()
     ctx.remove(seq)
     prefill(ctx, prompt, seq)
@@ -74,7 +75,9 @@ def generate_tokens(
             if i == 0:
                 t_first = time.perf_counter()
                 timings.ttft_s = t_first - t0
-            if model.is_eog(token) and not params.ignore_eos:
+            if token is None:  # no token allowed: a grammar dead end, or every token banned
+                return "stop"
+            if model.is_eog(token) and (not params.ignore_eos or sampler.constrained):
                 return "stop"
             timings.completion_tokens = i + 1
             yield token

@@ -1,24 +1,53 @@
-"""Sampling parameters, validated in Python, and the llama.cpp sampler chain they build."""
+"""Sampling parameters, validated in Python, and the llama.cpp samplers they build.
+
+The order is llama.cpp's default common sampler: logit bias -> penalties -> top-k -> typical -> top-p -> min-p
+-> temperature -> dist (greedy: logit bias -> penalties -> argmax). A grammar is checked the way llama.cpp's
+common_sampler_sample does it: sample without it, and only when the grammar rejects that token, mask the whole
+vocabulary with the grammar and sample again. Masking costs a pass over every token, so this saves it on most steps.
+"""
 from __future__ import annotations
 
+import ctypes
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 import llama_cpp as lib
+import numpy as np
 
 from edgelm.errors import UsageError
+
+from .grammar import Grammar, Utf8Guard, check_gbnf
+from .json_schema import schema_to_gbnf
+
+INT32_MAX = 2**31 - 1
+GREEDY_BELOW = 1e-4  # smaller temperatures are greedy: dividing logits by them can overflow float32
+MAX_BIAS = 1e4  # |finite logit bias|; -inf bans a token
+TYPICAL_FLOOR = 80.0  # typical_p: drop logits this far below the best, whose exp underflows to 0 (NaN entropy)
+
+TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+assert TOKEN_DATA.itemsize == ctypes.sizeof(lib.llama_token_data)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 0.8  # 0: greedy
+    temperature: float = 0.8  # 0 (anything below 1e-4): greedy
     top_k: int = 40  # 0: off
     top_p: float = 0.95  # 1: off
     min_p: float = 0.05  # 0: off
+    typical_p: float = 1.0  # 1: off
+    repeat_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0  # 0: off
+    frequency_penalty: float = 0.0  # 0: off
+    penalty_last_n: int = 64  # tokens the penalties look back over, prompt included; 0: off, -1: the whole context
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit; -inf bans it
+    grammar: str | None = None  # GBNF; generation starts at its `root` rule
+    json_schema: dict | str | None = None  # a JSON schema, converted to GBNF; excludes `grammar`
     seed: int | None = None  # None: a fresh seed each call
     stop: tuple[str, ...] = field(default_factory=tuple)
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # never with a grammar: the grammar decides where output may end
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":
@@ -30,63 +59,225 @@ class SamplingParams:
             kwargs["stop"] = (kwargs["stop"],)
         elif kwargs.get("stop") is not None:
             kwargs["stop"] = tuple(kwargs["stop"])
+        if isinstance(kwargs.get("logit_bias"), Mapping):
+            kwargs["logit_bias"] = {_token_key(k): v for k, v in kwargs["logit_bias"].items()}
         params = cls(**{k: v for k, v in kwargs.items() if v is not None or k == "seed"})
         params.validate()
         return params
 
     def validate(self) -> None:
-        def number(name: str, lo: float, hi: float = math.inf) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-                raise UsageError(f"{name} must be a number in [{lo}, {hi}], not {v!r}")
-
-        def integer(name: str, lo: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise UsageError(f"{name} must be an integer >= {lo}, not {v!r}")
-
-        integer("max_tokens", 0)
-        integer("top_k", 0)
-        number("temperature", 0.0)
-        number("top_p", 0.0, 1.0)
-        number("min_p", 0.0, 1.0)
+        """Raise UsageError naming the first bad field; llama.cpp aborts the process on some values."""
+        _integer("max_tokens", self.max_tokens, 0)
+        _integer("top_k", self.top_k, 0, INT32_MAX)
+        _integer("penalty_last_n", self.penalty_last_n, -1, INT32_MAX)
+        _number("temperature", self.temperature, 0.0, 100.0)
+        _number("top_p", self.top_p, 0.0, 1.0)
+        _number("min_p", self.min_p, 0.0, 1.0)
+        _number("typical_p", self.typical_p, 0.0, 1.0)
+        _number("repeat_penalty", self.repeat_penalty, 0.01, 100.0)  # > 0; bounded so logits stay finite
+        _number("presence_penalty", self.presence_penalty, -100.0, 100.0)
+        _number("frequency_penalty", self.frequency_penalty, -100.0, 100.0)
         if self.seed is not None:
-            integer("seed", 0)
-        if not all(isinstance(s, str) and s for s in self.stop):
+            _integer("seed", self.seed, 0, lib.LLAMA_DEFAULT_SEED - 1)  # 0xFFFFFFFF means "random" to llama.cpp
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise UsageError("stop must be non-empty strings")
+        if not isinstance(self.ignore_eos, bool):
+            raise UsageError(f"ignore_eos must be true or false, not {self.ignore_eos!r}")
+        self._validate_logit_bias()
+        if self.grammar is not None and self.json_schema is not None:
+            raise UsageError("grammar and json_schema exclude each other: pass one")
+        if self.grammar is not None:
+            check_gbnf(self.grammar)
+        if self.json_schema is not None:
+            schema_to_gbnf(self.json_schema)
+
+    def _validate_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, Mapping):
+            raise UsageError(f"logit_bias must map token ids to numbers, not {type(self.logit_bias).__name__}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise UsageError(f"logit_bias: token ids must be integers >= 0, not {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not (
+                    bias == -math.inf or -MAX_BIAS <= bias <= MAX_BIAS):
+                raise UsageError(f"logit_bias[{token}] must be a number in [{-MAX_BIAS:g}, {MAX_BIAS:g}] "
+                                 f"or -inf, not {bias!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def gbnf(self) -> str | None:
+        """The grammar text that constrains output, from `grammar` or `json_schema`."""
+        if self.json_schema is not None:
+            return schema_to_gbnf(self.json_schema)
+        return self.grammar
+
+    @property
+    def penalized(self) -> bool:
+        return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _number(name: str, v, lo: float, hi: float) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not lo <= v <= hi:
+        raise UsageError(f"{name} must be a number in [{lo:g}, {hi:g}], not {v!r}")
+
+
+def _integer(name: str, v, lo: int, hi: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise UsageError(f"{name} must be an integer {bound}, not {v!r}")
+
+
+def _token_key(key):
+    """JSON objects (the OpenAI-style API) carry token ids as strings; numpy gives its own integers."""
+    if isinstance(key, str) and key.isdecimal() or isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        return int(key)
+    return key
+
+
+class Candidates:
+    """A llama_token_data_array over a numpy buffer: filled from the logits, edited in place by the samplers."""
+
+    def __init__(self, n_vocab: int):
+        self.buf = np.zeros(n_vocab, TOKEN_DATA)
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        data = ctypes.cast(self.buf.ctypes.data, lib.llama_token_data_p)
+        self.array = lib.llama_token_data_array(data, n_vocab, -1, False)
+        self.ref = ctypes.byref(self.array)
+
+    def load(self, logits) -> None:
+        """`logits`: a float* of n_vocab values (llama_get_logits_ith)."""
+        n = len(self.buf)
+        self.buf["id"] = self.ids
+        self.buf["logit"] = np.ctypeslib.as_array(logits, shape=(n,))
+        self.buf["p"] = 0.0
+        self.array.size, self.array.selected, self.array.sorted = n, -1, False
+
+    def prune(self, floor: float | None = None) -> int:
+        """Drop banned (-inf) candidates, and with `floor` those that far below the best; returns how many remain."""
+        n = self.array.size
+        logit = self.buf["logit"][:n]
+        keep = logit > -np.inf
+        if floor is not None and keep.any():
+            keep &= logit >= logit[keep].max() - floor
+        if not keep.all():
+            idx = np.flatnonzero(keep)
+            self.buf[:len(idx)] = self.buf[idx]
+            self.array.size = n = len(idx)
+        return n
+
+    @property
+    def selected(self) -> int:
+        return int(self.buf["id"][self.array.selected])
 
 
 class SamplerChain:
-    """A llama.cpp sampler chain owned by Python; freed with the object."""
+    """llama.cpp samplers owned by Python, freed with the object.
 
-    def __init__(self, params: SamplingParams):
-        self._ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        add = lambda s: lib.llama_sampler_chain_add(self._ptr, s)  # noqa: E731
-        if params.greedy:
+    Logit bias and penalties stand alone so that prompt tokens reach only the penalties (as llama.cpp's
+    server and CLI accept them) and banned tokens can be dropped before the truncation samplers see them.
+    """
+
+    def __init__(self, params: SamplingParams, model, n_ctx: int):
+        self.params = params
+        self._bias = self._penalties = self._grammar = self._tail = self._utf8 = None
+        try:
+            self._build(params, model, n_ctx)
+        except BaseException:
+            self.close()
+            raise
+        self._candidates = Candidates(model.n_vocab)
+
+    def _build(self, p: SamplingParams, model, n_ctx: int) -> None:
+        n_vocab = model.n_vocab
+        if p.logit_bias:
+            bad = next((t for t in p.logit_bias if t >= n_vocab), None)
+            if bad is not None:  # llama.cpp indexes the logits with it unchecked
+                raise UsageError(f"logit_bias: token id {bad} out of range [0, {n_vocab})")
+            items = [lib.llama_logit_bias(t, float(b)) for t, b in p.logit_bias.items()]
+            array = (lib.llama_logit_bias * len(items))(*items)  # llama.cpp copies it
+            self._bias = lib.llama_sampler_init_logit_bias(n_vocab, len(items), array)
+        self.last_n = n_ctx if p.penalty_last_n == -1 else min(int(p.penalty_last_n), n_ctx)
+        if p.penalized and self.last_n > 0:  # ctypes wants plain numbers: numpy's pass validate() but not it
+            self._penalties = lib.llama_sampler_init_penalties(
+                n_vocab, self.last_n, float(p.repeat_penalty), float(p.frequency_penalty), float(p.presence_penalty))
+        if p.gbnf is not None:
+            self._grammar = Grammar(p.gbnf, model.vocab)
+            self._utf8 = Utf8Guard(model)  # JSON and GBNF speak of characters, so bytes must form them
+        self._tail = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lambda s: lib.llama_sampler_chain_add(self._tail, s)  # noqa: E731
+        if p.greedy:  # truncation never removes the top token (typical_p could: greedy ignores it)
             add(lib.llama_sampler_init_greedy())
             return
-        if params.top_k > 0:
-            add(lib.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            add(lib.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0.0:
-            add(lib.llama_sampler_init_min_p(params.min_p, 1))
-        add(lib.llama_sampler_init_temp(params.temperature))
-        seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-        add(lib.llama_sampler_init_dist(seed))
+        if p.top_k > 0:
+            add(lib.llama_sampler_init_top_k(int(p.top_k)))
+        if p.typical_p < 1.0:
+            add(lib.llama_sampler_init_typical(float(p.typical_p), 1))
+        if p.top_p < 1.0:
+            add(lib.llama_sampler_init_top_p(float(p.top_p), 1))
+        if p.min_p > 0.0:
+            add(lib.llama_sampler_init_min_p(float(p.min_p), 1))
+        add(lib.llama_sampler_init_temp(float(p.temperature)))
+        add(lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if p.seed is None else int(p.seed)))
 
-    def sample(self, ctx_ptr, index: int = -1) -> int:
-        # llama_sampler_sample also accepts the token into stateful samplers
-        return lib.llama_sampler_sample(self._ptr, ctx_ptr, index)
+    @property
+    def constrained(self) -> bool:
+        return self._grammar is not None
+
+    def accept_prompt(self, tokens: list[int]) -> None:
+        """Feed the prompt to the penalties' window (never to the grammar), as llama.cpp does."""
+        if self._penalties is not None:
+            for t in tokens[-self.last_n:]:
+                lib.llama_sampler_accept(self._penalties, t)
+
+    def sample(self, ctx_ptr, index: int = -1) -> int | None:
+        """Sample and accept a token from output `index` of the last decode; None when no token is allowed."""
+        logits = lib.llama_get_logits_ith(ctx_ptr, index)
+        if not logits:
+            raise UsageError(f"no logits for output {index} of the last decode")
+        token = self._draw(logits, masked=False)
+        if self._grammar is not None and (token is None or not self._grammar.allows(token)):
+            token = self._draw(logits, masked=True)
+            if token is not None and not self._grammar.allows(token):
+                token = None  # cannot happen after masking; accepting it would abort the process
+        if token is not None:
+            self.accept(token)
+        return token
+
+    def _draw(self, logits, masked: bool) -> int | None:
+        c = self._candidates
+        c.load(logits)
+        if self._utf8 is not None:
+            c.buf["logit"][~self._utf8.allowed()] = -np.inf  # the buffer is in token-id order after load
+        if self._bias is not None:
+            lib.llama_sampler_apply(self._bias, c.ref)
+        if masked:
+            self._grammar.apply(c.ref)
+        if self._penalties is not None:
+            lib.llama_sampler_apply(self._penalties, c.ref)
+        typical = self.params.typical_p < 1.0 and not self.params.greedy
+        if c.prune(TYPICAL_FLOOR if typical else None) == 0:
+            return None  # everything banned, or a grammar dead end
+        lib.llama_sampler_apply(self._tail, c.ref)
+        return c.selected
+
+    def accept(self, token: int) -> None:
+        if self._penalties is not None:
+            lib.llama_sampler_accept(self._penalties, token)
+        if self._grammar is not None:
+            self._grammar.accept(token)
+            self._utf8.accept(token)
 
     def close(self) -> None:
-        if getattr(self, "_ptr", None):
-            lib.llama_sampler_free(self._ptr)
-            self._ptr = None
+        for name in ("_bias", "_penalties", "_tail"):
+            ptr = getattr(self, name, None)
+            if ptr:
+                lib.llama_sampler_free(ptr)
+            setattr(self, name, None)
+        if getattr(self, "_grammar", None) is not None:
+            self._grammar.close()
+            self._grammar = None
 
     def __del__(self):
         self.close()
