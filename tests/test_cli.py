@@ -154,3 +154,18 @@ def test_ctrl_c_stops_the_reply_not_the_program(tiny_gguf):
     out, err = p.communicate("/exit\n", timeout=120)
     assert p.returncode == 0, err
     assert "[interrupted]" in out
+
+
+def test_run_grammar_and_json_schema_flags(tiny_gguf, tmp_path):
+    grammar = tmp_path / "yn.gbnf"
+    grammar.write_text('root ::= "yes" | "no"\n')
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-p", "ok?", "--grammar-file", str(grammar), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] in ("yes", "no")
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}')
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-p", "{", "--json-schema", f"@{schema}", "-n", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    assert isinstance(json.loads(json.loads(r.stdout)["text"])["n"], int)
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-p", "x", "--grammar-file", str(tmp_path / "none.gbnf"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read the grammar" in r.stderr

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
     g.add_argument("--min-p", type=float)
+    g.add_argument("--typical-p", type=float)
+    g.add_argument("--repeat-penalty", type=float, help="1 = off")
+    g.add_argument("--presence-penalty", type=float, help="0 = off")
+    g.add_argument("--frequency-penalty", type=float, help="0 = off")
+    g.add_argument("--repeat-last-n", type=int, help="tokens the penalties look back over (-1: whole context)")
+    g.add_argument("--grammar-file", metavar="FILE", help="constrain output to a GBNF grammar")
+    g.add_argument("--json-schema", metavar="SCHEMA", help="constrain output to a JSON schema (JSON text or @FILE)")
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (benchmarks)")
@@ -84,9 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read(path: str, what: str) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read the {what}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+
 def _sampling(args) -> dict:
+    schema = args.json_schema
+    if schema is not None and schema.startswith("@"):
+        schema = _read(schema[1:], "JSON schema")
     pairs = {"max_tokens": args.max_tokens, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
-             "min_p": args.min_p, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos or None}
+             "min_p": args.min_p, "typical_p": args.typical_p, "repeat_penalty": args.repeat_penalty,
+             "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+             "penalty_last_n": args.repeat_last_n, "seed": args.seed, "stop": args.stop,
+             "grammar": _read(args.grammar_file, "grammar") if args.grammar_file else None,
+             "json_schema": schema, "ignore_eos": args.ignore_eos or None}
     return {k: v for k, v in pairs.items() if v is not None}
 
 
