@@ -47,6 +47,10 @@ def _vocab_metadata(v: Vocab) -> dict[str, object]:
         kv["tokenizer.ggml.pre"] = v.pre
     if v.merges:
         kv["tokenizer.ggml.merges"] = v.merges
+    if v.scores:
+        kv["tokenizer.ggml.scores"] = v.scores
+    if v.add_space_prefix is not None:
+        kv["tokenizer.ggml.add_space_prefix"] = v.add_space_prefix
     names = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id", "unk": "unknown_token_id", "eot": "eot_token_id"}
     for key, token_id in v.special_ids.items():
         kv[f"tokenizer.ggml.{names[key]}"] = token_id
@@ -73,31 +77,16 @@ def plan_tensors(ckpt: Checkpoint, arch: Arch, hp: HParams, outtype: str) -> lis
     missing = [n for n in arch.expected_tensors(hp) if n not in planned]
     if missing:
         raise ConversionError(f"{ckpt.path}: missing tensor(s) {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    _check_shapes(planned, hp)
+    _check_shapes(planned, arch.expected_shapes(hp), hp)
     if hp.tied_embeddings:
         planned.pop("output.weight", None)
+    for name, array in arch.generated_tensors(hp).items():  # RoPE frequency factors
+        qtype = tensor_type(name, array.shape, outtype)
+        planned[name] = PlannedTensor(name, array.shape, qtype, lambda a=array: a)
     return list(planned.values())
 
 
-def _check_shapes(planned: dict[str, PlannedTensor], hp: HParams) -> None:
-    q_rows, kv_rows = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-    expected = {
-        "token_embd.weight": (hp.n_vocab, hp.n_embd),
-        "output.weight": (hp.n_vocab, hp.n_embd),
-        "output_norm.weight": (hp.n_embd,),
-    }
-    for i in range(hp.n_layer):
-        expected |= {
-            f"blk.{i}.attn_norm.weight": (hp.n_embd,),
-            f"blk.{i}.ffn_norm.weight": (hp.n_embd,),
-            f"blk.{i}.attn_q.weight": (q_rows, hp.n_embd),
-            f"blk.{i}.attn_k.weight": (kv_rows, hp.n_embd),
-            f"blk.{i}.attn_v.weight": (kv_rows, hp.n_embd),
-            f"blk.{i}.attn_output.weight": (hp.n_embd, q_rows),
-            f"blk.{i}.ffn_gate.weight": (hp.n_ff, hp.n_embd),
-            f"blk.{i}.ffn_up.weight": (hp.n_ff, hp.n_embd),
-            f"blk.{i}.ffn_down.weight": (hp.n_embd, hp.n_ff),
-        }
+def _check_shapes(planned: dict[str, PlannedTensor], expected: dict[str, tuple[int, ...]], hp: HParams) -> None:
     for name, t in planned.items():
         want = expected.get(name)
         if want is not None and tuple(t.shape) != want:
@@ -169,7 +158,7 @@ def _convert(hf_dir, out: Path, outtype: str, name, progress, pipeline: list[str
     ckpt = Checkpoint.open(hf_dir, allow_pickle=allow_pickle)
     try:
         arch = arch_for(ckpt.config)
-        hp = HParams.from_config(ckpt.config)
+        hp = arch.hparams(ckpt.config)
         tensors = plan_tensors(ckpt, arch, hp, outtype)
         vocab = load_vocab(ckpt, hp.n_vocab)
         n_params = sum(math.prod(t.shape) for t in tensors)
