@@ -114,22 +114,38 @@ class Checkpoint:
                 tensors[ref.name] = ref
         return cls(path, config, tensors, _pickled=pickled)
 
-    def array(self, name: str) -> np.ndarray:
-        """The tensor as float32 (a copy: the source stays mapped read-only)."""
+    def array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or rows [lo, hi) of it, as float32 (a copy: the source stays mapped read-only)."""
         ref = self.tensors.get(name)
         if ref is None:
             raise ConversionError(f"{self.path}: missing tensor {name}")
         if name in self._pickled:
-            return self._pickled[name].float().numpy()  # type: ignore[attr-defined]
-        mm = self._maps.get(ref.file)
-        if mm is None:
-            with open(ref.file, "rb") as f:
-                mm = self._maps[ref.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            t = self._pickled[name]
+            return (t if rows is None else t[rows[0]:rows[1]]).float().numpy()  # type: ignore[attr-defined]
         np_dtype, _ = _DTYPES[ref.dtype]
-        raw = np.frombuffer(mm, dtype=np_dtype, count=ref.n_elements, offset=ref.start).reshape(ref.shape)
+        raw = np.frombuffer(self._map(ref.file), dtype=np_dtype, count=ref.n_elements, offset=ref.start)
+        raw = raw.reshape(ref.shape)
+        if rows is not None:
+            raw = raw[rows[0]:rows[1]]
         if ref.dtype == "BF16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's mapped pages from this process's resident set (they stay in the page cache)."""
+        ref = self.tensors.get(name)
+        mm = self._maps.get(ref.file) if ref else None
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        start = ref.start - ref.start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, start, ref.end - start)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as f:
+                mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mm
 
     def json_file(self, name: str) -> dict | None:
         p = self.path / name

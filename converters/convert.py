@@ -73,7 +73,12 @@ def plan_tensors(ckpt: Checkpoint, arch: Arch, hp: HParams, outtype: str) -> lis
             w = ckpt.array(hf_name)
             return transform(w, hp) if transform else w
 
-        planned[name] = PlannedTensor(name, ref.shape, tensor_type(name, ref.shape, outtype), load)
+        planned[name] = PlannedTensor(
+            name, ref.shape, tensor_type(name, ref.shape, outtype), load,
+            # untransformed tensors (the large ones: embeddings, FFN) stream in row blocks
+            load_rows=None if transform else (lambda lo, hi, n=hf_name: ckpt.array(n, (lo, hi))),
+            release=lambda n=hf_name: ckpt.release(n),
+        )
     missing = [n for n in arch.expected_tensors(hp) if n not in planned]
     if missing:
         raise ConversionError(f"{ckpt.path}: missing tensor(s) {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")

@@ -1,7 +1,8 @@
 """Writing GGUF files: tensor encodings and the atomic, streaming writer.
 
-Tensors are encoded one at a time as the writer reaches them, so peak memory
-is about one source tensor plus its encoding, whatever the model's size.
+Tensors are encoded one at a time as the writer reaches them, and large ones a
+block of rows at a time, so peak memory is about one source tensor as stored plus
+a chunk's float32 copy and encoding, whatever the model's size.
 """
 from __future__ import annotations
 
@@ -51,12 +52,30 @@ def encoded_nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     return n // block * type_size
 
 
+CHUNK_ELEMENTS = 1 << 24  # rows per chunk: 16M elements, a 64 MB float32 copy
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str  # GGUF name
     shape: tuple[int, ...]  # numpy order (rows, cols)
     qtype: Q
     load: Callable[[], np.ndarray]  # float32 source, transformed
+    load_rows: Callable[[int, int], np.ndarray] | None = None  # rows [lo, hi) as float32, for untransformed tensors
+    release: Callable[[], None] | None = None  # drop the source's pages once written
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The encoded tensor, in blocks of whole rows (alignment-safe: each block but the last is 32-row aligned)."""
+        rows = self.shape[0] if self.shape else 1
+        step = max(32, CHUNK_ELEMENTS // max(1, int(np.prod(self.shape[1:], dtype=np.int64))) // 32 * 32)
+        if self.load_rows is None or len(self.shape) < 2 or rows <= step:
+            data = self.load()
+            if data.shape != self.shape:
+                raise ConversionError(f"tensor {self.name}: shape {list(data.shape)}, expected {list(self.shape)}")
+            yield encode(data, self.qtype)
+            return
+        for lo in range(0, rows, step):
+            yield encode(self.load_rows(lo, min(rows, lo + step)), self.qtype)
 
 
 def _add_metadata(writer: gguf.GGUFWriter, metadata: dict[str, object]) -> None:
@@ -113,11 +132,18 @@ def write_gguf(
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for t in tensors:
-                data = t.load()
-                if data.shape != t.shape:
-                    raise ConversionError(f"tensor {t.name}: shape {list(data.shape)}, expected {list(t.shape)}")
-                writer.write_tensor_data(encode(data, t.qtype))
+            f = writer.fout[0]
+            for t in tensors:  # the data layout GGUFWriter planned: each tensor at the next aligned offset
+                writer.write_padding(f, f.tell())
+                n = 0
+                for block in t.chunks():
+                    block.tofile(f)
+                    n += block.nbytes
+                if n != encoded_nbytes(t.shape, t.qtype):
+                    raise ConversionError(f"tensor {t.name}: encoded {n} bytes, planned {encoded_nbytes(t.shape, t.qtype)}")
+                writer.write_padding(f, n)
+                if t.release:
+                    t.release()
                 if progress:
                     progress(t)
         except OSError as e:

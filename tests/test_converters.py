@@ -193,3 +193,13 @@ def test_license_from_model_card(ckpt_copy, tmp_path):
     assert g.get("general.license") == "apache-2.0"
     assert g.get("general.size_label") == "2.9M"
     assert g.get("edgelm.pipeline") == ["convert:q8_0"]
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_row_blocks_write_the_same_bytes(tiny_dir, tiny_gguf, tmp_path, monkeypatch, outtype):
+    """Large tensors stream in row blocks; forcing tiny blocks must not change a byte."""
+    from edgelm.converters import export
+
+    monkeypatch.setattr(export, "CHUNK_ELEMENTS", 5000)  # 32+ rows per block: every matrix splits
+    out = convert(tiny_dir, tmp_path / "blocks.gguf", outtype=outtype).path
+    assert out.read_bytes() == tiny_gguf[outtype].read_bytes()
