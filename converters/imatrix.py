@@ -96,8 +96,11 @@ def compute_imatrix(model_path: str | Path, text: str, *, chunk_size: int = 512,
         try:
             for i in range(n_chunks):
                 ctx.clear()
+                chunk = tokens[i * chunk_size:(i + 1) * chunk_size]
+                if llama.add_bos:  # each chunk starts like a document, as llama-imatrix makes them
+                    chunk[0] = llama.bos
                 # logits for every row, so the last layer runs on all tokens (not just the last)
-                ctx.decode(tokens[i * chunk_size:(i + 1) * chunk_size], 0, logits_last=False, logits_from=0)
+                ctx.decode(chunk, 0, logits_last=False, logits_from=0)
                 if collector.error:
                     raise collector.error
                 imatrix.chunks += 1

@@ -46,8 +46,9 @@ def test_matches_transformers_activations(imatrix, tiny_gguf, tiny_dir, calib_te
                 module.register_forward_pre_hook(hook(f"blk.{layer}.{gguf_part}.weight"))
     tokens = tiny_model.tokenize(calib_text)
     with torch.no_grad():
-        for i in range(4):  # the same chunks, each from an empty cache
-            hf(torch.tensor([tokens[i * CHUNK:(i + 1) * CHUNK]]))
+        for i in range(4):  # the same chunks, each from an empty cache and starting with BOS (as llama-imatrix)
+            chunk = tokens[i * CHUNK:(i + 1) * CHUNK]
+            hf(torch.tensor([[tiny_model.llama.bos] + chunk[1:]]))
     assert set(imatrix.sums) == set(sums)  # every matmul of every layer, the last one included
     for name, want in sums.items():
         assert imatrix.counts[name] == 4 * CHUNK
