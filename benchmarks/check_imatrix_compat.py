@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -86,13 +87,18 @@ def llama_quantize(src: Path, out: Path, qtype: str, imatrix: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--doc", type=Path, default=DOCS / "imatrix-compat.md")
+    p.add_argument("--render-only", action="store_true", help="rewrite the report from .bench/imatrix_compat/results.json")
     args = p.parse_args(argv)
+    if args.render_only:
+        saved = json.loads((OUT / "results.json").read_text())
+        args.doc.write_text(render(**saved), encoding="utf-8")
+        return 0
 
     from edgelm import corpus
     from edgelm.converters import convert
     from edgelm.converters.imatrix import compute_imatrix, load_imatrix, save_imatrix
 
-    t0 = time.perf_counter()
+    t0, where = time.perf_counter(), machine()
     OUT.mkdir(parents=True, exist_ok=True)
     f16 = OUT / "small-f16.gguf"
     convert(HF_DIR, f16, outtype="f16", progress=False)
@@ -122,15 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         loaded = llama_quantize(f16, ref, qtype, edgelm_file)
         mine = OUT / f"edgelm-{qtype}-edgelm-imatrix.gguf"
         convert(HF_DIR, mine, outtype="f16", quant=qtype, imatrix=edgelm_file, progress=False)
-        quant_rows.append(("edgelm's (save_imatrix)", qtype, loaded, gguf_diff.compare(mine, ref, ignore=("edgelm.",))))
+        quant_rows.append(_quant_row("edgelm's (save_imatrix)", qtype, loaded, gguf_diff.compare(mine, ref, ignore=("edgelm.",))))
         # llama-imatrix's file -> both quantizers
         ref = OUT / f"llama-quantize-{qtype}-llama-imatrix.gguf"
         loaded = llama_quantize(f16, ref, qtype, llama_file)
         mine = OUT / f"edgelm-{qtype}-llama-imatrix.gguf"
         convert(HF_DIR, mine, outtype="f16", quant=qtype, imatrix=llama_file, progress=False)
-        quant_rows.append(("llama-imatrix's", qtype, loaded, gguf_diff.compare(mine, ref, ignore=("edgelm.",))))
-        for who, q, _, d in quant_rows[-2:]:
-            log(f"{q} with {who} imatrix: {d.summary()}")
+        quant_rows.append(_quant_row("llama-imatrix's", qtype, loaded, gguf_diff.compare(mine, ref, ignore=("edgelm.",))))
+        for q in quant_rows[-2:]:
+            log(f"{q['qtype']} with {q['who']} imatrix: {q['summary']}")
 
     log("edgelm collector on BOS chunks")
     bos_im = imatrix_with_bos_chunks(f16, text, N_CHUNKS)
@@ -139,18 +145,44 @@ def main(argv: list[str] | None = None) -> int:
     for label, c in (("as is", as_is), ("same chunks", same_chunks)):
         log(f"values {label}: median rel. L2 {c['median_norm']:.2e}, max {c['max_norm']:.2e} ({c['worst']})")
 
-    seconds = time.perf_counter() - t0
-    args.doc.write_text(render(quant_rows, as_is, same_chunks, edgelm_s, llama_s, seconds), encoding="utf-8")
-    log(f"wrote {args.doc} in {seconds / 60:.1f} min")
+    saved = {"quant_rows": quant_rows, "as_is": as_is, "same_chunks": same_chunks, "edgelm_s": edgelm_s,
+             "llama_s": llama_s, "seconds": time.perf_counter() - t0, "machine": where, "date": today(),
+             "code": source_digest("converters")}
+    (OUT / "results.json").write_text(json.dumps(saved, indent=1))
+    args.doc.write_text(render(**saved), encoding="utf-8")
+    log(f"wrote {args.doc} in {saved['seconds'] / 60:.1f} min")
     return 0
 
 
-def render(quant_rows, as_is, same_chunks, edgelm_s, llama_s, seconds) -> str:
+def values_conclusion(as_is: dict, same_chunks: dict, tol: float = 1e-3) -> list[str]:
+    """What the two value comparisons say, decided by the numbers (tol: relative L2 of float32 accumulation)."""
+    arithmetic = ("llama-imatrix sums in float32 and edgelm in float64, so the two agree to float32 accumulation "
+                  "error, not bit for bit; the quantizer sees the same importance either way.")
+    if as_is["max_norm"] < tol:
+        return ["edgelm's `compute_imatrix` (converters/imatrix.py) and llama-imatrix agree on every matrix: both start",
+                "each chunk with BOS and average the same rows. " + arithmetic]
+    out = ["edgelm's `compute_imatrix` (converters/imatrix.py), as measured here, differs from llama-imatrix by more",
+           "than accumulation error."]
+    if same_chunks["max_norm"] < tol:
+        out += ["Fed llama-imatrix's chunks (each chunk's first token replaced by BOS), edgelm's collector agrees with",
+                "it, so the difference is the chunk contents: llama-imatrix restarts every chunk with BOS, edgelm's",
+                "`compute_imatrix` decoded the token stream as it is. " + arithmetic]
+    else:
+        out += ["Even on llama-imatrix's chunks the values differ: look at the collector in converters/imatrix.py."]
+    return out
+
+
+def _quant_row(who: str, qtype: str, loaded: str, d: gguf_diff.GGUFDiff) -> dict:
+    return {"who": who, "qtype": qtype, "loaded": loaded, "summary": d.summary(), "equal": d.tensors_equal,
+            "metadata_only_llama": d.metadata_only_b}
+
+
+def render(quant_rows, as_is, same_chunks, edgelm_s, llama_s, seconds, machine, date, code) -> str:
     q_table = markdown_table(
         ["imatrix file", "type", "llama-quantize read it", "tensors, edgelm vs llama-quantize",
          "metadata only in llama-quantize's file"],
-        [[who, q, loaded, d.summary(), ", ".join(f"`{k}`" for k in d.metadata_only_b) or "none"]
-         for who, q, loaded, d in quant_rows], "lllll")
+        [[q["who"], q["qtype"], q["loaded"], q["summary"], ", ".join(f"`{k}`" for k in q["metadata_only_llama"]) or "none"]
+         for q in quant_rows], "lllll")
     layers = sorted({n.split(".")[1] for n in as_is["per"]}, key=int)
     by_layer = []
     for layer in (layers[0], layers[1], layers[len(layers) // 2], layers[-1]):
@@ -192,17 +224,14 @@ def render(quant_rows, as_is, same_chunks, edgelm_s, llama_s, seconds) -> str:
         "",
         markdown_table(["layers", "as shipped", "same chunks"], by_layer),
         "",
-        "llama-imatrix overwrites the first token of every chunk with BOS; edgelm's `compute_imatrix`",
-        "(converters/imatrix.py) decodes the token stream as it is, with one BOS at the very start only. With the",
-        "chunks made the same, the two agree to float32 accumulation error (llama-imatrix sums in float32, edgelm",
-        "in float64). The shipped difference is that choice of chunk contents, not a different definition.",
+        *values_conclusion(as_is, same_chunks),
         "",
         "## Machine and run",
         "",
-        f"- {machine()}",
-        f"- {today()}; edgelm's imatrix {edgelm_s:.1f} s, llama-imatrix {llama_s:.1f} s: one run each on 2 threads",
+        f"- {machine}",
+        f"- {date}; edgelm's imatrix {edgelm_s:.1f} s, llama-imatrix {llama_s:.1f} s: one run each on 2 threads",
         f"  of a shared machine, not a speed comparison. Script wall time {seconds / 60:.1f} min.",
-        f"- Code measured: `converters/*.py` sha256 {source_digest('converters')}… (`common.source_digest`).",
+        f"- Code measured: `converters/*.py` sha256 {code}… (`common.source_digest`).",
         "",
         "## Regenerate",
         "",
