@@ -10,8 +10,8 @@
 3. Values: edgelm's compute_imatrix against llama-imatrix on the same calibration text, context
    and chunk count. Both store the sum of squared activations per input column and the rows seen;
    the quantizer uses their ratio (the mean). llama-imatrix replaces each chunk's first token by
-   BOS and edgelm does not, so a third matrix (edgelm's collector fed llama-imatrix's chunks) tells
-   that choice apart from the arithmetic.
+   BOS; a third matrix, edgelm's collector fed exactly those chunks, tells a difference in chunk
+   contents apart from one in the arithmetic.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ CHUNK, N_CHUNKS = 512, 100
 QUANTS = {"iq4_xs": "IQ4_XS", "q4_k_m": "Q4_K_M"}  # edgelm name -> llama-quantize name
 
 
-def imatrix_with_bos_chunks(model_path: Path, text: str, n_chunks: int):
+def imatrix_with_bos_chunks(model_path: Path, text: str, n_chunks: int, threads: int | None = None):
     """compute_imatrix's collection over llama-imatrix's chunks (first token of each chunk -> BOS).
 
     Uses edgelm's private collector on purpose: only the chunk contents change.
@@ -46,7 +46,8 @@ def imatrix_with_bos_chunks(model_path: Path, text: str, n_chunks: int):
     collector = _Collector(im, include_output=False)
     with LlamaModel(model_path) as llama:
         tokens = llama.tokenize(text)
-        ctx = Context(llama, ContextOptions(n_ctx=CHUNK, n_batch=CHUNK), eval_callback=collector.callback)
+        ctx = Context(llama, ContextOptions(n_ctx=CHUNK, n_batch=CHUNK, n_threads=threads),
+                      eval_callback=collector.callback)
         try:
             for i in range(min(n_chunks, len(tokens) // CHUNK)):
                 chunk = tokens[i * CHUNK:(i + 1) * CHUNK]
@@ -78,8 +79,8 @@ def compare_values(a, b) -> dict:
             "counts_equal": all(c[0] == c[1] for c in (v["counts"] for v in per.values())), "per": per}
 
 
-def llama_quantize(src: Path, out: Path, qtype: str, imatrix: Path) -> str:
-    r = run_measured([tool("llama-quantize"), "--imatrix", imatrix, src, out, QUANTS[qtype], "2"]).check()
+def llama_quantize(src: Path, out: Path, qtype: str, imatrix: Path, threads: int) -> str:
+    r = run_measured([tool("llama-quantize"), "--imatrix", imatrix, src, out, QUANTS[qtype], threads]).check()
     m = re.search(r"loaded (\d+) importance matrix entries from .* computed on (\d+) chunks", r.stdout + r.stderr)
     return f"yes: {m.group(1)} entries, {m.group(2)} chunks" if m else "no message (see its log)"
 
@@ -88,17 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--doc", type=Path, default=DOCS / "imatrix-compat.md")
     p.add_argument("--render-only", action="store_true", help="rewrite the report from .bench/imatrix_compat/results.json")
+    p.add_argument("--threads", type=int, help="threads for llama.cpp, both sides (default: every core; results do "
+                   "not depend on it)")
     args = p.parse_args(argv)
     if args.render_only:
         saved = json.loads((OUT / "results.json").read_text())
+        saved.setdefault("between_files", between_files())  # older results: computed from the files on disk
+        (OUT / "results.json").write_text(json.dumps(saved, indent=1))
         args.doc.write_text(render(**saved), encoding="utf-8")
         return 0
 
     from edgelm import corpus
     from edgelm.converters import convert
     from edgelm.converters.imatrix import compute_imatrix, load_imatrix, save_imatrix
+    from edgelm.runtime.context import default_threads
 
     t0, where = time.perf_counter(), machine()
+    threads = args.threads or default_threads()
     OUT.mkdir(parents=True, exist_ok=True)
     f16 = OUT / "small-f16.gguf"
     convert(HF_DIR, f16, outtype="f16", progress=False)
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log("edgelm imatrix")
     t = time.perf_counter()
-    edgelm_im = compute_imatrix(f16, text, chunk_size=CHUNK, max_chunks=N_CHUNKS, dataset=calib_file.name)
+    edgelm_im = compute_imatrix(f16, text, chunk_size=CHUNK, max_chunks=N_CHUNKS, n_threads=threads,
+                                dataset=calib_file.name)
     edgelm_s = time.perf_counter() - t
     edgelm_file = OUT / "imatrix-edgelm.gguf"
     save_imatrix(edgelm_im, edgelm_file)
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     log("llama-imatrix")
     llama_file = OUT / "imatrix-llama.gguf"
     r = run_measured([tool("llama-imatrix"), "-m", f16, "-f", calib_file, "-c", CHUNK, "-b", CHUNK,
-                      "--chunks", N_CHUNKS, "-o", llama_file, "-t", "2", "--no-ppl"]).check()
+                      "--chunks", N_CHUNKS, "-o", llama_file, "-t", threads, "--no-ppl"]).check()
     llama_s = r.seconds
     llama_im = load_imatrix(llama_file)  # edgelm reads llama.cpp's file: compatibility the other way
 
@@ -125,28 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     for qtype in QUANTS:
         # edgelm's file -> llama-quantize, against edgelm's own pipeline with the same file
         ref = OUT / f"llama-quantize-{qtype}-edgelm-imatrix.gguf"
-        loaded = llama_quantize(f16, ref, qtype, edgelm_file)
+        loaded = llama_quantize(f16, ref, qtype, edgelm_file, threads)
         mine = OUT / f"edgelm-{qtype}-edgelm-imatrix.gguf"
         convert(HF_DIR, mine, outtype="f16", quant=qtype, imatrix=edgelm_file, progress=False)
-        quant_rows.append(_quant_row("edgelm's (save_imatrix)", qtype, loaded, gguf_diff.compare(mine, ref, ignore=("edgelm.",))))
+        quant_rows.append(_quant_row("edgelm's (save_imatrix)", qtype, loaded, compare(mine, ref)))
         # llama-imatrix's file -> both quantizers
         ref = OUT / f"llama-quantize-{qtype}-llama-imatrix.gguf"
-        loaded = llama_quantize(f16, ref, qtype, llama_file)
+        loaded = llama_quantize(f16, ref, qtype, llama_file, threads)
         mine = OUT / f"edgelm-{qtype}-llama-imatrix.gguf"
         convert(HF_DIR, mine, outtype="f16", quant=qtype, imatrix=llama_file, progress=False)
-        quant_rows.append(_quant_row("llama-imatrix's", qtype, loaded, gguf_diff.compare(mine, ref, ignore=("edgelm.",))))
+        quant_rows.append(_quant_row("llama-imatrix's", qtype, loaded, compare(mine, ref)))
         for q in quant_rows[-2:]:
             log(f"{q['qtype']} with {q['who']} imatrix: {q['summary']}")
 
     log("edgelm collector on BOS chunks")
-    bos_im = imatrix_with_bos_chunks(f16, text, N_CHUNKS)
+    bos_im = imatrix_with_bos_chunks(f16, text, N_CHUNKS, threads)
     as_is = compare_values(edgelm_im, llama_im)
     same_chunks = compare_values(bos_im, llama_im)
     for label, c in (("as is", as_is), ("same chunks", same_chunks)):
         log(f"values {label}: median rel. L2 {c['median_norm']:.2e}, max {c['max_norm']:.2e} ({c['worst']})")
 
-    saved = {"quant_rows": quant_rows, "as_is": as_is, "same_chunks": same_chunks, "edgelm_s": edgelm_s,
-             "llama_s": llama_s, "seconds": time.perf_counter() - t0, "machine": where, "date": today(),
+    saved = {"quant_rows": quant_rows, "between_files": between_files(), "as_is": as_is, "same_chunks": same_chunks,
+             "edgelm_s": edgelm_s, "llama_s": llama_s, "threads": threads, "seconds": time.perf_counter() - t0, "machine": where, "date": today(),
              "code": source_digest("converters")}
     (OUT / "results.json").write_text(json.dumps(saved, indent=1))
     args.doc.write_text(render(**saved), encoding="utf-8")
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 def values_conclusion(as_is: dict, same_chunks: dict, tol: float = 1e-3) -> list[str]:
     """What the two value comparisons say, decided by the numbers (tol: relative L2 of float32 accumulation)."""
     arithmetic = ("llama-imatrix sums in float32 and edgelm in float64, so the two agree to float32 accumulation "
-                  "error, not bit for bit; the quantizer sees the same importance either way.")
+                  "error, not bit for bit.")
     if as_is["max_norm"] < tol:
         return ["edgelm's `compute_imatrix` (converters/imatrix.py) and llama-imatrix agree on every matrix: both start",
                 "each chunk with BOS and average the same rows. " + arithmetic]
@@ -172,12 +180,24 @@ def values_conclusion(as_is: dict, same_chunks: dict, tol: float = 1e-3) -> list
     return out
 
 
+def compare(mine: Path, ref: Path) -> gguf_diff.GGUFDiff:
+    """Tensors, and every metadata key but edgelm's own provenance (so llama-quantize's additions show)."""
+    return gguf_diff.compare(mine, ref, ignore=("edgelm.",))
+
+
+def between_files() -> list[dict]:
+    """edgelm's quantizer given edgelm's imatrix file, then llama-imatrix's: do the two files quantize alike?"""
+    return [{"qtype": q, "summary": gguf_diff.compare(OUT / f"edgelm-{q}-edgelm-imatrix.gguf",
+                                                      OUT / f"edgelm-{q}-llama-imatrix.gguf").summary()} for q in QUANTS]
+
+
 def _quant_row(who: str, qtype: str, loaded: str, d: gguf_diff.GGUFDiff) -> dict:
     return {"who": who, "qtype": qtype, "loaded": loaded, "summary": d.summary(), "equal": d.tensors_equal,
             "metadata_only_llama": d.metadata_only_b}
 
 
-def render(quant_rows, as_is, same_chunks, edgelm_s, llama_s, seconds, machine, date, code) -> str:
+def render(quant_rows, between_files, as_is, same_chunks, edgelm_s, llama_s, seconds, machine, date, code,
+           threads: int = 2) -> str:
     q_table = markdown_table(
         ["imatrix file", "type", "llama-quantize read it", "tensors, edgelm vs llama-quantize",
          "metadata only in llama-quantize's file"],
@@ -226,10 +246,15 @@ def render(quant_rows, as_is, same_chunks, edgelm_s, llama_s, seconds, machine, 
         "",
         *values_conclusion(as_is, same_chunks),
         "",
+        "Differences that small still tip a few rounding decisions. The same quantizer (edgelm's), given edgelm's",
+        "imatrix file and then llama-imatrix's:",
+        "",
+        *[f"- {b['qtype']}: {b['summary']}." for b in between_files],
+        "",
         "## Machine and run",
         "",
         f"- {machine}",
-        f"- {date}; edgelm's imatrix {edgelm_s:.1f} s, llama-imatrix {llama_s:.1f} s: one run each on 2 threads",
+        f"- {date}; edgelm's imatrix {edgelm_s:.1f} s, llama-imatrix {llama_s:.1f} s: one run each on {threads} thread(s)",
         f"  of a shared machine, not a speed comparison. Script wall time {seconds / 60:.1f} min.",
         f"- Code measured: `converters/*.py` sha256 {code}… (`common.source_digest`).",
         "",

@@ -25,6 +25,8 @@ import numpy as np
 
 from common import ROOT, run_measured, tool
 
+from edgelm.runtime.context import default_threads
+
 
 def _scored_nll(ctx, tokens: list[int], first_row: int, targets: list[int]) -> float:
     """Decode `tokens` from position 0; minus the summed log p of `targets`, predicted from row `first_row` on."""
@@ -36,14 +38,14 @@ def _scored_nll(ctx, tokens: list[int], first_row: int, targets: list[int]) -> f
     return -float(log_softmax_at(rows, np.asarray(targets)).sum())
 
 
-def llama_chunks_ppl(model_path: Path, text: str, window: int = 512) -> tuple[float, int]:
+def llama_chunks_ppl(model_path: Path, text: str, window: int = 512, threads: int | None = None) -> tuple[float, int]:
     """llama-perplexity's default scheme through edgelm's runtime: (perplexity, tokens scored)."""
     from edgelm.runtime.context import Context, ContextOptions
     from edgelm.runtime.model import LlamaModel
 
     with LlamaModel(model_path) as llama:
         tokens = llama.tokenize(text)
-        ctx = Context(llama, ContextOptions(n_ctx=window, n_batch=window))
+        ctx = Context(llama, ContextOptions(n_ctx=window, n_batch=window, n_threads=threads))
         try:
             first, nll, count = window // 2, 0.0, 0
             for i in range(len(tokens) // window):
@@ -58,14 +60,15 @@ def llama_chunks_ppl(model_path: Path, text: str, window: int = 512) -> tuple[fl
     return math.exp(nll / count), count
 
 
-def llama_stride_ppl(model_path: Path, text: str, window: int, stride: int) -> tuple[float, int]:
+def llama_stride_ppl(model_path: Path, text: str, window: int, stride: int,
+                     threads: int | None = None) -> tuple[float, int]:
     """llama-perplexity --ppl-stride through edgelm's runtime: (perplexity, tokens scored)."""
     from edgelm.runtime.context import Context, ContextOptions
     from edgelm.runtime.model import LlamaModel
 
     with LlamaModel(model_path) as llama:
         tokens = llama.tokenize(text)
-        ctx = Context(llama, ContextOptions(n_ctx=window, n_batch=window))
+        ctx = Context(llama, ContextOptions(n_ctx=window, n_batch=window, n_threads=threads))
         try:
             nll, count = 0.0, 0
             n_windows = (len(tokens) - window + stride - 1) // stride
@@ -80,7 +83,7 @@ def llama_stride_ppl(model_path: Path, text: str, window: int, stride: int) -> t
 
 
 def run_llama_perplexity(model_path: Path, text_file: Path, *, ctx: int, stride: int | None = None,
-                         threads: int = 2, attempts: int = 5) -> dict:
+                         threads: int | None = None, attempts: int = 5) -> dict:
     """llama-perplexity's result: perplexity, the window it used, wall seconds.
 
     llama.cpp's logger is a deliberately leaked singleton whose worker thread is not flushed at
@@ -89,7 +92,7 @@ def run_llama_perplexity(model_path: Path, text_file: Path, *, ctx: int, stride:
     final estimate; a run is accepted once that line is there, else it is repeated.
     """
     cmd = [tool("llama-perplexity"), "-m", model_path, "-f", text_file, "-c", ctx, "-b", max(ctx, 512),
-           "-t", threads, "--no-warmup"]
+           "-t", threads or default_threads(), "--no-warmup"]
     if stride:
         cmd += ["--ppl-stride", stride]
     for _ in range(attempts):
@@ -109,21 +112,21 @@ def run_llama_perplexity(model_path: Path, text_file: Path, *, ctx: int, stride:
 
 
 def cross_check(model_path: Path, text: str, text_file: Path, edgelm_ppl: float, window: int = 512,
-                strided: bool = True) -> list[dict]:
+                strided: bool = True, threads: int | None = None) -> list[dict]:
     """Rows: scheme, llama-perplexity's number, edgelm's runtime on that scheme, edgelm's own scheme."""
     # llama-perplexity -f drops one trailing newline; tokenize the same string here
     same_text = text[:-1] if text.endswith("\n") else text
     rows = []
-    ref = run_llama_perplexity(model_path, text_file, ctx=window)
-    mine, n = llama_chunks_ppl(model_path, same_text, window)
+    ref = run_llama_perplexity(model_path, text_file, ctx=window, threads=threads)
+    mine, n = llama_chunks_ppl(model_path, same_text, window, threads)
     rows.append({"scheme": f"llama.cpp chunks ({window}, BOS, 2nd half scored)", "llama": ref["perplexity"],
                  "edgelm_same_scheme": mine, "scored": n, "cmd": ref["cmd"]})
     stride = window // 2
     if not strided:
         return [r | {"edgelm_own": edgelm_ppl} for r in rows]
     # --ppl-stride grows the context by stride/2, so ask for window - stride/2 to get a window of `window`
-    ref = run_llama_perplexity(model_path, text_file, ctx=window - stride // 2, stride=stride)
-    mine, n = llama_stride_ppl(model_path, same_text, ref["window"], stride)
+    ref = run_llama_perplexity(model_path, text_file, ctx=window - stride // 2, stride=stride, threads=threads)
+    mine, n = llama_stride_ppl(model_path, same_text, ref["window"], stride, threads)
     rows.append({"scheme": f"llama.cpp --ppl-stride {stride} (window {ref['window']})", "llama": ref["perplexity"],
                  "edgelm_same_scheme": mine, "scored": n, "cmd": ref["cmd"]})
     for r in rows:

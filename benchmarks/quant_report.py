@@ -47,20 +47,20 @@ class Row:
         return 8 * self.tensor_bytes / self.n_params
 
 
-def make_imatrix(f16: Path, out: Path) -> dict:
+def make_imatrix(f16: Path, out: Path, threads: int | None = None) -> dict:
     """The same calibration convert(imatrix="auto") uses: 400k characters of the train split, 100 chunks of 512."""
     from edgelm import corpus
     from edgelm.converters.imatrix import compute_imatrix, save_imatrix
 
     t0 = time.perf_counter()
     im = compute_imatrix(f16, corpus.text("train", max_chars=400_000), chunk_size=512, max_chunks=100,
-                         dataset="edgelm-corpus:train[:400000]")
+                         n_threads=threads, dataset="edgelm-corpus:train[:400000]")
     save_imatrix(im, out)
     return {"path": str(out), "chunks": im.chunks, "chunk_size": im.chunk_size, "tensors": len(im.sums),
             "seconds": time.perf_counter() - t0}
 
 
-def build_and_measure(variants, imatrix_path: Path, heldout: str) -> list[Row]:
+def build_and_measure(variants, imatrix_path: Path | None, heldout: str, threads: int | None = None) -> list[Row]:
     from edgelm.commands.perplexity import perplexity
     from edgelm.converters import convert
     from edgelm.gguf_reader import read_gguf
@@ -77,14 +77,14 @@ def build_and_measure(variants, imatrix_path: Path, heldout: str) -> list[Row]:
         total = g.n_tensor_bytes
         types = ", ".join(f"{t} {100 * b / total:.0f}%" for t, b in g.bytes_by_type().items() if b / total >= 0.005)
         t0 = time.perf_counter()
-        ppl = perplexity(str(path), heldout, window=WINDOW)["perplexity"]
+        ppl = perplexity(str(path), heldout, window=WINDOW, n_threads=threads)["perplexity"]
         rows.append(Row(name, weighted, str(path.relative_to(ROOT)), path.stat().st_size, total, g.n_parameters,
                         types, ppl, convert_s, time.perf_counter() - t0))
         log(f"{name:18s} {rows[-1].bpw:5.2f} bpw  ppl {ppl:8.3f}  ({convert_s:.1f} s + {rows[-1].perplexity_s:.1f} s)")
     return rows
 
 
-def diagnose(rows: list[Row]) -> list[dict]:
+def diagnose(rows: list[Row], threads: int | None = None) -> list[dict]:
     """Where the imatrix made held-out perplexity worse: is it the held-out text, or the calibration itself?
 
     The same GGUFs are scored on the first 120k characters of the calibration text and on 120k
@@ -101,14 +101,14 @@ def diagnose(rows: list[Row]) -> list[dict]:
     if not worse:
         return []
     f16 = by_label["f16"]
-    base = {k: perplexity(str(ROOT / f16.path), t, window=WINDOW)["perplexity"] for k, t in texts.items()}
+    ppl = lambda path, text: perplexity(str(ROOT / path), text, window=WINDOW, n_threads=threads)["perplexity"]  # noqa: E731
+    base = {k: ppl(f16.path, t) for k, t in texts.items()}
     out = []
     for r in worse:
         w = by_label[r.label + "+imatrix"]
         for k, t in texts.items():
             out.append({"type": r.label, "text": k,
-                        "plain": perplexity(str(ROOT / r.path), t, window=WINDOW)["perplexity"] / base[k] - 1,
-                        "imatrix": perplexity(str(ROOT / w.path), t, window=WINDOW)["perplexity"] / base[k] - 1})
+                        "plain": ppl(r.path, t) / base[k] - 1, "imatrix": ppl(w.path, t) / base[k] - 1})
         out.append({"type": r.label, "text": "held-out", "plain": r.perplexity / f16.perplexity - 1,
                     "imatrix": w.perplexity / f16.perplexity - 1})
         log(f"diagnosis {r.label}: " + ", ".join(f"{d['text']} {100 * d['plain']:+.2f}% -> {100 * d['imatrix']:+.2f}%"
@@ -290,7 +290,8 @@ def render(rows: list[Row], imatrix: dict, checks: list[dict], meta: dict, diagn
         "",
         f"- {meta['machine']}",
         f"- {meta['date']}, llama-cpp-python {meta['llama_cpp_python']}, script wall time {meta['seconds'] / 60:.1f} min "
-        f"(imatrix {imatrix['seconds']:.0f} s). Sizes and perplexities do not depend on load; times would.",
+        f"(imatrix {imatrix['seconds']:.0f} s), {meta.get('threads', 2)} llama.cpp thread(s). Sizes and perplexities depend",
+        "  neither on load nor on the thread count (f16 gives 71.6565 on 1 and on 2 threads); times would.",
         f"- Code measured: `converters/*.py` + `edgelm/runtime/*.py` sha256 {meta['code']}… (`common.source_digest`).",
         "",
         "## Regenerate",
@@ -306,6 +307,8 @@ def render(rows: list[Row], imatrix: dict, checks: list[dict], meta: dict, diagn
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-cross-check", action="store_true", help="skip llama-perplexity")
+    p.add_argument("--threads", type=int, help="threads for llama.cpp (default: every core; 1 is faster on a busy "
+                   "machine, where spinning threads wait for each other; results do not depend on it)")
     p.add_argument("--doc", type=Path, default=DOCS / "quantization.md")
     p.add_argument("--img", type=Path, default=DOCS / "img" / "quantization.png")
     p.add_argument("--no-diagnose", dest="diagnose", action="store_false",
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((OUT / "results.json").read_text())
         rows = [Row(**{k: v for k, v in r.items() if k != "bpw"}) for r in saved["rows"]]
         if args.diagnose:
-            saved["diagnosis"] = diagnose(rows)
+            saved["diagnosis"] = diagnose(rows, args.threads)
             (OUT / "results.json").write_text(json.dumps(saved, indent=1))
         plot(rows, args.img)
         args.doc.write_text(render(rows, saved["imatrix"], saved["cross_check"], saved["meta"], saved.get("diagnosis")),
@@ -327,19 +330,20 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp
 
     from edgelm import corpus
+    from edgelm.runtime.context import default_threads
 
     t_start = time.perf_counter()
     meta = {"machine": machine(), "date": today(), "llama_cpp_python": llama_cpp.__version__,
-            "code": source_digest("converters", "edgelm/runtime")}
+            "code": source_digest("converters", "edgelm/runtime"), "threads": args.threads or default_threads()}
     OUT.mkdir(parents=True, exist_ok=True)
     heldout = corpus.text("heldout")
     heldout_file = OUT / "heldout.txt"
     heldout_file.write_text(heldout, encoding="utf-8")
 
-    rows = build_and_measure(VARIANTS[:1], None, heldout)  # f16 first: the imatrix runs on it
-    imatrix = make_imatrix(OUT / "small-f16.gguf", OUT / "imatrix-train.gguf")
+    rows = build_and_measure(VARIANTS[:1], None, heldout, args.threads)  # f16 first: the imatrix runs on it
+    imatrix = make_imatrix(OUT / "small-f16.gguf", OUT / "imatrix-train.gguf", args.threads)
     log(f"imatrix: {imatrix['chunks']} chunks, {imatrix['tensors']} tensors, {imatrix['seconds']:.1f} s")
-    rows += build_and_measure(VARIANTS[1:], Path(imatrix["path"]), heldout)
+    rows += build_and_measure(VARIANTS[1:], Path(imatrix["path"]), heldout, args.threads)
 
     from edgelm.runtime.model import LlamaModel
 
@@ -351,10 +355,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for label, strided in CROSS_CHECK.items():
             row = next(r for r in rows if r.label == label)
-            for c in cross_check(ROOT / row.path, heldout, heldout_file, row.perplexity, WINDOW, strided):
+            for c in cross_check(ROOT / row.path, heldout, heldout_file, row.perplexity, WINDOW, strided, args.threads):
                 checks.append({"model": label, **c})
                 log(f"cross-check {label}: {c['scheme']}: llama {c['llama']:.4f}, edgelm {c['edgelm_same_scheme']:.4f}")
-    diagnosis = diagnose(rows) if args.diagnose else None
+    diagnosis = diagnose(rows, args.threads) if args.diagnose else None
     meta["seconds"] = time.perf_counter() - t_start
     plot(rows, args.img)
     args.doc.write_text(render(rows, imatrix, checks, meta, diagnosis), encoding="utf-8")
