@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small and tiny models only")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="threads for every tool")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "runtime-benchmark.md")
     args = p.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
 
     import edgelm
 
