@@ -188,6 +188,9 @@ class SamplerChain:
             self.close()
             raise
         self._candidates = Candidates(model.n_vocab)
+        # nothing to do in Python between the logits and the chain: let llama.cpp fill the candidates itself
+        self._plain = self._bias is None and self._penalties is None and self._grammar is None and (
+            params.greedy or params.typical_p >= 1.0)
 
     def _build(self, p: SamplingParams, model, n_ctx: int) -> None:
         n_vocab = model.n_vocab
@@ -233,6 +236,8 @@ class SamplerChain:
 
     def sample(self, ctx_ptr, index: int = -1) -> int | None:
         """Sample and accept a token from output `index` of the last decode; None when no token is allowed."""
+        if self._plain:  # the decode step's hot path: one C call
+            return lib.llama_sampler_sample(self._tail, ctx_ptr, index)
         logits = lib.llama_get_logits_ith(ctx_ptr, index)
         if not logits:
             raise UsageError(f"no logits for output {index} of the last decode")
