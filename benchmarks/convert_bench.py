@@ -159,7 +159,10 @@ def render(shape: str, runs: dict, diffs: dict, sz: dict, profiles: list[dict], 
                                    [[k, f"{v:.2f}", f"{100 * v / p['total_s']:.0f}%"] for k, v in p["watched"].items()]),
                     "",
                     "Most self time: " + "; ".join(f"`{name}` {t:.2f} s" for t, name in p["top_self"]) + ".", ""]
-            out += [f"- {f}" for f in findings(p, sz["total_bytes"], sz["budget"], sz["bf16"])] + [""]
+            notes = findings(p, sz["total_bytes"], sz["budget"], sz["bf16"])
+            if notes:  # the numbers are this run's; the code they point at was read on 2026-11-24
+                out += ["Findings (numbers from this run; the code they name as read on 2026-11-24):", ""]
+            out += [f"- {f}" for f in notes] + [""]
     out += ["## Machine and run", "", f"- {meta['machine']}",
             f"- {meta['date']}, llama-cpp-python {meta['llama_cpp_python']} (convert_hf_to_gguf.py and gguf-py from its",
             f"  vendored llama.cpp; edgelm with gguf {meta['gguf']}); script wall time {meta['seconds'] / 60:.1f} min.",

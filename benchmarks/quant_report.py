@@ -278,8 +278,8 @@ def render(rows: list[Row], imatrix: dict, checks: list[dict], meta: dict, diagn
                                  f"{c['edgelm_same_scheme']:.4f}",
                                  f"{100 * (c['edgelm_same_scheme'] / c['llama'] - 1):+.3f}%", f"{c['edgelm_own']:.4f}"]
                                 for c in checks], "llrrrrr"), "",
-                "llama-perplexity prints 4 decimals (a ±0.00005 rounding), so the edgelm runtime reproduces both of its",
-                "schemes exactly. The headline numbers differ by which tokens are scored and with what context:",
+                "llama-perplexity prints 4 decimals (a ±0.00005 rounding); the edgelm runtime reproduces both of its",
+                "schemes to every printed digit. The headline numbers differ by which tokens are scored and with what context:",
                 *_scheme_notes(checks, meta["heldout_tokens"] - 1), "",
                 "Commands (cwd: repository root):", "", "```bash",
                 *dict.fromkeys(c["cmd"] for c in checks), "```", ""]
@@ -297,7 +297,7 @@ def render(rows: list[Row], imatrix: dict, checks: list[dict], meta: dict, diagn
         "## Regenerate",
         "",
         "```bash",
-        ".venv/bin/python benchmarks/quant_report.py   # files under .bench/quant/, report here",
+        f".venv/bin/python {meta.get('command', 'benchmarks/quant_report.py')}   # files under .bench/quant/",
         "```",
         "",
     ]
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render_only:
         saved = json.loads((OUT / "results.json").read_text())
+        saved["meta"].setdefault("command", f"benchmarks/quant_report.py --threads {saved['meta']['threads']}")
         rows = [Row(**{k: v for k, v in r.items() if k != "bpw"}) for r in saved["rows"]]
         if args.diagnose:
             saved["diagnosis"] = diagnose(rows, args.threads)
@@ -334,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     meta = {"machine": machine(), "date": today(), "llama_cpp_python": llama_cpp.__version__,
-            "code": source_digest("converters", "edgelm/runtime"), "threads": args.threads or default_threads()}
+            "code": source_digest("converters", "edgelm/runtime"), "threads": args.threads or default_threads(),
+            "command": " ".join(["benchmarks/quant_report.py", *(sys.argv[1:] if argv is None else argv)])}
     OUT.mkdir(parents=True, exist_ok=True)
     heldout = corpus.text("heldout")
     heldout_file = OUT / "heldout.txt"
