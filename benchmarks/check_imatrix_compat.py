@@ -33,35 +33,6 @@ CHUNK, N_CHUNKS = 512, 100
 QUANTS = {"iq4_xs": "IQ4_XS", "q4_k_m": "Q4_K_M"}  # edgelm name -> llama-quantize name
 
 
-def imatrix_with_bos_chunks(model_path: Path, text: str, n_chunks: int, threads: int | None = None):
-    """compute_imatrix's collection over llama-imatrix's chunks (first token of each chunk -> BOS).
-
-    Uses edgelm's private collector on purpose: only the chunk contents change.
-    """
-    from edgelm.converters.imatrix import Imatrix, _Collector
-    from edgelm.runtime.context import Context, ContextOptions
-    from edgelm.runtime.model import LlamaModel
-
-    im = Imatrix(chunk_size=CHUNK, datasets=["bos-chunks"])
-    collector = _Collector(im, include_output=False)
-    with LlamaModel(model_path) as llama:
-        tokens = llama.tokenize(text)
-        ctx = Context(llama, ContextOptions(n_ctx=CHUNK, n_batch=CHUNK, n_threads=threads),
-                      eval_callback=collector.callback)
-        try:
-            for i in range(min(n_chunks, len(tokens) // CHUNK)):
-                chunk = tokens[i * CHUNK:(i + 1) * CHUNK]
-                chunk[0] = llama.bos
-                ctx.clear()
-                ctx.decode(chunk, 0, logits_last=False, logits_from=0)
-                if collector.error:
-                    raise collector.error
-                im.chunks += 1
-        finally:
-            ctx.close()
-    return im
-
-
 def compare_values(a, b) -> dict:
     """Per-tensor relative differences of the means (sum / count) of two Imatrix objects."""
     ma, mb = a.means(), b.means()
@@ -146,14 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         for q in quant_rows[-2:]:
             log(f"{q['qtype']} with {q['who']} imatrix: {q['summary']}")
 
-    log("edgelm collector on BOS chunks")
-    bos_im = imatrix_with_bos_chunks(f16, text, N_CHUNKS, threads)
     as_is = compare_values(edgelm_im, llama_im)
-    same_chunks = compare_values(bos_im, llama_im)
-    for label, c in (("as is", as_is), ("same chunks", same_chunks)):
-        log(f"values {label}: median rel. L2 {c['median_norm']:.2e}, max {c['max_norm']:.2e} ({c['worst']})")
+    log(f"values: median rel. L2 {as_is['median_norm']:.2e}, max {as_is['max_norm']:.2e} ({as_is['worst']})")
 
-    saved = {"quant_rows": quant_rows, "between_files": between_files(), "as_is": as_is, "same_chunks": same_chunks,
+    saved = {"quant_rows": quant_rows, "between_files": between_files(), "as_is": as_is,
              "edgelm_s": edgelm_s, "llama_s": llama_s, "threads": threads, "seconds": time.perf_counter() - t0, "machine": where, "date": today(),
              "code": source_digest("converters")}
     (OUT / "results.json").write_text(json.dumps(saved, indent=1))
@@ -162,22 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def values_conclusion(as_is: dict, same_chunks: dict, tol: float = 1e-3) -> list[str]:
-    """What the two value comparisons say, decided by the numbers (tol: relative L2 of float32 accumulation)."""
-    arithmetic = ("llama-imatrix sums in float32 and edgelm in float64, so the two agree to float32 accumulation "
-                  "error, not bit for bit.")
+def values_conclusion(as_is: dict, tol: float = 1e-3) -> list[str]:
+    """What the value comparison says, decided by the numbers (tol: relative L2 of float32 accumulation)."""
     if as_is["max_norm"] < tol:
         return ["edgelm's `compute_imatrix` (converters/imatrix.py) and llama-imatrix agree on every matrix: both start",
-                "each chunk with BOS and average the same rows. " + arithmetic]
-    out = ["edgelm's `compute_imatrix` (converters/imatrix.py), as measured here, differs from llama-imatrix by more",
-           "than accumulation error."]
-    if same_chunks["max_norm"] < tol:
-        out += ["Fed llama-imatrix's chunks (each chunk's first token replaced by BOS), edgelm's collector agrees with",
-                "it, so the difference is the chunk contents: llama-imatrix restarts every chunk with BOS, edgelm's",
-                "`compute_imatrix` decoded the token stream as it is. " + arithmetic]
-    else:
-        out += ["Even on llama-imatrix's chunks the values differ: look at the collector in converters/imatrix.py."]
-    return out
+                "each chunk with BOS and average the same rows. llama-imatrix sums in float32 and edgelm in float64, so",
+                "the two agree to float32 accumulation error, not bit for bit."]
+    return ["edgelm's `compute_imatrix` (converters/imatrix.py) differs from llama-imatrix by more than accumulation",
+            "error: compare the chunking and the collector in converters/imatrix.py with llama-imatrix."]
 
 
 def compare(mine: Path, ref: Path) -> gguf_diff.GGUFDiff:
@@ -196,7 +155,7 @@ def _quant_row(who: str, qtype: str, loaded: str, d: gguf_diff.GGUFDiff) -> dict
             "metadata_only_llama": d.metadata_only_b}
 
 
-def render(quant_rows, between_files, as_is, same_chunks, edgelm_s, llama_s, seconds, machine, date, code,
+def render(quant_rows, between_files, as_is, edgelm_s, llama_s, seconds, machine, date, code,
            threads: int = 2) -> str:
     q_table = markdown_table(
         ["imatrix file", "type", "llama-quantize read it", "tensors, edgelm vs llama-quantize",
@@ -207,15 +166,13 @@ def render(quant_rows, between_files, as_is, same_chunks, edgelm_s, llama_s, sec
     by_layer = []
     for layer in (layers[0], layers[1], layers[len(layers) // 2], layers[-1]):
         names = [n for n in as_is["per"] if n.split(".")[1] == layer]
-        by_layer.append([f"blk.{layer}.*", f"{np.median([as_is['per'][n]['norm'] for n in names]):.2e}",
-                         f"{np.median([same_chunks['per'][n]['norm'] for n in names]):.2e}"])
+        by_layer.append([f"blk.{layer}.*", f"{np.median([as_is['per'][n]['norm'] for n in names]):.2e}"])
     v_table = markdown_table(
         ["comparison with llama-imatrix", "tensors", "counts equal", "median rel. L2", "worst rel. L2 (tensor)",
          "worst element rel."],
         [[label, c["n"], "yes" if c["counts_equal"] else "no", f"{c['median_norm']:.2e}",
           f"{c['max_norm']:.2e} ({c['worst']})", f"{c['max_elem']:.2e}"]
-         for label, c in (("edgelm compute_imatrix, as shipped", as_is),
-                          ("edgelm collector, llama-imatrix's chunks (BOS first)", same_chunks))], "lrrrrr")
+         for label, c in (("edgelm compute_imatrix", as_is),)], "lrrrrr")
     return "\n".join([
         "# Importance matrix: compatibility with llama.cpp",
         "",
@@ -242,9 +199,9 @@ def render(quant_rows, between_files, as_is, same_chunks, edgelm_s, llama_s, sec
         "",
         "By layer (median over the layer's 7 matrices):",
         "",
-        markdown_table(["layers", "as shipped", "same chunks"], by_layer),
+        markdown_table(["layers", "median rel. L2"], by_layer),
         "",
-        *values_conclusion(as_is, same_chunks),
+        *values_conclusion(as_is),
         "",
         "Differences that small still tip a few rounding decisions. The same quantizer (edgelm's), given edgelm's",
         "imatrix file and then llama-imatrix's:",
