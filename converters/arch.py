@@ -337,16 +337,11 @@ QWEN3 = Arch("qwen3", _decoder_map(rope_permute=False) | {
 })
 # Phi-3 keeps HF's fused projections: attn_qkv is [q; k; v] rows and ffn_up is [gate; up]
 # rows, the order llama.cpp's views and fused SwiGLU split them in.
-PHI3 = Arch("phi3", {
-    r"model\.embed_tokens\.weight": ("token_embd.weight", None),
-    r"model\.norm\.weight": ("output_norm.weight", None),
-    r"lm_head\.weight": ("output.weight", None),
-    _LAYER + r"input_layernorm\.weight": ("blk.{}.attn_norm.weight", None),
+_UNFUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+PHI3 = Arch("phi3", {  # the shared table with q/k/v and gate/up fused, as HF and llama.cpp both store them
+    **{k: v for k, v in _decoder_map(rope_permute=False).items() if not any(u in k for u in _UNFUSED)},
     _LAYER + r"self_attn\.qkv_proj\.weight": ("blk.{}.attn_qkv.weight", None),
-    _LAYER + r"self_attn\.o_proj\.weight": ("blk.{}.attn_output.weight", None),
-    _LAYER + r"post_attention_layernorm\.weight": ("blk.{}.ffn_norm.weight", None),
     _LAYER + r"mlp\.gate_up_proj\.weight": ("blk.{}.ffn_up.weight", None),
-    _LAYER + r"mlp\.down_proj\.weight": ("blk.{}.ffn_down.weight", None),
 }, rope_scalings=("default", "linear", "longrope"), partial_rotary=True,
     shapes=lambda hp: {"blk.{}.ffn_up.weight": (2 * hp.n_ff, hp.n_embd)}, extra_kv=_phi3_kv)
 # Gemma's reference implementation uses the tanh GELU even where configs say "gelu".

@@ -30,7 +30,6 @@ class Model:
         self.ctx = Context(self.llama, ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                                       flash_attn=flash_attn, type_k=type_k, type_v=type_v))
         self.seed, self.truncate = seed, truncate  # defaults for every call
-        self._n_threads = n_threads
         self._embedder = None
         self._lock = threading.Lock()
         # chat_template: a built-in name ("chatml", "completion") or Jinja source replacing the model's own
@@ -129,7 +128,7 @@ class Model:
         single = isinstance(texts, str)
         with self._lock:
             if self._embedder is None:
-                self._embedder = Embedder(self.llama, n_ctx=self.ctx.n_ctx, n_threads=self._n_threads)
+                self._embedder = Embedder(self.llama, n_ctx=self.ctx.n_ctx, n_threads=self.ctx.options.n_threads)
             out = self._embedder.embed([texts] if single else list(texts), normalize=normalize)
         return out[0] if single else out
 
@@ -140,7 +139,7 @@ class Model:
         window = window or min(self.ctx.n_ctx, 512)
         with self._lock:
             return perplexity(self.llama, self.tokenize(text), window=window, stride=stride,
-                              n_threads=self._n_threads)
+                              n_threads=self.ctx.options.n_threads)
 
     # ------------------------------------------------------------ info
 

@@ -49,7 +49,7 @@ class ChatSession:
     def save(self, path: str) -> None:
         data = json.dumps({"messages": self.messages}, ensure_ascii=False, indent=1)
         target = Path(path).expanduser()
-        fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(data)
