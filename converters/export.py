@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import gguf
 import numpy as np
 
+from edgelm import fsutil
 from edgelm.errors import ConversionError
 
 Q = gguf.GGMLQuantizationType
@@ -104,15 +105,8 @@ def atomic_path(out: Path) -> Iterator[Path]:
         raise ConversionError(f"{out}: output folder does not exist")
     if not os.access(out.parent, os.W_OK):
         raise ConversionError(f"{out}: output folder is not writable")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with fsutil.atomic_path(out) as tmp:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def write_gguf(

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Iterator
 
+from .cache.prompt import DEFAULT_DISK_BYTES, DEFAULT_RAM_BYTES, PromptCache
+from .cache.response import CachedResponse, ResponseCache
 from .errors import ContextOverflowError, UsageError
 from .runtime.chat import chat_tokens, template_for
 from .runtime.context import Context, ContextOptions
-from .runtime.generate import Chunk, Completion, generate, stream
+from .runtime.generate import REUSE, Chunk, Completion, Timings, generate, stream
 from .runtime.model import LlamaModel, LoadOptions
 from .runtime.sampling import SamplingParams
 
@@ -21,15 +24,35 @@ class Model:
     def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, flash_attn: bool | None = None,
                  type_k: str = "f16", type_v: str = "f16", use_mmap: bool = True, use_mlock: bool = False,
-                 seed: int | None = None, truncate: str = "error", chat_template: str | None = None):
+                 seed: int | None = None, truncate: str = "error", chat_template: str | None = None,
+                 prefix_cache_bytes: int = DEFAULT_RAM_BYTES, prompt_cache: str | os.PathLike | None = None,
+                 prompt_cache_bytes: int = DEFAULT_DISK_BYTES, response_cache: "bool | ResponseCache" = False,
+                 kv_reuse: str = "exact"):
         if truncate not in TRUNCATE:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
+        if kv_reuse not in REUSE:
+            raise UsageError(f"kv_reuse must be one of {', '.join(REUSE)}, not {kv_reuse!r}")
         if seed is not None:
             SamplingParams(seed=seed).validate()
         self.llama = LlamaModel(path, LoadOptions(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock))
         self.ctx = Context(self.llama, ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                                       flash_attn=flash_attn, type_k=type_k, type_v=type_v))
         self.seed, self.truncate = seed, truncate  # defaults for every call
+        self.kv_reuse = kv_reuse  # how much of an earlier prompt's KV a request may take (generate.prefill)
+        # KV states of earlier prompts: in RAM (prefix_cache_bytes, 0: none) and in a folder (prompt_cache)
+        self.prompt_cache = None
+        if prefix_cache_bytes or prompt_cache is not None:
+            self.prompt_cache = PromptCache(self.ctx, ram_bytes=prefix_cache_bytes, path=prompt_cache,
+                                            disk_bytes=prompt_cache_bytes)
+        # answers to deterministic requests (opt-in): True for the defaults, or a configured ResponseCache
+        if response_cache is True:
+            response_cache = ResponseCache()
+        elif response_cache is not False and response_cache is not None and not isinstance(response_cache,
+                                                                                             ResponseCache):
+            raise UsageError(f"response_cache must be True, False or a ResponseCache, not {response_cache!r}")
+        self.response_cache = response_cache if isinstance(response_cache, ResponseCache) else None
+        if self.response_cache is not None and self.response_cache.embed is None:
+            self.response_cache.embed = self._embed_unlocked
         self._embedder = None
         self._lock = threading.Lock()
         # chat_template: a built-in name ("chatml", "completion") or Jinja source replacing the model's own
@@ -78,15 +101,64 @@ class Model:
         """Complete `prompt`; `sampling` takes SamplingParams' fields and truncate="error"|"left"."""
         params, truncate = self._params(sampling)
         tokens = self._prompt_tokens(prompt, params, truncate)
-        with self._lock:
-            return generate(self.ctx, tokens, params)
+        return self._complete(tokens, params)
 
     def stream(self, prompt: str | list[int], **sampling) -> Iterator[Chunk]:
         """Like generate(), as text chunks; the last one carries finish_reason and timings."""
         params, truncate = self._params(sampling)
         tokens = self._prompt_tokens(prompt, params, truncate)
+        return self._stream(tokens, params)
+
+    def reset(self) -> None:
+        """Forget the KV of earlier requests, in the context and the in-memory prompt cache (files stay)."""
         with self._lock:
-            yield from stream(self.ctx, tokens, params)
+            self.ctx.clear()
+            if self.prompt_cache is not None:
+                self.prompt_cache.clear()
+
+    def _complete(self, tokens: list[int], params: SamplingParams) -> Completion:
+        with self._lock:
+            hit = self._cached_response(tokens, params)
+            if hit is not None:
+                return hit
+            out = generate(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse)
+            self._remember(tokens, params, out.text, out.tokens, out.finish_reason)
+            return out
+
+    def _stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Chunk]:
+        with self._lock:
+            hit = self._cached_response(tokens, params)
+            if hit is not None:
+                yield Chunk(hit.text, hit.tokens, hit.finish_reason, hit.timings)
+                return
+            parts, ids = [], []
+            for chunk in stream(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse):
+                parts.append(chunk.text)
+                ids.extend(chunk.tokens)
+                if chunk.finish_reason is not None:
+                    self._remember(tokens, params, "".join(parts), ids, chunk.finish_reason)
+                yield chunk
+
+    def _cached_response(self, tokens: list[int], params: SamplingParams) -> Completion | None:
+        rc = self.response_cache
+        if rc is None or not rc.cacheable(params):
+            return None
+        t0 = time.perf_counter()
+        text = self.detokenize(tokens) if rc.semantic_threshold is not None else None
+        found = rc.get(self.llama.fingerprint, tokens, params, text)
+        if found is None:
+            return None
+        response, how = found
+        dt = time.perf_counter() - t0
+        timings = Timings(prompt_tokens=len(tokens), cached_tokens=len(tokens),
+                          completion_tokens=len(response.tokens), prompt_s=dt, ttft_s=dt, response_cache=how)
+        return Completion(response.text, list(response.tokens), response.finish_reason, timings)
+
+    def _remember(self, tokens, params, text: str, ids: list[int], reason: str) -> None:
+        rc = self.response_cache
+        if rc is not None and rc.cacheable(params):
+            prompt_text = self.detokenize(tokens) if rc.semantic_threshold is not None else None
+            rc.put(self.llama.fingerprint, tokens, params, CachedResponse(text, tuple(ids), reason), prompt_text)
 
     # ------------------------------------------------------------ chat
 
@@ -110,26 +182,27 @@ class Model:
     def chat(self, messages: list[dict], *, chat_template: str | None = None, **sampling) -> Completion:
         """Reply to `messages` ([{"role": ..., "content": ...}]); stops at the model's end-of-turn token."""
         tokens, params = self._chat_tokens(messages, chat_template, sampling)
-        with self._lock:
-            return generate(self.ctx, tokens, params)
+        return self._complete(tokens, params)
 
     def chat_stream(self, messages: list[dict], *, chat_template: str | None = None, **sampling) -> Iterator[Chunk]:
         """Like chat(), as text chunks; the last one carries finish_reason and timings."""
         tokens, params = self._chat_tokens(messages, chat_template, sampling)
-        with self._lock:
-            yield from stream(self.ctx, tokens, params)
+        return self._stream(tokens, params)
 
     # ------------------------------------------------------------ analysis
 
     def embed(self, texts: list[str] | str, *, normalize: bool = True):
         """Mean-pooled, L2-normalised hidden states: an (n, n_embd) float32 array (one row for a str)."""
+        with self._lock:
+            return self._embed_unlocked(texts, normalize=normalize)
+
+    def _embed_unlocked(self, texts: list[str] | str, *, normalize: bool = True):
         from .runtime.embed import Embedder
 
         single = isinstance(texts, str)
-        with self._lock:
-            if self._embedder is None:
-                self._embedder = Embedder(self.llama, n_ctx=self.ctx.n_ctx, n_threads=self.ctx.options.n_threads)
-            out = self._embedder.embed([texts] if single else list(texts), normalize=normalize)
+        if self._embedder is None:
+            self._embedder = Embedder(self.llama, n_ctx=self.ctx.n_ctx, n_threads=self.ctx.options.n_threads)
+        out = self._embedder.embed([texts] if single else list(texts), normalize=normalize)
         return out[0] if single else out
 
     def perplexity(self, text: str, *, window: int | None = None, stride: int | None = None):

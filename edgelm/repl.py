@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, TextIO
 
 from .errors import UsageError
+from .fsutil import atomic_write
 
 HELP = """commands:
   /reset        forget the conversation (keeps --system)
@@ -48,15 +47,7 @@ class ChatSession:
 
     def save(self, path: str) -> None:
         data = json.dumps({"messages": self.messages}, ensure_ascii=False, indent=1)
-        target = Path(path).expanduser()
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-            os.replace(tmp, target)  # atomic: a failed save never clobbers an older file
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(Path(path).expanduser(), data.encode("utf-8"))  # a failed save never clobbers an older file
 
     def load(self, path: str) -> None:
         try:

@@ -34,7 +34,7 @@ def test_run_json(tiny_gguf):
     assert r.returncode == 0, r.stderr
     record = json.loads(r.stdout)
     assert record["completion_tokens"] == 8 and record["finish_reason"] == "length"
-    assert set(record) == {"text", "prompt_tokens", "completion_tokens", "prompt_tps", "gen_tps", "ttft_ms",
+    assert set(record) == {"text", "prompt_tokens", "cached_tokens", "completion_tokens", "prompt_tps", "gen_tps", "ttft_ms",
                            "peak_rss_mb", "finish_reason"}
 
 

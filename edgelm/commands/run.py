@@ -28,6 +28,7 @@ def record(text: str, last) -> dict:
     return {
         "text": text,
         "prompt_tokens": t.prompt_tokens,
+        "cached_tokens": t.cached_tokens,
         "completion_tokens": t.completion_tokens,
         "prompt_tps": round(t.prompt_tps, 2),
         "gen_tps": round(t.gen_tps, 2),
@@ -86,9 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
     m.add_argument("--truncate", choices=("error", "left"), default="error",
                    help="a prompt longer than the context: fail, or keep its end")
+    c = p.add_argument_group("caching")
+    c.add_argument("--prompt-cache", metavar="DIR",
+                   help="keep prompt KV states in DIR, reused by later runs that share a prefix")
+    c.add_argument("--prompt-cache-size", metavar="SIZE", type=parse_size, default=None,
+                   help="disk budget of --prompt-cache, e.g. 512M or 2G (default 1G); oldest entries go first")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     return p
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '64k' or a plain byte count."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = float(t[:len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return int(value * units[unit])
 
 
 def _read(path: str, what: str) -> str:
@@ -128,8 +148,13 @@ def main(argv: list[str]) -> int:
         set_verbose(True)
     import edgelm
 
+    caching = {"prompt_cache": args.prompt_cache}
+    if args.prompt_cache_size is not None:
+        caching["prompt_cache_bytes"] = args.prompt_cache_size
+    if not interactive:  # one request: an in-memory copy of its KV would never be read
+        caching["prefix_cache_bytes"] = 0
     with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     truncate=args.truncate) as model:
+                     truncate=args.truncate, **caching) as model:
         if interactive:
             from edgelm.repl import ChatSession, repl
 

@@ -73,6 +73,8 @@ class Context:
         self.n_batch = lib.llama_n_batch(self._ptr)
         self.memory = lib.llama_get_memory(self._ptr)
         self._batch = lib.llama_batch_init(self.n_batch, 0, options.n_seq_max)
+        self._tokens: dict[int, list[int]] = {}  # seq -> the tokens its KV holds, by position
+        self._exact: dict[int, int] = {}  # seq -> how many leading positions were evaluated canonically
 
     def close(self) -> None:
         if getattr(self, "_ptr", None):
@@ -91,10 +93,35 @@ class Context:
 
     def clear(self) -> None:
         lib.llama_memory_clear(self.memory, True)
+        self._tokens.clear()
+        self._exact.clear()
 
-    def remove(self, seq: int, start: int = 0, end: int = -1) -> None:
-        """Drop positions [start, end) of a sequence (end -1: to the end)."""
-        lib.llama_memory_seq_rm(self.memory, seq, start, end)
+    def remove(self, seq: int, start: int = 0, end: int = -1) -> bool:
+        """Drop positions [start, end) of a sequence (end -1: to the end). False if the memory cannot
+        (a recurrent or sliding-window cache asked to cut in the middle): then the caller must clear it."""
+        ok = bool(lib.llama_memory_seq_rm(self.memory, seq, start, end))
+        held = self._tokens.get(seq)
+        if held is not None:
+            if ok and end < 0:
+                del held[start:]
+            else:  # a hole, or nothing removed: what it holds is no longer a known prefix
+                self._tokens.pop(seq)
+        self._exact[seq] = min(self._exact.get(seq, 0), start if ok else 0)
+        return ok
+
+    def seq_tokens(self, seq: int = 0) -> list[int]:
+        """The tokens sequence `seq` holds at positions 0.. (a copy)."""
+        return list(self._tokens.get(seq, ()))
+
+    def set_tokens(self, seq: int, tokens, exact: int = 0) -> None:
+        """Record what a sequence holds (after its state was loaded from elsewhere), and how many
+        leading positions of it were evaluated canonically (see generate.prefill)."""
+        self._tokens[seq] = list(tokens)
+        self._exact[seq] = min(exact, len(self._tokens[seq]))
+
+    def exact_tokens(self, seq: int = 0) -> int:
+        """Leading positions of `seq` whose KV a canonical prefill would reproduce bit for bit."""
+        return min(self._exact.get(seq, 0), len(self._tokens.get(seq, ())))
 
     # ------------------------------------------------------------ decode
 
@@ -129,7 +156,13 @@ class Context:
             b.n_tokens = len(chunk)
             rc = lib.llama_decode(self._ptr, b)
             if rc != 0:
+                self._tokens.pop(seq, None)
                 raise ModelLoadError(f"llama_decode failed with code {rc}")
+        held = self._tokens.setdefault(seq, [])
+        if len(held) == start:
+            held.extend(tokens)
+        else:  # not a continuation of what we know it holds: stop claiming to know
+            self._tokens.pop(seq)
 
     def decode_one(self, token: int, pos: int, seq: int = 0) -> None:
         """The decode step's hot path: one token, logits on."""
@@ -146,7 +179,14 @@ class Context:
         b.n_tokens = 1
         rc = lib.llama_decode(self._ptr, b)
         if rc != 0:
+            self._tokens.pop(seq, None)
             raise ModelLoadError(f"llama_decode failed with code {rc}")
+        held = self._tokens.get(seq)
+        if held is not None:
+            if len(held) == pos:
+                held.append(token)
+            else:
+                self._tokens.pop(seq)
 
     def all_logits(self, n_outputs: int) -> np.ndarray:
         """A copy of every output row of the last decode, in batch order: (n_outputs, n_vocab)."""

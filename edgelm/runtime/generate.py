@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from edgelm.errors import ContextOverflowError
+from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context
 from .sampling import SamplerChain, SamplingParams
@@ -15,14 +15,16 @@ from .sampling import SamplerChain, SamplingParams
 @dataclass
 class Timings:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # leading prompt tokens reused from the KV or the prompt cache, not evaluated
     completion_tokens: int = 0
     prompt_s: float = 0.0  # prefill time
     ttft_s: float = 0.0  # request start -> first generated token
     gen_s: float = 0.0  # time spent after the first token
+    response_cache: str | None = None  # "exact" or "semantic" when the response cache answered
 
     @property
-    def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+    def prompt_tps(self) -> float:  # over the prompt tokens actually evaluated
+        return (self.prompt_tokens - self.cached_tokens) / self.prompt_s if self.prompt_s else 0.0
 
     @property
     def gen_tps(self) -> float:
@@ -47,24 +49,116 @@ class Completion:
     timings: Timings = field(default_factory=Timings)
 
 
-def prefill(ctx: Context, tokens: list[int], seq: int = 0, start: int = 0) -> None:
-    ctx.decode(tokens, start, seq)
+def common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# llama.cpp's CPU kernels round differently depending on how a prompt is split into batches:
+# flash attention switches to a tiled kernel at 64 queries per batch (GGML_FA_TILE_Q), and repacked
+# quantized weights multiply activation rows in groups of 4, the remainder one by one. A *canonical*
+# evaluation puts every position in a batch of at least FA_TILE tokens that starts at a multiple of
+# ROW_GROUP; positions evaluated that way come out bit for bit the same however the prompt is split
+# (tests/test_prompt_cache.py checks it), so a reused prefix gives exactly the cold output.
+FA_TILE = 64
+ROW_GROUP = 4
+REUSE = ("exact", "fast", "off")
+
+
+def common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def batch_plan(start: int, end: int, n_batch: int) -> list[tuple[int, int]] | None:
+    """Canonical batches for positions [start, end) (start a multiple of ROW_GROUP), or None if there
+    are none: fewer than FA_TILE positions, or an n_batch too small to keep every batch that long."""
+    size = n_batch - n_batch % ROW_GROUP
+    if end - start < FA_TILE or start % ROW_GROUP or (end - start > n_batch and size < 2 * FA_TILE):
+        return None
+    plan, pos = [], start
+    while end - pos > n_batch:
+        step = size
+        rest = end - pos - size
+        if 0 < rest < FA_TILE:  # leave the last batch FA_TILE long
+            short = FA_TILE - rest
+            step -= short + (-short) % ROW_GROUP
+        plan.append((pos, pos + step))
+        pos += step
+    plan.append((pos, end))
+    return plan
+
+
+def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: str = "exact") -> int:
+    """Make `seq` hold `tokens`, evaluating only what neither it nor the prompt cache already holds.
+
+    reuse "exact" takes only canonically evaluated positions and leaves at least FA_TILE positions
+    to evaluate canonically, so the output is exactly a cold run's; "fast" takes every shared
+    position (llama-server's behaviour: logits may differ in the last bits); "off" evaluates all.
+    Returns how many leading tokens were reused.
+    """
+    if reuse not in REUSE:
+        raise UsageError(f"kv_reuse must be one of {', '.join(REUSE)}, not {reuse!r}")
+    last = len(tokens) - 1  # the last token is always evaluated: sampling needs its logits
+
+    def usable(shared: int, exact: int) -> int:
+        if reuse == "off":
+            return 0
+        if reuse == "fast":
+            return min(shared, last)
+        n = min(shared, exact, len(tokens) - FA_TILE)
+        return max(0, n - n % ROW_GROUP)
+
+    n = usable(common_prefix(ctx.seq_tokens(seq), tokens), ctx.exact_tokens(seq))
+    source_exact = ctx.exact_tokens(seq)
+    if cache is not None and reuse != "off":
+        shared, entry = cache.lookup(tokens)
+        if entry is not None and usable(shared, entry.exact) > n:
+            if cache.restore(seq, entry):
+                n, source_exact = usable(shared, entry.exact), entry.exact
+            else:
+                n = 0
+    if not ctx.remove(seq, n):  # a memory that cannot cut a sequence short: start over
+        ctx.remove(seq)
+        n = 0
+    plan = batch_plan(n, len(tokens), ctx.n_batch)
+    if plan is None:
+        ctx.decode(tokens[n:], n, seq)
+    else:
+        for lo, hi in plan:
+            ctx.decode(tokens[lo:hi], lo, seq, logits_last=hi == len(tokens))
+    canonical = plan is not None and (n == 0 or source_exact >= n)
+    ctx.set_tokens(seq, tokens, exact=len(tokens) - len(tokens) % ROW_GROUP if canonical
+                   else min(n, source_exact))
+    return n
 
 
 def generate_tokens(
-    ctx: Context, prompt: list[int], params: SamplingParams, timings: Timings, seq: int = 0
+    ctx: Context, prompt: list[int], params: SamplingParams, timings: Timings, seq: int = 0, cache=None,
+    reuse: str = "exact",
 ) -> Iterator[int]:
     """Prefill `prompt` from position 0 and yield sampled tokens until EOG, max_tokens or the context end.
 
-    The generator's return value (StopIteration.value) is the finish reason.
+    With a prompt `cache`, a shared prefix is restored rather than evaluated, and the sequence's
+    state is offered to the cache when generation ends. The generator's return value
+    (StopIteration.value) is the finish reason.
     """
     if len(prompt) >= ctx.n_ctx:
         raise ContextOverflowError(f"prompt of {len(prompt)} tokens does not fit the context of {ctx.n_ctx}")
     sampler = SamplerChain(params, ctx.model, ctx.n_ctx)
     sampler.accept_prompt(prompt)
     t0 = time.perf_counter()
-    ctx.remove(seq)
-    prefill(ctx, prompt, seq)
+    try:
+        timings.cached_tokens = prefill(ctx, prompt, seq, cache, reuse)
+    except BaseException:
+        sampler.close()
+        raise
     timings.prompt_tokens = len(prompt)
     timings.prompt_s = time.perf_counter() - t0
     pos = len(prompt)
@@ -89,6 +183,10 @@ def generate_tokens(
         return "length"
     finally:
         sampler.close()
+        if reuse == "exact":  # what lies past the canonical prefix can never be reused exactly: free it now
+            ctx.remove(seq, ctx.exact_tokens(seq))
+        if cache is not None and reuse != "off":
+            cache.store(seq)
 
 
 class StopMatcher:
@@ -116,12 +214,12 @@ class StopMatcher:
 
 
 def stream(ctx: Context, prompt: list[int], params: SamplingParams, timings: Timings | None = None,
-           seq: int = 0) -> Iterator[Chunk]:
+           seq: int = 0, cache=None, reuse: str = "exact") -> Iterator[Chunk]:
     """Text chunks as they are generated; the last chunk carries the finish reason."""
     timings = timings if timings is not None else Timings()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds split UTF-8 sequences
     stops = StopMatcher(params.stop)
-    tokens = generate_tokens(ctx, prompt, params, timings, seq)
+    tokens = generate_tokens(ctx, prompt, params, timings, seq, cache, reuse)
     model = ctx.model
     while True:
         try:
@@ -138,10 +236,10 @@ def stream(ctx: Context, prompt: list[int], params: SamplingParams, timings: Tim
         yield Chunk(text, [token])
 
 
-def generate(ctx: Context, prompt: list[int], params: SamplingParams) -> Completion:
+def generate(ctx: Context, prompt: list[int], params: SamplingParams, cache=None, reuse: str = "exact") -> Completion:
     timings = Timings()
     parts, ids, reason = [], [], "length"
-    for chunk in stream(ctx, prompt, params, timings):
+    for chunk in stream(ctx, prompt, params, timings, cache=cache, reuse=reuse):
         parts.append(chunk.text)
         ids.extend(chunk.tokens)
         reason = chunk.finish_reason or reason

@@ -6,6 +6,8 @@ because llama.cpp aborts the whole process on some malformed files.
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -109,6 +111,12 @@ class LlamaModel:
     @property
     def n_params(self) -> int:
         return int(lib.llama_model_n_params(self.ptr))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the GGUF's header, metadata and tensor table: what caches key their entries by."""
+        with open(self.path, "rb") as f:
+            return hashlib.sha256(f.read(self.gguf.data_offset)).hexdigest()
 
     @property
     def chat_template(self) -> str | None:

@@ -1,0 +1,229 @@
+"""Time to first token with a 1,000-token prefix shared with an earlier request: cold vs cached.
+
+    .venv/bin/python benchmarks/cache_bench.py            # small model and the 0.5B-shape Q4_K_M
+    .venv/bin/python benchmarks/cache_bench.py --quick    # the small model only
+
+Request A and request B share a 1,000-token prefix (held-out text) and differ in a short question.
+TTFT is wall time from the call to the first streamed chunk, for every row alike.
+
+- cold: B on an empty KV cache.
+- live KV: B right after A (the context still holds A's tokens).
+- RAM entry: B after A and an unrelated request, so A's KV comes back from the in-memory prompt cache.
+- disk, new process: A in one process with --prompt-cache DIR, B in a fresh process with the same DIR;
+  its cold row is B in a fresh process without a cache.
+- llama-cpp-python: its high-level `Llama` with `LlamaRAMCache`, cold and after A, side by side.
+
+Greedy output of B with each kind of hit is compared with B's cold output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH, DOCS, ROOT, machine, markdown_table, median, today  # noqa: E402
+
+THREADS = 2
+N_PREFIX = 1000
+N_CTX = 2048
+QUESTIONS = (" Question: what happened after that?", " Question: who was there at the time?",
+             " Describe the weather on the coast in one sentence.")
+GREEDY = dict(temperature=0)
+
+
+def models(quick: bool) -> dict[str, Path]:
+    from edgelm.runtime.model import default_model_path
+
+    out = {"small Q8_0": default_model_path()}
+    if not quick:
+        from runtime_bench import models as runtime_models  # builds the 0.5B-shape files once into .bench/
+
+        out["0.5B-shape Q4_K_M"] = runtime_models(quick=False)["0.5B-shape Q4_K_M"]
+    return out
+
+
+def prefix_text(path: Path) -> str:
+    import edgelm
+    from edgelm import corpus
+
+    with edgelm.load(path, n_ctx=N_CTX, n_threads=THREADS, prefix_cache_bytes=0) as m:
+        ids = m.tokenize(corpus.text("heldout", max_chars=12_000), add_special=False)[:N_PREFIX]
+        return m.detokenize(ids)
+
+
+def ttft(stream_factory) -> float:
+    t0 = time.perf_counter()
+    it = stream_factory()
+    next(iter(it))
+    dt = time.perf_counter() - t0
+    if hasattr(it, "close"):
+        it.close()
+    return dt
+
+
+def edgelm_rows(path: Path, doc: str, rounds: int) -> tuple[dict[str, list[float]], dict[str, bool]]:
+    import edgelm
+
+    a, b, c = (doc + QUESTIONS[0], doc + QUESTIONS[1], QUESTIONS[2] * 3)
+    times: dict[str, list[float]] = {"cold": [], "live KV": [], "RAM entry": []}
+    with edgelm.load(path, n_ctx=N_CTX, n_threads=THREADS, prefix_cache_bytes=0) as cold, \
+            edgelm.load(path, n_ctx=N_CTX, n_threads=THREADS) as warm:
+        cold.generate("warm-up", max_tokens=2, **GREEDY)
+        reference = cold.generate(b, max_tokens=32, **GREEDY).text
+        same = {}
+        for _ in range(rounds):
+            cold.reset()
+            times["cold"].append(ttft(lambda: cold.stream(b, max_tokens=2, **GREEDY)))
+            warm.reset()
+            warm.generate(a, max_tokens=8, **GREEDY)
+            times["live KV"].append(ttft(lambda: warm.stream(b, max_tokens=2, **GREEDY)))
+            warm.reset()
+            warm.generate(a, max_tokens=8, **GREEDY)
+            warm.generate(c, max_tokens=8, **GREEDY)
+            times["RAM entry"].append(ttft(lambda: warm.stream(b, max_tokens=2, **GREEDY)))
+        warm.reset()
+        warm.generate(a, max_tokens=8, **GREEDY)
+        same["live KV"] = warm.generate(b, max_tokens=32, **GREEDY).text == reference
+        warm.generate(c, max_tokens=8, **GREEDY)
+        same["RAM entry"] = warm.generate(b, max_tokens=32, **GREEDY).text == reference
+    same["reference"] = reference
+    return times, same
+
+
+CHILD = """
+import json, sys, time
+import edgelm
+path, prompt, cache = sys.argv[1], sys.argv[2], sys.argv[3] or None
+with edgelm.load(path, n_ctx=int(sys.argv[4]), n_threads=int(sys.argv[5]), prompt_cache=cache,
+                 prefix_cache_bytes=0) as m:
+    m.generate("warm-up", max_tokens=2, temperature=0)
+    m.reset()
+    t0 = time.perf_counter()
+    it = m.stream(prompt, max_tokens=32, temperature=0)
+    parts = [next(it).text]
+    dt = time.perf_counter() - t0
+    parts += [c.text for c in it]
+print(json.dumps({"ttft": dt, "text": "".join(parts)}))
+"""
+
+
+def child(path: Path, prompt: str, cache: Path | None) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, str(path), prompt, str(cache or ""), str(N_CTX), str(THREADS)],
+                       capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def disk_rows(path: Path, doc: str, rounds: int, reference: str) -> tuple[dict[str, list[float]], bool]:
+    a, b = doc + QUESTIONS[0], doc + QUESTIONS[1]
+    times = {"cold, new process": [], "disk, new process": []}
+    same = True
+    for _ in range(rounds):
+        times["cold, new process"].append(child(path, b, None)["ttft"])
+        with tempfile.TemporaryDirectory(dir=BENCH) as d:
+            child(path, a, Path(d))
+            hit = child(path, b, Path(d))
+        times["disk, new process"].append(hit["ttft"])
+        same &= hit["text"] == reference
+    return times, same
+
+
+def llama_cpp_python_rows(path: Path, doc: str, rounds: int) -> dict[str, list[float]]:
+    from llama_cpp import Llama, LlamaRAMCache
+
+    a, b = doc + QUESTIONS[0], doc + QUESTIONS[1]
+    times = {"llama-cpp-python cold": [], "llama-cpp-python cached": []}
+    llm = Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512, verbose=False)
+    llm.set_cache(LlamaRAMCache())
+    for _ in range(rounds):
+        llm.reset()
+        llm.set_cache(None)
+        times["llama-cpp-python cold"].append(ttft(lambda: llm.create_completion(b, max_tokens=2, temperature=0,
+                                                                                 stream=True)))
+        llm.reset()
+        llm.set_cache(LlamaRAMCache())
+        list(llm.create_completion(a, max_tokens=8, temperature=0, stream=True))
+        times["llama-cpp-python cached"].append(ttft(lambda: llm.create_completion(b, max_tokens=2, temperature=0,
+                                                                                   stream=True)))
+    llm.close()
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small model only")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=DOCS / "caching.md")
+    args = p.parse_args(argv)
+    BENCH.mkdir(exist_ok=True)
+    results = {}
+    for name, path in models(args.quick).items():
+        doc = prefix_text(path)
+        times, same = edgelm_rows(path, doc, args.rounds)
+        disk, disk_same = disk_rows(path, doc, args.rounds, same.pop("reference"))
+        same["disk, new process"] = disk_same
+        times.update(disk)
+        times.update(llama_cpp_python_rows(path, doc, args.rounds))
+        results[name] = (times, same)
+        print(name, {k: round(median(v) * 1000, 1) for k, v in times.items()}, same, file=sys.stderr)
+    write_report(results, args.out)
+    return 0
+
+
+def write_report(results: dict, out: Path) -> None:
+    rows, plot = [], {}
+    pairs = (("live KV", "cold"), ("RAM entry", "cold"), ("disk, new process", "cold, new process"),
+             ("llama-cpp-python cached", "llama-cpp-python cold"))
+    for name, (times, same) in results.items():
+        for hit, cold in pairs:
+            t_hit, t_cold = median(times[hit]), median(times[cold])
+            ok = same.get(hit)
+            rows.append([name, hit, f"{t_cold * 1000:.1f}", f"{t_hit * 1000:.1f}", f"{t_hit / t_cold:.3f}",
+                         "—" if ok is None else ("yes" if ok else "NO")])
+            plot.setdefault(name, {})[hit] = t_hit / t_cold
+    table = markdown_table(["model", "cached by", "cold TTFT ms", "cached TTFT ms", "cached / cold",
+                            "greedy output = cold"], rows)
+    img = out.parent / "img" / "cache-ttft.png"
+    _plot(plot, img)
+    out.write_text(
+        "# Caching: time to first token with a shared 1,000-token prefix\n\n"
+        f"Generated by `benchmarks/cache_bench.py` on {today()}, {machine()}, {THREADS} threads, n_ctx {N_CTX}, "
+        f"medians of rounds. TTFT is wall time from the call to the first streamed token.\n\n"
+        f"{table}\n\n![cached / cold]({img.relative_to(out.parent)})\n\n"
+        "Goal: cached at most 0.10 × cold. *live KV*: the context still holds the earlier request; "
+        "*RAM entry*: an unrelated request came in between, and the earlier KV was restored from the in-memory "
+        "prompt cache (`llama_state_seq_set_data`); *disk, new process*: the earlier request ran in another "
+        "process with `--prompt-cache DIR`, and this one is a fresh process reading DIR (its cold row is a fresh "
+        "process without a cache). llama-cpp-python rows: its high-level `Llama` with `LlamaRAMCache`, after the "
+        "same earlier request.\n"
+    )
+    print(out.read_text())
+
+
+def _plot(plot: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(plot)
+    kinds = list(next(iter(plot.values())))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    width = 0.8 / len(kinds)
+    for j, kind in enumerate(kinds):
+        ax.bar([i + j * width for i in range(len(names))], [plot[n][kind] for n in names], width, label=kind)
+    ax.axhline(0.10, color="r", lw=0.8, ls="--", label="goal 0.10")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    ax.set_ylabel("cached TTFT / cold TTFT")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
