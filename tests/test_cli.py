@@ -169,3 +169,25 @@ def test_run_grammar_and_json_schema_flags(tiny_gguf, tmp_path):
     assert isinstance(json.loads(json.loads(r.stdout)["text"])["n"], int)
     r = edgelm("run", str(tiny_gguf["q8_0"]), "-p", "x", "--grammar-file", str(tmp_path / "none.gbnf"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read the grammar" in r.stderr
+
+
+def test_run_prompt_cache_is_reused_by_a_later_run(tmp_path):
+    from edgelm import corpus
+
+    doc = corpus.text("heldout", max_chars=1600)
+    cache = tmp_path / "kv"
+
+    def run(prompt: str) -> dict:
+        r = edgelm("run", "-p", prompt, "-n", "12", "--temp", "0", "--json", "--prompt-cache", str(cache),
+                   "--prompt-cache-size", "64M")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    first = run(doc + " The first question")
+    assert first["cached_tokens"] == 0 and list(cache.glob("*.kvc"))
+    cold = edgelm("run", "-p", doc + " The second question", "-n", "12", "--temp", "0", "--json")
+    second = run(doc + " The second question")
+    assert second["cached_tokens"] > 300
+    assert second["text"] == json.loads(cold.stdout)["text"]
+    bad = edgelm("run", "-p", "x", "--prompt-cache", str(cache), "--prompt-cache-size", "lots")
+    assert bad.returncode != 0 and "not a size" in bad.stderr
