@@ -109,6 +109,24 @@ class Model:
         tokens = self._prompt_tokens(prompt, params, truncate)
         return self._stream(tokens, params)
 
+    def generate_batch(self, prompts: list[str | list[int]], *, n_parallel: int = 4, **sampling) -> list[Completion]:
+        """Complete every prompt, decoding up to `n_parallel` of them together (continuous batching);
+        results come back in the order of `prompts`."""
+        from .engine import Engine, EngineOptions
+
+        params, truncate = self._params(sampling)
+        token_lists = [self._prompt_tokens(p, params, truncate) for p in prompts]
+        if not token_lists:
+            return []
+        options = EngineOptions(n_parallel=min(n_parallel, len(token_lists)), n_ctx=self.ctx.n_ctx,
+                                n_batch=max(self.ctx.n_batch, n_parallel), max_queue=len(token_lists),
+                                max_tokens_cap=max(params.max_tokens, 1), n_threads=self.ctx.options.n_threads,
+                                flash_attn=self.ctx.options.flash_attn, type_k=self.ctx.options.type_k,
+                                type_v=self.ctx.options.type_v)
+        with Engine(self.llama, options, prompt_cache=None) as engine:
+            requests = engine.submit_many([(tokens, params) for tokens in token_lists])
+            return [r.result() for r in requests]
+
     def reset(self) -> None:
         """Forget the KV of earlier requests, in the context and the in-memory prompt cache (files stay)."""
         with self._lock:

@@ -10,6 +10,8 @@ from .errors import EdgelmError
 
 COMMANDS = {
     "run": "generate text from a model",
+    "serve": "serve a model over an OpenAI-compatible HTTP API",
+    "batch": "complete a JSONL file of prompts with continuous batching (resumable)",
     "convert": "convert a Hugging Face checkpoint to GGUF",
     "info": "show a GGUF file's metadata, tensors and sizes",
     "bench": "measure prompt and generation speed",

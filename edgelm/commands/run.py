@@ -58,13 +58,7 @@ def run(model, prompt: str, *, chat: bool = False, system: str | None = None, ou
     return "".join(parts), last
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgelm run", description=__doc__)
-    p.add_argument("model", nargs="?", help="GGUF file or hf://owner/repo/file.gguf (default: the bundled model)")
-    p.add_argument("-p", "--prompt", help="one-shot prompt (without it: chat, or the prompt read from piped stdin)")
-    p.add_argument("-i", "--interactive", action="store_true", help="chat even when stdin is not a terminal")
-    p.add_argument("--chat", action="store_true", help="apply the chat template to -p (implied by --system)")
-    p.add_argument("--system", help="system message for chat")
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", type=int, default=None, help="tokens to generate (default 256)")
     g.add_argument("--temp", type=float, help="temperature; 0 = greedy (default 0.8)")
@@ -81,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (benchmarks)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgelm run", description=__doc__)
+    p.add_argument("model", nargs="?", help="GGUF file or hf://owner/repo/file.gguf (default: the bundled model)")
+    p.add_argument("-p", "--prompt", help="one-shot prompt (without it: chat, or the prompt read from piped stdin)")
+    p.add_argument("-i", "--interactive", action="store_true", help="chat even when stdin is not a terminal")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to -p (implied by --system)")
+    p.add_argument("--system", help="system message for chat")
+    add_sampling_arguments(p)
     m = p.add_argument_group("model")
     m.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
     m.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -120,7 +124,7 @@ def _read(path: str, what: str) -> str:
         raise UsageError(f"{path}: cannot read the {what}: {e.strerror if isinstance(e, OSError) else e}") from None
 
 
-def _sampling(args) -> dict:
+def sampling_from_args(args) -> dict:
     schema = args.json_schema
     if schema is not None and schema.startswith("@"):
         schema = _read(schema[1:], "JSON schema")
@@ -135,7 +139,7 @@ def _sampling(args) -> dict:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    sampling = _sampling(args)
+    sampling = sampling_from_args(args)
     from edgelm.runtime.sampling import SamplingParams
 
     SamplingParams.from_kwargs(**sampling)  # bad values fail before the model loads

@@ -26,6 +26,7 @@ class ContextOptions:
     type_k: str = "f16"
     type_v: str = "f16"
     embeddings: bool = False  # pooled hidden states instead of logits (see runtime/embed.py)
+    kv_unified: bool = False  # one KV buffer for all sequences (so each may use the whole context)
 
     def validate(self) -> None:
         for name in ("n_ctx", "n_batch", "n_seq_max"):
@@ -64,6 +65,7 @@ class Context:
         if options.embeddings:  # mean of the last hidden states over each sequence
             params.embeddings = True
             params.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
+        params.kv_unified = options.kv_unified
         if options.flash_attn is not None:
             params.flash_attn_type = 1 if options.flash_attn else 0
         self._ptr = lib.llama_init_from_model(model.ptr, params)

@@ -1,0 +1,58 @@
+"""`edgelm serve MODEL`: an OpenAI-compatible HTTP server with continuous batching."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgelm.errors import UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .run import parse_size
+
+    p = argparse.ArgumentParser(prog="edgelm serve", description=__doc__)
+    p.add_argument("model", nargs="?", help="GGUF file or hf:// reference (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY or X-Api-Key); /health stays open")
+    p.add_argument("--parallel", type=int, default=4, help="requests decoded together (default 4)")
+    p.add_argument("--ctx", type=int, default=2048, help="context of each request in tokens")
+    p.add_argument("--batch", type=int, default=512, help="tokens per decode step")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--gpu-layers", type=int, default=0)
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 503")
+    p.add_argument("--max-tokens-cap", type=int, default=4096, help="no request may ask for more tokens")
+    p.add_argument("--prompt-cache", metavar="DIR", help="keep prompt KV states in DIR across restarts")
+    p.add_argument("--prompt-cache-size", metavar="SIZE", type=parse_size, default=None,
+                   help="disk budget of --prompt-cache (default 1G)")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log and every HTTP request")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, not {args.port}")
+    import uvicorn
+
+    from edgelm.server import ServerOptions, create_app
+
+    if args.verbose:
+        from edgelm.runtime.backend import set_verbose
+
+        set_verbose(True)
+    options = ServerOptions(model=args.model, api_key=args.api_key,
+                            n_parallel=args.parallel, n_ctx=args.ctx, n_batch=args.batch, n_threads=args.threads,
+                            n_gpu_layers=args.gpu_layers, max_queue=args.max_queue,
+                            max_tokens_cap=args.max_tokens_cap, prompt_cache=args.prompt_cache)
+    if args.prompt_cache_size is not None:
+        options.prompt_cache_bytes = args.prompt_cache_size
+    app = create_app(options)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"edgelm: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    print(f"edgelm: serving {app.state.server.model_id} on http://{args.host}:{args.port} "
+          f"({args.parallel} parallel)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,393 @@
+"""Continuous batching: many concurrent requests decoded together, one `llama_decode` per step.
+
+One worker thread owns a context with one KV sequence per slot (a unified KV cache, so every slot
+can use its full context). Each step it admits queued requests into free slots, then builds one
+batch: prompt chunks of requests being prefilled first (bounded so running streams keep flowing),
+then the pending token of every decoding request. After the decode each request samples from its
+own logits row with its own sampler chain and streams text chunks to its consumer. Finished or
+cancelled requests leave between steps; their KV stays in their slot for a follow-up request that
+shares the prefix, and goes to the prompt cache when one is configured.
+"""
+from __future__ import annotations
+
+import codecs
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import llama_cpp as lib
+
+from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
+from .runtime.context import Context, ContextOptions
+from .runtime.generate import FA_TILE, ROW_GROUP, Chunk, Completion, StopMatcher, Timings, common_prefix
+from .runtime.model import LlamaModel
+from .runtime.sampling import SamplerChain, SamplingParams
+
+
+class QueueFullError(EdgelmError):
+    """The engine's queue is full: retry later (the server answers 503 with Retry-After)."""
+
+    retry_after = 1
+
+
+class RequestCancelled(EdgelmError):
+    """The request was cancelled before it finished."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    n_parallel: int = 4  # sequences decoded together
+    n_ctx: int = 2048  # context of each sequence
+    n_batch: int = 512  # tokens per decode step; prompt chunks get what decoding leaves
+    max_queue: int = 64  # waiting requests beyond the running ones
+    max_tokens_cap: int = 4096  # no request generates more
+    n_threads: int | None = None
+    flash_attn: bool | None = None
+    type_k: str = "f16"
+    type_v: str = "f16"
+
+    def validate(self) -> None:
+        for name in ("n_parallel", "n_ctx", "n_batch", "max_queue", "max_tokens_cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, not {value!r}")
+        if self.n_batch < self.n_parallel:
+            raise UsageError(f"n_batch ({self.n_batch}) must be at least n_parallel ({self.n_parallel})")
+
+
+class Request:
+    """A submitted request: iterate it for text chunks (the last carries finish_reason and timings)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, tokens: list[int], params: SamplingParams):
+        self.id = next(self._ids)
+        self.tokens = tokens
+        self.params = params
+        self.timings = Timings(prompt_tokens=len(tokens))
+        self.finish_reason: str | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._parts: list[str] = []
+        self._ids: list[int] = []
+        self._cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed within one decode step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            item = self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def next_chunk(self, timeout: float | None = None) -> Chunk | None:
+        """The next chunk, or None after `timeout` seconds (for consumers that poll, like the server)."""
+        try:
+            item = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def result(self) -> Completion:
+        """Wait for the end, then the whole completion."""
+        for _ in self:
+            pass
+        return self.completion()
+
+    def completion(self) -> Completion:
+        """What has been generated so far (all of it once finish_reason is set)."""
+        return Completion("".join(self._parts), list(self._ids), self.finish_reason, self.timings)
+
+    def _emit(self, chunk: Chunk) -> None:  # engine thread
+        self._parts.append(chunk.text)
+        self._ids.extend(chunk.tokens)
+        self._events.put(chunk)
+
+
+class _Slot:
+    """A KV sequence and the request it serves."""
+
+    def __init__(self, seq: int):
+        self.seq = seq
+        self.held: list[int] = []  # tokens in this sequence's KV, by position
+        self.exact = 0  # leading positions evaluated canonically (see runtime.generate)
+        self.req: Request | None = None
+
+    def start(self, req: Request, model: LlamaModel, n_ctx: int, reuse: int) -> None:
+        self.req = req
+        self.sampler = SamplerChain(req.params, model, n_ctx)
+        self.sampler.accept_prompt(req.tokens)
+        self.cursor = reuse  # next prompt position to evaluate
+        self.pending: int | None = None  # sampled, not yet in the KV
+        self.n_out = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopMatcher(req.params.stop)
+        self.t0 = time.perf_counter()
+        req.timings.cached_tokens = reuse
+
+    @property
+    def prefilling(self) -> bool:
+        return self.req is not None and self.cursor < len(self.req.tokens)
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, options: EngineOptions | None = None, *, prompt_cache=None):
+        self.options = options = options or EngineOptions()
+        options.validate()
+        self.model = model
+        self.ctx = Context(model, ContextOptions(
+            n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch, n_threads=options.n_threads,
+            n_seq_max=options.n_parallel, flash_attn=options.flash_attn, type_k=options.type_k,
+            type_v=options.type_v, kv_unified=True))
+        self.prompt_cache = prompt_cache
+        self._slots = [_Slot(i) for i in range(options.n_parallel)]
+        self._queue: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._paused = False  # submit_many holds admission until all its requests are queued
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0, "prompt_tokens": 0,
+                      "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_tokens": 0, "last_batch": 0}
+        self._thread = threading.Thread(target=self._run, name="edgelm-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ client side
+
+    def submit(self, tokens: list[int], params: SamplingParams) -> Request:
+        """Queue a request (tokens already checked against the vocabulary); raises QueueFullError."""
+        if not tokens:
+            raise UsageError("empty prompt: nothing to condition on")
+        self.model.check_tokens(tokens)
+        if len(tokens) >= self.options.n_ctx:
+            raise ContextOverflowError(f"prompt of {len(tokens)} tokens does not fit the context of "
+                                       f"{self.options.n_ctx} per sequence")
+        if params.max_tokens > self.options.max_tokens_cap:
+            raise UsageError(f"max_tokens must be at most {self.options.max_tokens_cap}, not {params.max_tokens}")
+        req = Request(list(tokens), params)
+        with self._cv:
+            if self._closed:
+                raise UsageError("the engine is closed")
+            if len(self._queue) >= self.options.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFullError(f"{len(self._queue)} requests are waiting already; retry later")
+            self._queue.append(req)
+            self.stats["requests"] += 1
+            self._cv.notify()
+        return req
+
+    def submit_many(self, items: list[tuple[list[int], SamplingParams]]) -> list[Request]:
+        """Queue several requests at once, so they start in the same step (a reproducible schedule)."""
+        with self._cv:
+            if len(self._queue) + len(items) > self.options.max_queue:
+                self.stats["rejected"] += len(items)
+                raise QueueFullError(f"{len(items)} requests do not fit the queue of {self.options.max_queue}")
+            self._paused = True
+        try:
+            return [self.submit(tokens, params) for tokens, params in items]
+        finally:
+            with self._cv:
+                self._paused = False
+                self._cv.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return sum(s.req is not None for s in self._slots)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+        for req in list(self._queue):
+            req._events.put(RequestCancelled("the engine was closed"))
+        self._queue.clear()
+        self.ctx.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (self._paused or not self._queue) and not any(s.req for s in self._slots):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                if not self._paused:
+                    self._admit()
+            try:
+                self._step()
+            except BaseException as e:  # a broken step fails every running request, never hangs them
+                for slot in self._slots:
+                    if slot.req is not None:
+                        slot.req._events.put(e if isinstance(e, EdgelmError) else ModelLoadError(str(e)))
+                        self._release(slot, keep=False)
+        for slot in self._slots:
+            if slot.req is not None:
+                slot.req._events.put(RequestCancelled("the engine was closed"))
+                self._release(slot, keep=False)
+
+    def _admit(self) -> None:
+        for slot in self._slots:
+            if not self._queue:
+                return
+            if slot.req is None:
+                req = self._queue.popleft()
+                if req.cancelled:
+                    self._cancelled_before_start(req)
+                    continue
+                slot.start(req, self.model, self.options.n_ctx, self._reuse(slot, req.tokens))
+
+    def _cancelled_before_start(self, req: Request) -> None:
+        req.finish_reason = "cancelled"
+        self.stats["cancelled"] += 1
+        req._emit(Chunk("", [], "cancelled", req.timings))
+
+    def _reuse(self, slot: _Slot, tokens: list[int]) -> int:
+        """Positions of `tokens` the slot's sequence can keep (from its own KV or the prompt cache)."""
+        def usable(shared: int, exact: int) -> int:
+            n = min(shared, exact, len(tokens) - FA_TILE)
+            return max(0, n - n % ROW_GROUP)
+
+        n = usable(common_prefix(slot.held, tokens), slot.exact)
+        cache = self.prompt_cache
+        if cache is not None:
+            shared, entry = cache.lookup(tokens)
+            if entry is not None and usable(shared, entry.exact) > n and cache.restore(slot.seq, entry):
+                slot.held, slot.exact = list(entry.tokens), entry.exact
+                n = usable(shared, entry.exact)
+        if not self.ctx.remove(slot.seq, n):
+            self.ctx.remove(slot.seq)
+            n = 0
+        del slot.held[n:]
+        slot.exact = min(slot.exact, n)
+        return n
+
+    def _step(self) -> None:
+        for slot in self._slots:
+            if slot.req is not None and slot.req.cancelled:
+                self._finish(slot, "cancelled")
+        decoding = [s for s in self._slots if s.req is not None and not s.prefilling and s.pending is not None]
+        prefilling = sorted((s for s in self._slots if s.prefilling), key=lambda s: s.req.submitted)
+        if not decoding and not prefilling:
+            return
+        b = self.ctx._batch
+        n, outputs, chunks = 0, [], []  # outputs: (slot, batch index) with logits; chunks: (slot, index, start, end)
+        budget = self.options.n_batch - len(decoding)  # decoding streams always get their token
+        for slot in prefilling:  # prompt chunks first, then the decode tokens
+            remaining = len(slot.req.tokens) - slot.cursor
+            take = min(remaining, budget)
+            if take < remaining:
+                take -= take % ROW_GROUP  # a chunk that stops early stops at a row-group boundary
+            if take <= 0:
+                break
+            tokens, start, last = slot.req.tokens, slot.cursor, len(slot.req.tokens) - 1
+            chunks.append((slot, n, start, start + take))
+            for p in range(start, start + take):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = tokens[p], p, 1, slot.seq
+                b.logits[n] = p == last
+                if p == last:
+                    outputs.append((slot, n))
+                n += 1
+            slot.cursor += take
+            budget -= take
+        for slot in decoding:
+            b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = slot.pending, len(slot.held), 1, slot.seq
+            b.logits[n] = True
+            outputs.append((slot, n))
+            n += 1
+        b.n_tokens = n
+        rc = lib.llama_decode(self.ctx.ptr, b)
+        if rc != 0:
+            raise ModelLoadError(f"llama_decode failed with code {rc} (batch of {n} tokens)")
+        self.stats["steps"] += 1
+        self.stats["batch_tokens"] += n
+        self.stats["last_batch"] = n
+        for slot, index, start, end in chunks:
+            slot.held = slot.req.tokens[:end]
+            # canonical (see runtime.generate): a batch of at least FA_TILE rows, the chunk on a row-group
+            # boundary, continuing a canonical prefix; the prompt's last partial row group never counts
+            if n >= FA_TILE and index % ROW_GROUP == 0 and slot.exact == start:
+                slot.exact = end if end < len(slot.req.tokens) else end - end % ROW_GROUP
+        for slot in decoding:
+            slot.held.append(slot.pending)
+            slot.pending = None
+        for slot, index in outputs:
+            self._sampled(slot, index)
+
+    def _sampled(self, slot: _Slot, index: int) -> None:
+        req, model = slot.req, self.model
+        token = slot.sampler.sample(self.ctx.ptr, index)
+        now = time.perf_counter()
+        if slot.n_out == 0:
+            req.timings.prompt_s = now - slot.t0  # prefill, interleaved with the other streams
+            req.timings.ttft_s = now - req.submitted  # queueing included
+            slot.t_first = now
+        if token is None or (model.is_eog(token) and (not req.params.ignore_eos or slot.sampler.constrained)):
+            self._finish(slot, "stop")
+            return
+        slot.n_out += 1
+        req.timings.completion_tokens = slot.n_out
+        req.timings.gen_s = now - slot.t_first
+        text, stopped = slot.stops.feed(slot.decoder.decode(model.token_bytes(token)))
+        if stopped:
+            req._emit(Chunk(text, [token]))
+            self._finish(slot, "stop", flush=False)
+            return
+        if slot.n_out >= req.params.max_tokens or len(slot.held) + 1 >= self.options.n_ctx:
+            tail = slot.stops.flush() + slot.decoder.decode(b"", final=True)
+            req._emit(Chunk(text + tail, [token]))
+            self._finish(slot, "length", flush=False)
+            return
+        req._emit(Chunk(text, [token]))
+        slot.pending = token
+
+    def _finish(self, slot: _Slot, reason: str, *, flush: bool = True) -> None:
+        req = slot.req
+        tail = slot.stops.flush() + slot.decoder.decode(b"", final=True) if flush and reason != "cancelled" else ""
+        req.finish_reason = reason
+        req.timings.prompt_s = req.timings.prompt_s or time.perf_counter() - slot.t0
+        self.stats["cancelled" if reason == "cancelled" else "completed"] += 1
+        self.stats["prompt_tokens"] += len(req.tokens)
+        self.stats["cached_tokens"] += req.timings.cached_tokens
+        self.stats["generated_tokens"] += slot.n_out
+        req._emit(Chunk(tail, [], reason, req.timings))
+        self._release(slot, keep=True)
+
+    def _release(self, slot: _Slot, keep: bool) -> None:
+        """Free the slot. Its canonically evaluated prompt prefix stays in the KV for a request sharing it
+        (and goes to the prompt cache, when there is one); the rest is dropped."""
+        slot.sampler.close()
+        slot.req = None
+        keep_n = min(slot.exact, len(slot.held)) if keep else 0
+        if not self.ctx.remove(slot.seq, keep_n):
+            self.ctx.remove(slot.seq)
+            keep_n = 0
+        del slot.held[keep_n:]
+        slot.exact = keep_n
+        if keep_n and self.prompt_cache is not None:
+            self.ctx.set_tokens(slot.seq, slot.held, exact=keep_n)
+            self.prompt_cache.store(slot.seq)

@@ -1,0 +1,436 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI on uvicorn).
+
+Endpoints: /v1/chat/completions, /v1/completions (streaming as Server-Sent Events in OpenAI's chunk
+format, or not), /v1/embeddings, /v1/models, /health (always public), /metrics (Prometheus text).
+Errors are OpenAI-style bodies: bad input is a 400, a missing or wrong API key a 401, a full queue
+a 503 with Retry-After. A client that disconnects cancels its sequence within one decode step.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
+from .engine import Engine, EngineOptions, QueueFullError
+from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
+from .runtime.chat import chat_tokens, template_for
+from .runtime.model import LlamaModel, LoadOptions
+from .runtime.sampling import SamplingParams
+
+MAX_BODY_BYTES = 4 << 20
+POLL_S = 0.05  # how often a waiting handler looks for new tokens and for a disconnected client
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
+    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
+    "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p", "seed": "seed",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    "repeat_penalty": "repeat_penalty", "logit_bias": "logit_bias", "stop": "stop", "grammar": "grammar",
+    "ignore_eos": "ignore_eos",
+}
+IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "response_format",
+                  "logprobs", "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.type, self.code, self.param, self.headers = status, type, code, param, headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class ServerOptions:
+    model: str | None = None
+    api_key: str | None = None
+    n_parallel: int = 4
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int | None = None
+    max_queue: int = 64
+    max_tokens_cap: int = 4096
+    default_max_tokens: int = 256
+    prompt_cache: str | None = None
+    prompt_cache_bytes: int = DEFAULT_DISK_BYTES
+    n_gpu_layers: int = 0
+
+
+class Metrics:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.http = {}  # (endpoint, status) -> count
+        self.ttft = [0] * (len(TTFT_BUCKETS) + 1)
+        self.ttft_sum = 0.0
+
+    def request(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            self.http[(endpoint, status)] = self.http.get((endpoint, status), 0) + 1
+
+    def observe_ttft(self, seconds: float) -> None:
+        with self.lock:
+            self.ttft_sum += seconds
+            for i, bound in enumerate(TTFT_BUCKETS):
+                if seconds <= bound:
+                    self.ttft[i] += 1
+                    break
+            else:
+                self.ttft[-1] += 1
+
+
+class Server:
+    """The model, its engine, and what the handlers share."""
+
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.llama = LlamaModel(options.model, LoadOptions(n_gpu_layers=options.n_gpu_layers))
+        self.model_id = self.llama.path.stem
+        self.created = int(time.time())
+        self.engine = Engine(self.llama, EngineOptions(
+            n_parallel=options.n_parallel, n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
+            max_queue=options.max_queue, max_tokens_cap=options.max_tokens_cap))
+        if options.prompt_cache is not None:
+            self.engine.prompt_cache = PromptCache(self.engine.ctx, ram_bytes=0, path=options.prompt_cache,
+                                                   disk_bytes=options.prompt_cache_bytes)
+        self.template = template_for(self.llama)
+        self.metrics = Metrics()
+        self._embedder = None
+        self._embed_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.close()
+        if self._embedder is not None:
+            self._embedder.close()
+        self.llama.close()
+
+    def embed(self, texts: list[str]):
+        from .runtime.embed import Embedder
+
+        with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = Embedder(self.llama, n_ctx=self.options.n_ctx, n_threads=self.options.n_threads)
+            return self._embedder.embed(texts)
+
+    # ------------------------------------------------------------ request -> engine
+
+    def sampling(self, body: dict) -> SamplingParams:
+        unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED_FIELDS)
+        if unknown:
+            raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+        if body.get("n", 1) != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        if body.get("echo") or body.get("logprobs") or body.get("best_of", 1) != 1 or body.get("suffix"):
+            field = next(f for f in ("echo", "logprobs", "best_of", "suffix") if body.get(f) not in (None, False, 1))
+            raise APIError(400, f"{field} is not supported", param=field)
+        kwargs = {SAMPLING_FIELDS[k]: v for k, v in body.items() if k in SAMPLING_FIELDS and v is not None}
+        kwargs.setdefault("max_tokens", min(self.options.default_max_tokens, self.options.max_tokens_cap))
+        fmt = body.get("response_format")
+        if fmt is not None:
+            if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+                raise APIError(400, "response_format.type must be text, json_object or json_schema",
+                               param="response_format")
+            if fmt["type"] == "json_object":
+                kwargs["json_schema"] = {"type": "object"}
+            elif fmt["type"] == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise APIError(400, "response_format.json_schema.schema must be an object",
+                                   param="response_format")
+                kwargs["json_schema"] = schema
+        try:
+            return SamplingParams.from_kwargs(**kwargs)
+        except (UsageError, TypeError) as e:
+            raise APIError(400, str(e)) from None
+
+    def prompt_tokens(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            tokens = self.llama.tokenize(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompt):
+            tokens = list(prompt)
+        else:
+            raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)",
+                           param="prompt")
+        if not tokens:
+            raise APIError(400, "prompt is empty", param="prompt")
+        return tokens
+
+    def chat_prompt(self, messages: Any) -> list[int]:
+        try:
+            return chat_tokens(self.llama, messages, self.template)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except UsageError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def submit(self, tokens: list[int], params: SamplingParams):
+        try:
+            return self.engine.submit(tokens, params)
+        except QueueFullError as e:
+            raise APIError(503, str(e), type="server_error", code="queue_full",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        except ContextOverflowError as e:
+            raise APIError(400, str(e), code="context_length_exceeded", param="messages") from None
+        except UsageError as e:
+            raise APIError(400, str(e)) from None
+
+    def metrics_text(self) -> str:
+        s, m = self.engine.stats, self.metrics
+        lines = [
+            "# HELP edgelm_http_requests_total HTTP requests by endpoint and status.",
+            "# TYPE edgelm_http_requests_total counter",
+        ]
+        with m.lock:
+            for (endpoint, status), n in sorted(m.http.items()):
+                lines.append(f'edgelm_http_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+            buckets, total_sum = list(m.ttft), m.ttft_sum
+        counters = (("requests_total", "requests", "Generation requests accepted by the engine."),
+                    ("requests_completed_total", "completed", "Generation requests finished."),
+                    ("requests_cancelled_total", "cancelled", "Generation requests cancelled (client gone)."),
+                    ("requests_rejected_total", "rejected", "Requests refused because the queue was full."),
+                    ("prompt_tokens_total", "prompt_tokens", "Prompt tokens of finished requests."),
+                    ("prompt_tokens_cached_total", "cached_tokens", "Prompt tokens reused from a KV cache."),
+                    ("generated_tokens_total", "generated_tokens", "Tokens generated."),
+                    ("decode_steps_total", "steps", "llama_decode calls."),
+                    ("batch_tokens_total", "batch_tokens", "Tokens evaluated over all decode steps."))
+        for name, key, text in counters:
+            lines += [f"# HELP edgelm_{name} {text}", f"# TYPE edgelm_{name} counter", f"edgelm_{name} {s[key]}"]
+        cache = self.engine.prompt_cache
+        hits = cache.stats["hits"] if cache is not None else 0
+        lines += ["# HELP edgelm_prompt_cache_hits_total Prompt cache entries restored.",
+                  "# TYPE edgelm_prompt_cache_hits_total counter", f"edgelm_prompt_cache_hits_total {hits}",
+                  "# HELP edgelm_queue_length Requests waiting for a slot.", "# TYPE edgelm_queue_length gauge",
+                  f"edgelm_queue_length {self.engine.queued}",
+                  "# HELP edgelm_active_sequences Requests being decoded.", "# TYPE edgelm_active_sequences gauge",
+                  f"edgelm_active_sequences {self.engine.active}",
+                  "# HELP edgelm_batch_size Tokens in the last decode step.", "# TYPE edgelm_batch_size gauge",
+                  f"edgelm_batch_size {s['last_batch']}",
+                  "# HELP edgelm_time_to_first_token_seconds Time from request to first token.",
+                  "# TYPE edgelm_time_to_first_token_seconds histogram"]
+        running = 0
+        for bound, n in zip(TTFT_BUCKETS, buckets):
+            running += n
+            lines.append(f'edgelm_time_to_first_token_seconds_bucket{{le="{bound}"}} {running}')
+        running += buckets[-1]
+        lines += [f'edgelm_time_to_first_token_seconds_bucket{{le="+Inf"}} {running}',
+                  f"edgelm_time_to_first_token_seconds_sum {total_sum:.6f}",
+                  f"edgelm_time_to_first_token_seconds_count {running}"]
+        return "\n".join(lines) + "\n"
+
+
+def create_app(options: ServerOptions) -> FastAPI:
+    server = Server(options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.close()
+
+    app = FastAPI(title="edgelm", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return APIError(400, f"invalid request: {exc.errors()[0].get('msg', 'bad value')}").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(EdgelmError)
+    async def _edgelm(request: Request, exc: EdgelmError):
+        return APIError(400, str(exc)).response()
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        path = request.url.path
+        try:
+            if path.startswith("/v1/") and options.api_key is not None:
+                _check_key(request, options.api_key)
+            if request.method == "POST":
+                size = request.headers.get("content-length")
+                if size is not None and (not size.isdecimal() or int(size) > MAX_BODY_BYTES):
+                    raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+            response = await call_next(request)
+        except APIError as e:
+            response = e.response()
+        server.metrics.request(path if path in ROUTES else "other", response.status_code)
+        return response
+
+    async def _body(request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, ValueError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
+                                            "owned_by": "edgelm"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _body(request)
+        if "prompt" not in body:
+            raise APIError(400, "prompt is required", param="prompt")
+        params = server.sampling(body)
+        tokens = server.prompt_tokens(body["prompt"])
+        return await _generate(request, body, tokens, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _body(request)
+        if "messages" not in body:
+            raise APIError(400, "messages is required", param="messages")
+        params = server.sampling(body)
+        tokens = server.chat_prompt(body["messages"])
+        return await _generate(request, body, tokens, params, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await _body(request)
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise APIError(400, "input must be a non-empty string or list of non-empty strings", param="input")
+        try:
+            vectors = await asyncio.to_thread(server.embed, texts)
+        except ContextOverflowError as e:
+            raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
+        n_tokens = sum(len(server.llama.tokenize(t)) for t in texts)
+        return {"object": "list", "model": server.model_id,
+                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    async def _generate(request: Request, body: dict, tokens: list[int], params: SamplingParams, chat: bool):
+        req = server.submit(tokens, params)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def chunks():
+            first = True
+            try:
+                while True:
+                    chunk = await asyncio.to_thread(req.next_chunk, POLL_S)
+                    if chunk is None:
+                        if await request.is_disconnected():
+                            req.cancel()
+                            return
+                        continue
+                    if first and (chunk.text or chunk.tokens):
+                        server.metrics.observe_ttft(time.perf_counter() - req.submitted)
+                        first = False
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
+            finally:
+                if req.finish_reason is None:
+                    req.cancel()  # the client left, or the handler failed: free the slot
+
+        def usage() -> dict:
+            t = req.timings
+            return {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+                    "total_tokens": t.prompt_tokens + t.completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": t.cached_tokens}}
+
+        def event(delta_text: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else (
+                    {"content": delta_text} if delta_text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_id,
+                       "system_fingerprint": None, "choices": [choice]}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
+                obj = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
+                       "choices": [choice]}
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        if body.get("stream"):
+            async def sse():
+                if chat:
+                    yield event(None, None, role=True)
+                async for chunk in chunks():
+                    reason = _finish(chunk.finish_reason)
+                    if chunk.text or reason:
+                        yield event(chunk.text, reason)
+                if req.finish_reason not in (None, "cancelled"):
+                    if stream_usage:
+                        obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                               "created": created, "model": server.model_id, "choices": [], "usage": usage()}
+                        yield f"data: {json.dumps(obj)}\n\n"
+                    yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        parts = []
+        async for chunk in chunks():
+            parts.append(chunk.text)
+        if req.finish_reason in (None, "cancelled"):
+            return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}}, status_code=499)
+        text, reason = "".join(parts), _finish(req.finish_reason)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": reason}
+            obj = {"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
+                   "system_fingerprint": None, "choices": [choice], "usage": usage()}
+        else:
+            obj = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
+                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+                   "usage": usage()}
+        return obj
+
+    return app
+
+
+ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+
+
+def _finish(reason: str | None) -> str | None:
+    return reason if reason in (None, "stop", "length") else "stop"
+
+
+def _check_key(request: Request, key: str) -> None:
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY, or X-Api-Key)",
+                       type="invalid_request_error", code="invalid_api_key")

@@ -1,0 +1,217 @@
+"""`edgelm serve` as a real server process, driven by the official openai client and raw HTTP."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+import edgelm
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-test-edgelm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgelm", "serve", "--port", str(self.port),
+                                      "--threads", "2", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not come up")
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for line in httpx.get(self.base + "/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess("--parallel", "2", "--ctx", "512", "--api-key", KEY, "--max-tokens-cap", "256")
+    yield s
+    err = s.stop()
+    assert "Traceback" not in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models_and_health(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["edgelm-small-q8_0"]
+    assert httpx.get(server.base + "/health").json() == {"status": "ok"}  # public even with a key
+
+
+def test_completion_matches_the_python_api(client):
+    with edgelm.load(n_ctx=512, n_threads=2, prefix_cache_bytes=0) as m:
+        ref = m.generate("def fibonacci(n):", max_tokens=24, temperature=0)
+    out = client.completions.create(model="x", prompt="def fibonacci(n):", max_tokens=24, temperature=0)
+    assert out.choices[0].text == ref.text and out.choices[0].finish_reason == ref.finish_reason
+    assert out.usage.prompt_tokens == ref.timings.prompt_tokens and out.usage.completion_tokens == len(ref.tokens)
+    streamed = client.completions.create(model="x", prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+                                         stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+
+
+def test_chat_streaming_with_usage(client):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+    whole = client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_json_response_format(client):
+    out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "A person:"}],
+                                         max_tokens=64, temperature=0, response_format={
+                                             "type": "json_schema", "json_schema": {"name": "p", "schema": {
+                                                 "type": "object", "properties": {"name": {"type": "string"}},
+                                                 "required": ["name"]}}})
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(out.choices[0].message.content)["name"], str)
+
+
+def test_embeddings(client):
+    out = client.embeddings.create(model="x", input=["def f(): pass", "hello world"])
+    assert len(out.data) == 2 and len(out.data[0].embedding) == 256
+    assert abs(sum(v * v for v in out.data[0].embedding) - 1.0) < 1e-3
+
+
+def test_api_key_is_required(server):
+    bad = openai.OpenAI(base_url=server.base + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    r = httpx.post(server.base + "/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.base + "/v1/models", headers={"X-Api-Key": KEY}).status_code == 200
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),
+    ({"prompt": "x", "top_k": -3}, "top_k"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "n": 3}, "n"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": {"a": 1}}, "prompt"),
+    ({"prompt": [1, 2, 10**9]}, "token"),
+    ({"prompt": "word " * 2000}, "context"),
+    ({"prompt": "x", "grammar": "root ::= ("}, "grammar"),
+])
+def test_bad_completion_requests_are_400(server, body, field):
+    r = httpx.post(server.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", "{\"messages\": 5}".encode(),
+                                 b'{"messages": [{"role": "user"}]}', b'{"messages": []}'])
+def test_bad_chat_requests_are_400(server, raw):
+    r = httpx.post(server.base + "/v1/chat/completions", content=raw,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert set(r.json()["error"]) >= {"message", "type"}
+
+
+def test_oversized_body_is_413(server):
+    r = httpx.post(server.base + "/v1/completions", content=b"x" * (5 << 20),
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 413
+
+
+def test_disconnect_cancels_the_sequence(server):
+    before = server.metrics().get("edgelm_requests_cancelled_total", 0)
+    with httpx.stream("POST", server.base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "Once upon a time", "max_tokens": 256, "ignore_eos": True,
+                            "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = server.metrics()
+        if m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0
+
+
+def test_metrics_are_prometheus_text(server, client):
+    client.completions.create(model="x", prompt="hi", max_tokens=2)
+    m = server.metrics()
+    assert m["edgelm_requests_completed_total"] >= 1 and m["edgelm_generated_tokens_total"] >= 1
+    assert m['edgelm_time_to_first_token_seconds_bucket{le="+Inf"}'] >= 1
+    assert "edgelm_queue_length" in m and "edgelm_batch_size" in m and "edgelm_prompt_cache_hits_total" in m
+    assert any(k.startswith('edgelm_http_requests_total{endpoint="/v1/completions",status="200"}') for k in m)
+
+
+def test_full_queue_answers_503_with_retry_after():
+    s = ServerProcess("--parallel", "1", "--max-queue", "1", "--ctx", "512")
+    try:
+        results = []
+
+        def call():
+            r = httpx.post(s.base + "/v1/completions", timeout=120,
+                           json={"prompt": "Once", "max_tokens": 200, "ignore_eos": True})
+            results.append(r)
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in results)
+        assert codes.count(200) >= 2 and 503 in codes
+        busy = next(r for r in results if r.status_code == 503)
+        assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "queue_full"
+    finally:
+        err = s.stop()
+    assert "serving edgelm-small-q8_0 on http://127.0.0.1:" in err  # binds this machine only by default
