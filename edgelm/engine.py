@@ -161,7 +161,8 @@ class Engine:
         self._closed = False
         self._paused = False  # submit_many holds admission until all its requests are queued
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0, "prompt_tokens": 0,
-                      "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_tokens": 0, "last_batch": 0}
+                      "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_tokens": 0, "last_batch": 0,
+                      "shared_prefix_hits": 0}
         self._thread = threading.Thread(target=self._run, name="edgelm-engine", daemon=True)
         self._thread.start()
 
@@ -273,6 +274,19 @@ class Engine:
             return max(0, n - n % ROW_GROUP)
 
         n = usable(common_prefix(slot.held, tokens), slot.exact)
+        # another slot may hold more of it (a shared system prompt): with a unified KV cache, copying a
+        # sequence only tags its cells with one more sequence id, so the copy costs no memory
+        donor, best = None, n
+        for other in self._slots:
+            if other is not slot:
+                m = usable(common_prefix(other.held, tokens), other.exact)
+                if m > best:
+                    donor, best = other, m
+        if donor is not None:
+            self.ctx.remove(slot.seq)
+            lib.llama_memory_seq_cp(self.ctx.memory, donor.seq, slot.seq, 0, best)
+            slot.held, slot.exact, n = tokens[:best], best, best
+            self.stats["shared_prefix_hits"] += 1
         cache = self.prompt_cache
         if cache is not None:
             shared, entry = cache.lookup(tokens)

@@ -95,3 +95,19 @@ def test_generation_at_the_context_end_finishes_with_length(model):
     with Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=64, n_threads=2)) as engine:
         out = engine.submit(model.tokenize(PROMPTS[4]), params(max_tokens=500, ignore_eos=True)).result()
     assert out.finish_reason == "length" and out.timings.prompt_tokens + out.timings.completion_tokens <= 64
+
+
+def test_a_prefix_held_by_another_slot_is_shared(model):
+    from edgelm import corpus
+
+    system = corpus.text("heldout", max_chars=1200)
+    a, b = model.tokenize(system + "\nFirst question?"), model.tokenize(system + "\nSecond question?")
+    with Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=512, n_threads=2)) as engine:
+        first = engine.submit(a, params(max_tokens=40, ignore_eos=True))
+        next(iter(first))  # running in slot 0, its prompt evaluated
+        second = engine.submit(b, params()).result()
+        first.result()
+        assert engine.stats["shared_prefix_hits"] == 1
+    assert second.timings.cached_tokens >= len(b) - 64 - 4
+    alone = model.generate(b, max_tokens=16, temperature=0)
+    assert second.text == alone.text
