@@ -102,6 +102,7 @@ def edgelm_cli(model: Path, prompt_text: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small and tiny models only")
+    p.add_argument("--only", metavar="TEXT", help="only the models whose name contains TEXT (e.g. 0.5B)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="threads for every tool")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "runtime-benchmark.md")
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     import edgelm
 
     results: dict[str, dict[str, list[dict]]] = {}
-    for name, path in models(args.quick).items():
+    chosen = {k: v for k, v in models(args.quick).items() if args.only is None or args.only in k}
+    for name, path in chosen.items():
         with edgelm.load(path, n_ctx=N_PROMPT + N_GEN, n_threads=THREADS) as m:
             text = m.detokenize(prompt_tokens(m)[1:])
         runs = results[name] = {"llama-bench": [], "edgelm API": [], "edgelm CLI": []}

@@ -123,8 +123,9 @@ class Model:
                                 max_tokens_cap=max(params.max_tokens, 1), n_threads=self.ctx.options.n_threads,
                                 flash_attn=self.ctx.options.flash_attn, type_k=self.ctx.options.type_k,
                                 type_v=self.ctx.options.type_v)
-        with Engine(self.llama, options, prompt_cache=None) as engine:
+        with self._lock, Engine(self.llama, options, prompt_cache=None, threaded=False) as engine:
             requests = engine.submit_many([(tokens, params) for tokens in token_lists])
+            engine.run_until_idle()  # in this thread: see Engine's threaded
             return [r.result() for r in requests]
 
     def reset(self) -> None:

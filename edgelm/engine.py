@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import codecs
 import itertools
-import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,6 +26,9 @@ from .runtime.context import Context, ContextOptions
 from .runtime.generate import FA_TILE, ROW_GROUP, Chunk, Completion, StopMatcher, Timings, common_prefix
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
+
+
+POLL_S = 0.02  # how often a consumer looks for new chunks
 
 
 class QueueFullError(EdgelmError):
@@ -70,7 +73,8 @@ class Request:
         self.params = params
         self.timings = Timings(prompt_tokens=len(tokens))
         self.finish_reason: str | None = None
-        self._events: queue.Queue = queue.Queue()
+        self._buffer: deque = deque()  # chunks (or an exception) not yet taken by the consumer
+        self._done = threading.Event()
         self._parts: list[str] = []
         self._ids: list[int] = []
         self._cancelled = threading.Event()
@@ -84,24 +88,34 @@ class Request:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def __iter__(self) -> Iterator[Chunk]:
-        while True:
-            item = self._events.get()
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request ends (True) or `timeout` seconds pass (False)."""
+        return self._done.wait(timeout)
+
+    def drain(self) -> list[Chunk]:
+        """The chunks generated since the last call (never blocks)."""
+        out = []
+        while self._buffer:
+            item = self._buffer.popleft()
             if isinstance(item, BaseException):
                 raise item
-            yield item
-            if item.finish_reason is not None:
-                return
+            out.append(item)
+        return out
 
-    def next_chunk(self, timeout: float | None = None) -> Chunk | None:
-        """The next chunk, or None after `timeout` seconds (for consumers that poll, like the server)."""
-        try:
-            item = self._events.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    def __iter__(self) -> Iterator[Chunk]:
+        # The consumer looks every POLL_S rather than being woken for each token: on a machine with as
+        # many cores as llama.cpp threads, a thread woken mid-decode takes a core from llama.cpp, whose
+        # workers then stall at every barrier of the graph (measured: 4x slower decoding at 2 threads).
+        while True:
+            for chunk in self.drain():
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+            self._done.wait(POLL_S)
 
     def result(self) -> Completion:
         """Wait for the end, then the whole completion."""
@@ -116,7 +130,13 @@ class Request:
     def _emit(self, chunk: Chunk) -> None:  # engine thread
         self._parts.append(chunk.text)
         self._ids.extend(chunk.tokens)
-        self._events.put(chunk)
+        self._buffer.append(chunk)
+        if chunk.finish_reason is not None:
+            self._done.set()
+
+    def _fail(self, error: BaseException) -> None:  # engine thread
+        self._buffer.append(error)
+        self._done.set()
 
 
 class _Slot:
@@ -146,7 +166,11 @@ class _Slot:
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, options: EngineOptions | None = None, *, prompt_cache=None):
+    def __init__(self, model: LlamaModel, options: EngineOptions | None = None, *, prompt_cache=None,
+                 threaded: bool = True):
+        """threaded=False: no worker thread; the caller drives it with run_until_idle(). llama.cpp's OpenMP
+        threads decode several times slower once a second thread of the process has run a graph (measured
+        at 2 threads: 150-600 t/s instead of 900-1300), so one process should decode on one thread."""
         self.options = options = options or EngineOptions()
         options.validate()
         self.model = model
@@ -163,8 +187,11 @@ class Engine:
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0, "prompt_tokens": 0,
                       "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_tokens": 0, "last_batch": 0,
                       "shared_prefix_hits": 0}
-        self._thread = threading.Thread(target=self._run, name="edgelm-engine", daemon=True)
-        self._thread.start()
+        self._calls: deque = deque()  # (function, future) to run on the engine's thread between steps
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="edgelm-engine", daemon=True)
+            self._thread.start()
 
     # ------------------------------------------------------------ client side
 
@@ -216,9 +243,10 @@ class Engine:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         for req in list(self._queue):
-            req._events.put(RequestCancelled("the engine was closed"))
+            req._fail(RequestCancelled("the engine was closed"))
         self._queue.clear()
         self.ctx.close()
 
@@ -230,26 +258,56 @@ class Engine:
 
     # ------------------------------------------------------------ worker
 
+    def call(self, fn) -> Future:
+        """Run fn() on the engine's thread between two steps (other llama.cpp work, e.g. embeddings, so
+        that one thread of the process runs every graph); returns a concurrent.futures.Future."""
+        future: Future = Future()
+        with self._cv:
+            self._calls.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def run_until_idle(self) -> None:
+        """Decode in the calling thread until no request is queued or running (threaded=False)."""
+        while True:
+            with self._cv:
+                if not self._queue and not any(s.req for s in self._slots):
+                    return
+                self._admit()
+            self._guarded_step()
+
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and (self._paused or not self._queue) and not any(s.req for s in self._slots):
+                while (not self._closed and (self._paused or not self._queue) and not self._calls
+                       and not any(s.req for s in self._slots)):
                     self._cv.wait()
                 if self._closed:
                     break
+                calls = list(self._calls)
+                self._calls.clear()
                 if not self._paused:
                     self._admit()
-            try:
-                self._step()
-            except BaseException as e:  # a broken step fails every running request, never hangs them
-                for slot in self._slots:
-                    if slot.req is not None:
-                        slot.req._events.put(e if isinstance(e, EdgelmError) else ModelLoadError(str(e)))
-                        self._release(slot, keep=False)
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:
+                        future.set_exception(e)
+            self._guarded_step()
         for slot in self._slots:
             if slot.req is not None:
-                slot.req._events.put(RequestCancelled("the engine was closed"))
+                slot.req._fail(RequestCancelled("the engine was closed"))
                 self._release(slot, keep=False)
+
+    def _guarded_step(self) -> None:
+        try:
+            self._step()
+        except BaseException as e:  # a broken step fails every running request, never hangs them
+            for slot in self._slots:
+                if slot.req is not None:
+                    slot.req._fail(e if isinstance(e, EdgelmError) else ModelLoadError(str(e)))
+                    self._release(slot, keep=False)
 
     def _admit(self) -> None:
         for slot in self._slots:

@@ -23,14 +23,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
-from .engine import Engine, EngineOptions, QueueFullError
+from .engine import POLL_S, Engine, EngineOptions, QueueFullError
 from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
 from .runtime.chat import chat_tokens, template_for
 from .runtime.model import LlamaModel, LoadOptions
 from .runtime.sampling import SamplingParams
 
 MAX_BODY_BYTES = 4 << 20
-POLL_S = 0.05  # how often a waiting handler looks for new tokens and for a disconnected client
+DISCONNECT_EVERY = 10  # ticks between checks for a client that went away
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
     "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
@@ -208,6 +208,7 @@ class Server:
                     ("prompt_tokens_cached_total", "cached_tokens", "Prompt tokens reused from a KV cache."),
                     ("generated_tokens_total", "generated_tokens", "Tokens generated."),
                     ("decode_steps_total", "steps", "llama_decode calls."),
+                    ("shared_prefix_hits_total", "shared_prefix_hits", "Prompts that reused another slot's KV."),
                     ("batch_tokens_total", "batch_tokens", "Tokens evaluated over all decode steps."))
         for name, key, text in counters:
             lines += [f"# HELP edgelm_{name} {text}", f"# TYPE edgelm_{name} counter", f"edgelm_{name} {s[key]}"]
@@ -330,7 +331,7 @@ def create_app(options: ServerOptions) -> FastAPI:
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
             raise APIError(400, "input must be a non-empty string or list of non-empty strings", param="input")
         try:
-            vectors = await asyncio.to_thread(server.embed, texts)
+            vectors = await asyncio.wrap_future(server.engine.call(lambda: server.embed(texts)))
         except ContextOverflowError as e:
             raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
         n_tokens = sum(len(server.llama.tokenize(t)) for t in texts)
@@ -345,21 +346,24 @@ def create_app(options: ServerOptions) -> FastAPI:
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         async def chunks():
-            first = True
+            """The request's chunks, looked for on a shared tick rather than on a wake-up per token
+            (see Engine's Request.__iter__), with a disconnect check every few ticks."""
+            loop = asyncio.get_running_loop()
+            first, ticks = True, 0
             try:
                 while True:
-                    chunk = await asyncio.to_thread(req.next_chunk, POLL_S)
-                    if chunk is None:
-                        if await request.is_disconnected():
-                            req.cancel()
+                    for chunk in req.drain():
+                        if first and (chunk.text or chunk.tokens):
+                            server.metrics.observe_ttft(time.perf_counter() - req.submitted)
+                            first = False
+                        yield chunk
+                        if chunk.finish_reason is not None:
                             return
-                        continue
-                    if first and (chunk.text or chunk.tokens):
-                        server.metrics.observe_ttft(time.perf_counter() - req.submitted)
-                        first = False
-                    yield chunk
-                    if chunk.finish_reason is not None:
+                    ticks += 1
+                    if ticks % DISCONNECT_EVERY == 0 and await request.is_disconnected():
+                        req.cancel()
                         return
+                    await asyncio.sleep(POLL_S - loop.time() % POLL_S)  # every stream wakes on the same tick
             finally:
                 if req.finish_reason is None:
                     req.cancel()  # the client left, or the handler failed: free the slot

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from edgelm.errors import UsageError
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> int:
         print(f"edgelm: all {len(items)} prompts are already in {out_path}", file=sys.stderr)
         return 0
     import edgelm
-    from edgelm.engine import Engine, EngineOptions
+    from edgelm.engine import POLL_S, Engine, EngineOptions
     from edgelm.runtime.chat import chat_tokens, template_for
 
     with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, prefix_cache_bytes=0) as model:
@@ -111,12 +112,9 @@ def main(argv: list[str]) -> int:
             running = dict(zip(engine.submit_many([(t, p) for _, t, p in requests]), (i for i, _, _ in requests)))
             bar = _progress(len(items), len(done), args.no_progress)
             while running:
-                for req in list(running):
-                    chunk = req.next_chunk(timeout=0.02)
-                    while chunk is not None and chunk.finish_reason is None:
-                        chunk = req.next_chunk(timeout=0)
-                    if chunk is None:
-                        continue
+                time.sleep(POLL_S)  # look now and then: a thread woken per token would slow llama.cpp down
+                for req in [r for r in running if r.finished]:
+                    req.drain()
                     i = running.pop(req)
                     result = req.completion()
                     record = {"index": i, "id": items[i].get("id"), "text": result.text,
