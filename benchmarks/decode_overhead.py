@@ -1,0 +1,88 @@
+"""What edgelm's generation loop adds to llama.cpp's decoding, measured inside one process.
+
+    .venv/bin/python benchmarks/decode_overhead.py [MODEL.gguf] [--rounds 8] [--tokens 64]
+
+Alternates Model.generate (greedy, ignore_eos) with a bare llama_decode loop written the way llama-bench's
+tg test is (one token per call, nothing read back), so that a shared machine's noise falls on both alike,
+and prints the median paired ratio; then profiles one generation to split the time between llama_decode
+and Python. Default model: the 0.5B-shape Q4_K_M built by runtime_bench.py.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=str(BENCH / "q05-q4_k_m.gguf"))
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    import llama_cpp as lib
+
+    import edgelm
+
+    n = args.tokens
+    with edgelm.load(args.model, n_ctx=n + 64, n_threads=args.threads, prefix_cache_bytes=0) as m:
+        token = (lib.llama_token * 1)(m.llama.bos if m.llama.bos >= 0 else 1)
+
+        def bare() -> float:
+            m.reset()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                lib.llama_decode(m.ctx.ptr, lib.llama_batch_get_one(token, 1))
+            lib.llama_synchronize(m.ctx.ptr)
+            return n / (time.perf_counter() - t0)
+
+        def edgelm_tg() -> float:
+            m.reset()
+            return m.generate([token[0]], max_tokens=n + 1, temperature=0, ignore_eos=True).timings.gen_tps
+
+        bare(), edgelm_tg()  # warm-up
+        pairs = []
+        for r in range(args.rounds):
+            first, second = (bare, edgelm_tg) if r % 2 else (edgelm_tg, bare)
+            a, b = first(), second()
+            pairs.append((b, a) if r % 2 else (a, b))  # (edgelm, bare)
+        ratio = statistics.median(e / b for e, b in pairs)
+        print(f"{Path(args.model).name}, {args.threads} threads, {n} tokens, {args.rounds} alternating rounds")
+        print(f"  edgelm t/s: {[round(e, 1) for e, _ in pairs]}")
+        print(f"  bare   t/s: {[round(b, 1) for _, b in pairs]}")
+        print(f"  median paired ratio edgelm / bare: {ratio:.3f}")
+
+        spent = 0.0
+        real = lib.llama_decode
+
+        def timed(ctx, batch):
+            nonlocal spent
+            t = time.perf_counter()
+            rc = real(ctx, batch)
+            spent += time.perf_counter() - t
+            return rc
+
+        import edgelm.runtime.context as context_module
+
+        context_module.lib.llama_decode = timed
+        try:
+            m.reset()
+            t0 = time.perf_counter()
+            out = m.generate([token[0]], max_tokens=n + 1, temperature=0, ignore_eos=True)
+            total = time.perf_counter() - t0
+        finally:
+            context_module.lib.llama_decode = real
+        k = out.timings.completion_tokens
+        print(f"  one generation of {k} tokens: {total * 1000:.1f} ms, {spent * 1000:.1f} ms in llama_decode, "
+              f"{(total - spent) / k * 1000:.3f} ms per token elsewhere (Python, sampling, text)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
