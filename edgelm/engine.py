@@ -11,6 +11,7 @@ shares the prefix, and goes to the prompt cache when one is configured.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import itertools
 import threading
 import time
@@ -177,7 +178,7 @@ class Engine:
         self.ctx = Context(model, ContextOptions(
             n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch, n_threads=options.n_threads,
             n_seq_max=options.n_parallel, flash_attn=options.flash_attn, type_k=options.type_k,
-            type_v=options.type_v, kv_unified=True))
+            type_v=options.type_v, kv_unified=False))
         self.prompt_cache = prompt_cache
         self._slots = [_Slot(i) for i in range(options.n_parallel)]
         self._queue: deque[Request] = deque()
@@ -332,17 +333,15 @@ class Engine:
             return max(0, n - n % ROW_GROUP)
 
         n = usable(common_prefix(slot.held, tokens), slot.exact)
-        # another slot may hold more of it (a shared system prompt): with a unified KV cache, copying a
-        # sequence only tags its cells with one more sequence id, so the copy costs no memory
+        # another slot may hold more of it (a shared system prompt): copy that sequence's state over
+        # (each sequence has its own KV stream, so attention never scans the other sequences' cells)
         donor, best = None, n
         for other in self._slots:
             if other is not slot:
                 m = usable(common_prefix(other.held, tokens), other.exact)
                 if m > best:
                     donor, best = other, m
-        if donor is not None:
-            self.ctx.remove(slot.seq)
-            lib.llama_memory_seq_cp(self.ctx.memory, donor.seq, slot.seq, 0, best)
+        if donor is not None and self._copy_sequence(donor.seq, slot.seq):
             slot.held, slot.exact, n = tokens[:best], best, best
             self.stats["shared_prefix_hits"] += 1
         cache = self.prompt_cache
@@ -357,6 +356,17 @@ class Engine:
         del slot.held[n:]
         slot.exact = min(slot.exact, n)
         return n
+
+    def _copy_sequence(self, src: int, dst: int) -> bool:
+        size = lib.llama_state_seq_get_size(self.ctx.ptr, src)
+        buf = (ctypes.c_uint8 * size)()
+        if size == 0 or lib.llama_state_seq_get_data(self.ctx.ptr, buf, size, src) != size:
+            return False
+        self.ctx.remove(dst)
+        if lib.llama_state_seq_set_data(self.ctx.ptr, buf, size, dst) != size:
+            self.ctx.remove(dst)
+            return False
+        return True
 
     def _step(self) -> None:
         for slot in self._slots:
