@@ -263,21 +263,7 @@ def create_app(options: ServerOptions) -> FastAPI:
     async def _edgelm(request: Request, exc: EdgelmError):
         return APIError(400, str(exc)).response()
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        path = request.url.path
-        try:
-            if path.startswith("/v1/") and options.api_key is not None:
-                _check_key(request, options.api_key)
-            if request.method == "POST":
-                size = request.headers.get("content-length")
-                if size is not None and (not size.isdecimal() or int(size) > MAX_BODY_BYTES):
-                    raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-            response = await call_next(request)
-        except APIError as e:
-            response = e.response()
-        server.metrics.request(path if path in ROUTES else "other", response.status_code)
-        return response
+    app.add_middleware(_Guard, server=server)
 
     async def _body(request: Request) -> dict:
         raw = await request.body()
@@ -425,6 +411,40 @@ def create_app(options: ServerOptions) -> FastAPI:
     return app
 
 
+class _Guard:
+    """API key and body size checks, and request counts by endpoint and status. A plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware would hide a client's disconnect from the handlers."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, status = scope["path"], [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            key = self.server.options.api_key
+            if path.startswith("/v1/") and key is not None:
+                _check_key(headers, key)
+            size = headers.get("content-length")
+            if scope["method"] == "POST" and size is not None and (not size.isdecimal() or int(size) > MAX_BODY_BYTES):
+                raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        except APIError as e:
+            await e.response()(scope, receive, send_status)
+        else:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.server.metrics.request(path if path in ROUTES else "other", status[0])
+
+
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
 
 
@@ -432,9 +452,9 @@ def _finish(reason: str | None) -> str | None:
     return reason if reason in (None, "stop", "length") else "stop"
 
 
-def _check_key(request: Request, key: str) -> None:
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+def _check_key(headers: dict[str, str], key: str) -> None:
+    auth = headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
     if not given or not hmac.compare_digest(given.encode(), key.encode()):
         raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY, or X-Api-Key)",
                        type="invalid_request_error", code="invalid_api_key")

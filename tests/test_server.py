@@ -63,7 +63,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess("--parallel", "2", "--ctx", "512", "--api-key", KEY, "--max-tokens-cap", "256")
+    s = ServerProcess("--parallel", "2", "--ctx", "2048", "--api-key", KEY, "--max-tokens-cap", "2048")
     yield s
     err = s.stop()
     assert "Traceback" not in err, err[-3000:]
@@ -143,7 +143,7 @@ def test_api_key_is_required(server):
     ({"prompt": []}, "prompt"),
     ({"prompt": {"a": 1}}, "prompt"),
     ({"prompt": [1, 2, 10**9]}, "token"),
-    ({"prompt": "word " * 2000}, "context"),
+    ({"prompt": "word " * 5000}, "context"),
     ({"prompt": "x", "grammar": "root ::= ("}, "grammar"),
 ])
 def test_bad_completion_requests_are_400(server, body, field):
@@ -215,3 +215,18 @@ def test_full_queue_answers_503_with_retry_after():
     finally:
         err = s.stop()
     assert "serving edgelm-small-q8_0 on http://127.0.0.1:" in err  # binds this machine only by default
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled_too(server):
+    before = server.metrics().get("edgelm_requests_cancelled_total", 0)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(5, read=0.2),  # leaves long before 2,000 tokens are done
+                   json={"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True, "temperature": 0})
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = server.metrics()
+        if m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0
