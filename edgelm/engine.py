@@ -263,10 +263,21 @@ class Engine:
         """Run fn() on the engine's thread between two steps (other llama.cpp work, e.g. embeddings, so
         that one thread of the process runs every graph); returns a concurrent.futures.Future."""
         future: Future = Future()
+        if self._thread is None:  # driven by its caller: that is the thread
+            self._run_call(fn, future)
+            return future
         with self._cv:
             self._calls.append((fn, future))
             self._cv.notify()
         return future
+
+    @staticmethod
+    def _run_call(fn, future: Future) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
 
     def run_until_idle(self) -> None:
         """Decode in the calling thread until no request is queued or running (threaded=False)."""
@@ -290,11 +301,7 @@ class Engine:
                 if not self._paused:
                     self._admit()
             for fn, future in calls:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as e:
-                        future.set_exception(e)
+                self._run_call(fn, future)
             self._guarded_step()
         for slot in self._slots:
             if slot.req is not None:
