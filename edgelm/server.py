@@ -391,9 +391,19 @@ def create_app(options: ServerOptions) -> FastAPI:
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        parts = []
-        async for chunk in chunks():
-            parts.append(chunk.text)
+        # nothing to send until the end: wait for it in a worker thread that wakes only when the request
+        # finishes (or to look for a departed client), instead of looking at every tick
+        try:
+            while not await asyncio.to_thread(req.wait, DISCONNECT_EVERY * POLL_S):
+                if await request.is_disconnected():
+                    req.cancel()
+                    break
+        finally:
+            if req.finish_reason is None:
+                req.cancel()
+        if req.timings.completion_tokens:
+            server.metrics.observe_ttft(req.timings.ttft_s)
+        parts = [chunk.text for chunk in req.drain()]
         if req.finish_reason in (None, "cancelled"):
             return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}}, status_code=499)
         text, reason = "".join(parts), _finish(req.finish_reason)
