@@ -316,3 +316,28 @@ def test_json_schema_escapes_constants(tiny_model):
 def test_unsupported_json_schemas_are_refused(schema, expected):
     with pytest.raises(UsageError, match=re.escape(expected)):
         schema_to_gbnf(schema)
+
+
+def test_greedy_with_a_bias_picks_what_llama_cpps_chain_picks(tiny_model):
+    import llama_cpp as lib
+
+    from edgelm.runtime.sampling import SamplerChain
+
+    ctx = tiny_model.ctx
+    rng = np.random.default_rng(0)
+    for prompt in ("def main():\n", "import os\n", "class A:\n    "):
+        ctx.clear()
+        ctx.decode(tiny_model.tokenize(prompt), 0)
+        top = np.argsort(ctx.logits())[::-1][:6]
+        bias = {int(t): float(b) for t, b in zip(top, rng.uniform(-3, 3, size=6))} | {int(top[1]): -math.inf}
+        ours = SamplerChain(SamplingParams.from_kwargs(temperature=0, logit_bias=bias), tiny_model.llama, 512)
+        items = [lib.llama_logit_bias(t, b) for t, b in bias.items()]
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(
+            tiny_model.llama.n_vocab, len(items), (lib.llama_logit_bias * len(items))(*items)))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        try:
+            assert ours.sample(ctx.ptr) == lib.llama_sampler_sample(chain, ctx.ptr, -1)
+        finally:
+            lib.llama_sampler_free(chain)
+            ours.close()
