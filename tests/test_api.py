@@ -109,3 +109,4 @@ def test_one_model_serves_many_threads(tiny_model):
     for t in threads:
         t.join()
     assert not errors and got == alone
+

@@ -9,6 +9,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -75,6 +76,8 @@ class LlamaModel:
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
         self.add_eos = bool(lib.llama_vocab_get_add_eos(self.vocab))
         self._piece_cache: dict[int, bytes] = {}
+        if self.options.use_mmap and not self.options.vocab_only:
+            populate_mapping(self.path)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -173,6 +176,33 @@ class LlamaModel:
         for t in tokens:
             if not 0 <= t < self.n_vocab:
                 raise UsageError(f"token id {t} out of range [0, {self.n_vocab})")
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14+
+
+
+def populate_mapping(path: Path) -> None:
+    """Fault the pages of llama.cpp's memory map of `path` in now, at load, rather than during the first prompt
+    (measured on the 0.5B-shape Q8_0, whose weights compute straight from the map: the first pp512 of a fresh
+    process ran at 155 t/s against 193-215 for the next ones; 251 against 242-259 with this). Best effort: other
+    systems and older kernels skip it, and so does a model larger than half the available memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        if os.path.getsize(target) > available // 2:
+            return  # a model that hardly fits is left to page in on demand
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            ranges = [line.split()[0] for line in f if line.rstrip("\n").endswith(" " + target)]
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, StopIteration, ValueError):
+        return
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for span in ranges:
+        start, end = (int(x, 16) for x in span.split("-"))
+        libc.madvise(start, end - start, MADV_POPULATE_READ)  # an error (EINVAL before 5.14) changes nothing
 
 
 def _load_mode(options: LoadOptions) -> int:
