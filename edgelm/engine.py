@@ -24,7 +24,8 @@ import llama_cpp as lib
 
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.context import Context, ContextOptions
-from .runtime.generate import FA_TILE, ROW_GROUP, Chunk, Completion, StopMatcher, Timings, common_prefix
+from .cache.prefix import common_prefix
+from .runtime.generate import FA_TILE, ROW_GROUP, Chunk, Completion, StopMatcher, Timings, reusable
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
 
@@ -336,8 +337,7 @@ class Engine:
     def _reuse(self, slot: _Slot, tokens: list[int]) -> int:
         """Positions of `tokens` the slot's sequence can keep (from its own KV or the prompt cache)."""
         def usable(shared: int, exact: int) -> int:
-            n = min(shared, exact, len(tokens) - FA_TILE)
-            return max(0, n - n % ROW_GROUP)
+            return reusable(shared, exact, len(tokens))
 
         n = usable(common_prefix(slot.held, tokens), slot.exact)
         # another slot may hold more of it (a shared system prompt): copy that sequence's state over

@@ -61,6 +61,17 @@ class ServerProcess:
         return err
 
 
+def assert_cancelled_since(server: ServerProcess, before: float) -> None:
+    """Within 10 s the server counts one more cancelled request and has no sequence running."""
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = server.metrics()
+        if m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0
+
+
 @pytest.fixture(scope="module")
 def server():
     s = ServerProcess("--parallel", "2", "--ctx", "2048", "--api-key", KEY, "--max-tokens-cap", "2048")
@@ -174,13 +185,7 @@ def test_disconnect_cancels_the_sequence(server):
                             "stream": True}) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        m = server.metrics()
-        if m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0:
-            break
-        time.sleep(0.1)
-    assert m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0
+    assert_cancelled_since(server, before)
 
 
 def test_metrics_are_prometheus_text(server, client):
@@ -223,10 +228,4 @@ def test_a_non_streaming_client_that_leaves_is_cancelled_too(server):
         httpx.post(server.base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                    timeout=httpx.Timeout(5, read=0.2),  # leaves long before 2,000 tokens are done
                    json={"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True, "temperature": 0})
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        m = server.metrics()
-        if m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0:
-            break
-        time.sleep(0.1)
-    assert m["edgelm_requests_cancelled_total"] > before and m["edgelm_active_sequences"] == 0
+    assert_cancelled_since(server, before)

@@ -16,7 +16,7 @@ class _Node:
         self.keys: set[Hashable] = set()  # entries whose tokens pass through (or end at) this node
 
 
-def _common(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
     """Length of the common prefix of a and b[start:]."""
     n = min(len(a), len(b) - start)
     i = 0
@@ -60,7 +60,7 @@ class PrefixTree:
                 node.edges[tokens[i]] = (tokens[i:], leaf)
                 return
             label, child = edge
-            n = _common(label, tokens, i)
+            n = common_prefix(label, tokens, i)
             if n < len(label):  # split the edge where the new tokens leave it
                 mid = _Node()
                 mid.keys = set(child.keys)
@@ -95,7 +95,7 @@ class PrefixTree:
             if edge is None:
                 break
             label, child = edge
-            n = _common(label, tokens, i)
+            n = common_prefix(label, tokens, i)
             i += n
             node = child
             if n < len(label):

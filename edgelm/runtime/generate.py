@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from edgelm.cache.prefix import common_prefix
 from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context
@@ -49,14 +50,6 @@ class Completion:
     timings: Timings = field(default_factory=Timings)
 
 
-def common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 # llama.cpp's CPU kernels round differently depending on how a prompt is split into batches:
 # flash attention switches to a tiled kernel at 64 queries per batch (GGML_FA_TILE_Q), and repacked
 # quantized weights multiply activation rows in groups of 4, the remainder one by one. A *canonical*
@@ -68,12 +61,15 @@ ROW_GROUP = 4
 REUSE = ("exact", "fast", "off")
 
 
-def common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def reusable(shared: int, exact: int, n_tokens: int, reuse: str = "exact") -> int:
+    """How many leading positions of an `n_tokens` prompt to keep, of `shared` held ones of which `exact`
+    were evaluated canonically. The last token is always evaluated again: sampling needs its logits."""
+    if reuse == "off":
+        return 0
+    if reuse == "fast":
+        return min(shared, n_tokens - 1)
+    n = min(shared, exact, n_tokens - FA_TILE)
+    return max(0, n - n % ROW_GROUP)
 
 
 def batch_plan(start: int, end: int, n_batch: int) -> list[tuple[int, int]] | None:
@@ -105,15 +101,9 @@ def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: st
     """
     if reuse not in REUSE:
         raise UsageError(f"kv_reuse must be one of {', '.join(REUSE)}, not {reuse!r}")
-    last = len(tokens) - 1  # the last token is always evaluated: sampling needs its logits
 
     def usable(shared: int, exact: int) -> int:
-        if reuse == "off":
-            return 0
-        if reuse == "fast":
-            return min(shared, last)
-        n = min(shared, exact, len(tokens) - FA_TILE)
-        return max(0, n - n % ROW_GROUP)
+        return reusable(shared, exact, len(tokens), reuse)
 
     n = usable(common_prefix(ctx.seq_tokens(seq), tokens), ctx.exact_tokens(seq))
     source_exact = ctx.exact_tokens(seq)
