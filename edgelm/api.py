@@ -11,9 +11,11 @@ from .cache.response import CachedResponse, ResponseCache
 from .errors import ContextOverflowError, UsageError
 from .runtime.chat import chat_tokens, template_for
 from .runtime.context import Context, ContextOptions
-from .runtime.generate import REUSE, Chunk, Completion, Timings, generate, stream
+from .runtime.generate import REUSE, Chunk, Completion, Timings, collect, generate, stream, text_stream
 from .runtime.model import LlamaModel, LoadOptions
 from .runtime.sampling import SamplingParams
+from .runtime.speculative import (DRAFT_MAX, THRESHOLD, ContextVerifier, DraftModel, EarlyExit, Lookup,
+                                  SpecStats, SpeculativeOptions, choose_split, same_vocabulary, speculative_tokens)
 
 TRUNCATE = ("error", "left")  # what a prompt longer than the context does
 
@@ -27,16 +29,36 @@ class Model:
                  seed: int | None = None, truncate: str = "error", chat_template: str | None = None,
                  prefix_cache_bytes: int = DEFAULT_RAM_BYTES, prompt_cache: str | os.PathLike | None = None,
                  prompt_cache_bytes: int = DEFAULT_DISK_BYTES, response_cache: "bool | ResponseCache" = False,
-                 kv_reuse: str = "exact"):
+                 kv_reuse: str = "exact", early_exit: bool | int | None = None, draft: str | os.PathLike | None = None,
+                 lookup: bool = False, draft_max: int = DRAFT_MAX, draft_threshold: float = THRESHOLD):
         if truncate not in TRUNCATE:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
         if kv_reuse not in REUSE:
             raise UsageError(f"kv_reuse must be one of {', '.join(REUSE)}, not {kv_reuse!r}")
         if seed is not None:
             SamplingParams(seed=seed).validate()
-        self.llama = LlamaModel(path, LoadOptions(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock))
-        self.ctx = Context(self.llama, ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                                      flash_attn=flash_attn, type_k=type_k, type_v=type_v))
+        # speculative decoding: early exit (the model's own first layers draft), a draft model, or prompt lookup
+        self.speculative = SpeculativeOptions(early_exit, None if draft is None else str(draft), lookup, draft_max,
+                                              draft_threshold)
+        self.speculative.validate()
+        load = LoadOptions(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock)
+        ctx_options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
+                                     type_k=type_k, type_v=type_v)
+        self._tail = self._capture = self._draft_ctx = self.early_exit = None
+        if self.speculative.early_exit not in (None, False):
+            if prompt_cache is not None:
+                raise UsageError("the prompt cache does not work with early exit yet: drop one of them")
+            prefix_cache_bytes = 0
+            self._load_early_exit(path, load, ctx_options)
+        else:
+            self.llama = LlamaModel(path, load)
+            self.ctx = Context(self.llama, ctx_options)
+        if self.speculative.draft is not None:
+            draft_model = LlamaModel(self.speculative.draft, load)
+            if not same_vocabulary(self.llama, draft_model):
+                raise UsageError(f"{draft_model.path}: its vocabulary differs from {self.llama.path}'s; "
+                                 "a draft model must share the target's tokenizer")
+            self._draft_ctx = Context(draft_model, ctx_options)
         self.seed, self.truncate = seed, truncate  # defaults for every call
         self.kv_reuse = kv_reuse  # how much of an earlier prompt's KV a request may take (generate.prefill)
         # KV states of earlier prompts: in RAM (prefix_cache_bytes, 0: none) and in a folder (prompt_cache)
@@ -57,6 +79,35 @@ class Model:
         self._lock = threading.Lock()
         # chat_template: a built-in name ("chatml", "completion") or Jinja source replacing the model's own
         self._chat_template = None if chat_template is None else template_for(self.llama, chat_template)
+
+    def _load_early_exit(self, path, load: LoadOptions, ctx_options: ContextOptions) -> None:
+        from .native import Capture
+        from .runtime.model import resolve_model
+
+        split = choose_split(resolve_model(path), self.speculative.early_exit)
+        self.early_exit = split
+        self.llama = LlamaModel(split.paths.draft, load, parts=[split.paths.shared])
+        tail = LlamaModel(split.paths.tail, load, parts=[split.paths.shared])
+        self._capture = Capture(f"l_out-{split.k - 1}", self.llama.n_embd, ctx_options.n_batch)
+        self.ctx = Context(self.llama, ctx_options, eval_callback=self._capture.callback,
+                           eval_user_data=self._capture.user_data)
+        self._tail = Context(tail, ctx_options, embd_input=True)
+
+    def _speculative_stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Chunk]:
+        s = self.speculative
+        if self._tail is not None:
+            verifier = drafter = EarlyExit(self.ctx, self._tail, self._capture, s.threshold)
+        else:
+            verifier = ContextVerifier(self.ctx)
+            drafter = DraftModel(self._draft_ctx, s.threshold) if self._draft_ctx is not None else Lookup()
+        timings = Timings()
+        timings.speculative = stats = SpecStats()
+        gen = speculative_tokens(verifier, drafter, tokens, params, timings, stats, s.draft_max)
+        return text_stream(self.llama, gen, params, timings)
+
+    def _no_early_exit(self, what: str) -> None:
+        if self._tail is not None:
+            raise UsageError(f"{what} needs the single-file model; this one is loaded as an early-exit split")
 
     # ------------------------------------------------------------ text
 
@@ -114,6 +165,7 @@ class Model:
         results come back in the order of `prompts`."""
         from .engine import Engine, EngineOptions
 
+        self._no_early_exit("generate_batch")
         params, truncate = self._params(sampling)
         token_lists = [self._prompt_tokens(p, params, truncate) for p in prompts]
         if not token_lists:
@@ -131,7 +183,9 @@ class Model:
     def reset(self) -> None:
         """Forget the KV of earlier requests, in the context and the in-memory prompt cache (files stay)."""
         with self._lock:
-            self.ctx.clear()
+            for ctx in (self.ctx, self._tail, self._draft_ctx):
+                if ctx is not None:
+                    ctx.clear()
             if self.prompt_cache is not None:
                 self.prompt_cache.clear()
 
@@ -140,7 +194,10 @@ class Model:
             hit = self._cached_response(tokens, params)
             if hit is not None:
                 return hit
-            out = generate(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse)
+            if self.speculative.enabled:
+                out = collect(self._speculative_stream(tokens, params))
+            else:
+                out = generate(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse)
             self._remember(tokens, params, out.text, out.tokens, out.finish_reason)
             return out
 
@@ -151,7 +208,9 @@ class Model:
                 yield Chunk(hit.text, hit.tokens, hit.finish_reason, hit.timings)
                 return
             parts, ids = [], []
-            for chunk in stream(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse):
+            chunks = (self._speculative_stream(tokens, params) if self.speculative.enabled
+                      else stream(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse))
+            for chunk in chunks:
                 parts.append(chunk.text)
                 ids.extend(chunk.tokens)
                 if chunk.finish_reason is not None:
@@ -218,6 +277,7 @@ class Model:
     def _embed_unlocked(self, texts: list[str] | str, *, normalize: bool = True):
         from .runtime.embed import Embedder
 
+        self._no_early_exit("embed")
         single = isinstance(texts, str)
         if self._embedder is None:
             self._embedder = Embedder(self.llama, n_ctx=self.ctx.n_ctx, n_threads=self.ctx.options.n_threads)
@@ -228,6 +288,7 @@ class Model:
         """Perplexity of `text` over strided windows (default: the context size, half-window stride)."""
         from .runtime.perplexity import perplexity
 
+        self._no_early_exit("perplexity")
         window = window or min(self.ctx.n_ctx, 512)
         with self._lock:
             return perplexity(self.llama, self.tokenize(text), window=window, stride=stride,
@@ -246,6 +307,10 @@ class Model:
     def close(self) -> None:
         if self._embedder is not None:
             self._embedder.close()
+        for ctx in (self._tail, self._draft_ctx):
+            if ctx is not None:
+                ctx.close()
+                ctx.model.close()
         self.ctx.close()
         self.llama.close()
 

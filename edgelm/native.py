@@ -8,6 +8,7 @@ decode path. numpy references with the same signatures live in native_ref.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from typing import Iterator
 
 import numpy as np
@@ -26,6 +27,7 @@ _INT32_MAX = 2**31 - 1  # argmax and token ids are int32 in C
 __all__ = [
     "Confidence",
     "available",
+    "Capture",
     "confidence",
     "force_scalar",
     "greedy_accept",
@@ -178,3 +180,69 @@ def residual_sample(p: np.ndarray, q: np.ndarray, u: float) -> int:
     if j < 0:
         raise ValueError("p has no probability mass")
     return int(j)
+
+
+# ----------------------------------------------------------------------------
+# Kernel family 3: capture of a graph node during llama_decode
+
+
+class Capture:
+    """A ring buffer that llama.cpp's eval callback fills with one node's rows (native/capture.c).
+
+    Give `callback` and `user_data` to a context (Context(eval_callback=..., eval_user_data=...));
+    after each decode, `take(n)` returns the n rows the node produced last, oldest first.
+    """
+
+    def __init__(self, target: str, n_embd: int, capacity: int):
+        from edgelm.runtime import ggml
+
+        ffi, lib = _lib()
+        encoded = target.encode()
+        if not 0 < len(encoded) < 64:
+            raise ValueError(f"node name must be 1 to 63 bytes, got {target!r}")
+        if n_embd < 1 or capacity < 1:
+            raise ValueError(f"n_embd and capacity must be positive, got {n_embd}, {capacity}")
+        ggml.check_layout()
+        g = ggml.libggml()
+        self.rows = np.zeros((capacity, n_embd), dtype=np.float32)
+        self._state = c = ffi.new("edgelm_capture_t *")
+        for name in ("type", "buffer", "ne", "nb", "data", "name"):
+            setattr(c, f"off_{name}", getattr(ggml.GGMLTensor, name).offset)
+        c.buffer_is_host = ffi.cast("_Bool(*)(void *)", ctypes.cast(g.ggml_backend_buffer_is_host, ctypes.c_void_p).value)
+        c.tensor_get = ffi.cast("void(*)(const void *, void *, size_t, size_t)",
+                                ctypes.cast(g.ggml_backend_tensor_get, ctypes.c_void_p).value)
+        c.target = encoded
+        c.rows = ffi.cast("float *", self.rows.ctypes.data)
+        c.n_embd, c.capacity = n_embd, capacity
+        self.target, self.n_embd, self.capacity = target, n_embd, capacity
+        import llama_cpp
+
+        address = int(ffi.cast("uintptr_t", ffi.addressof(lib, "edgelm_capture_eval")))
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(address)
+        self.user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", c)))
+
+    @property
+    def head(self) -> int:
+        """Rows captured so far."""
+        return int(self._state.head)
+
+    @property
+    def calls(self) -> int:
+        """Nodes captured so far."""
+        return int(self._state.calls)
+
+    def check(self) -> None:
+        """Raise if the callback met a node it could not capture (then clear the error)."""
+        code, self._state.error = int(self._state.error), 0
+        if code:
+            what = {1: "is not float32", 2: f"is not {self.n_embd} wide", 3: f"has more than {self.capacity} rows",
+                    4: "is not 2-D"}.get(code, f"error {code}")
+            raise NativeError(f"capture of graph node {self.target}: the node {what}")
+
+    def take(self, n: int, end: int | None = None) -> np.ndarray:
+        """A copy of the n rows ending at row `end` (default: the last captured), oldest first."""
+        end = self.head if end is None else end
+        if not 0 <= n <= min(self.capacity, end) or end > self.head or self.head - (end - n) > self.capacity:
+            raise ValueError(f"rows [{end - n}, {end}) are not in the ring (head {self.head}, capacity {self.capacity})")
+        idx = np.arange(end - n, end) % self.capacity
+        return self.rows[idx]

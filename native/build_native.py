@@ -16,7 +16,7 @@ import cffi
 
 NATIVE = Path(__file__).resolve().parent
 ROOT = NATIVE.parent
-SOURCES = ["confidence.c", "accept.c"]
+SOURCES = ["confidence.c", "accept.c", "capture.c"]
 
 HEADER = NATIVE / "edgelm_native.h"
 # The cdef is the header itself, less its preprocessor lines (cffi strips the comments).

@@ -8,6 +8,7 @@
 #ifndef EDGELM_NATIVE_H
 #define EDGELM_NATIVE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* ----------------------------------------------------------------------------
@@ -60,5 +61,35 @@ int64_t edgelm_speculative_accept(const float *p, const float *q, const int32_t 
 /* p, q (n_vocab,), u in [0, 1): a token drawn from normalize(max(0, p - q)) by
  * inverse CDF, or from p when the residual has no mass. -1 if p has no mass. */
 int32_t edgelm_residual_sample(const float *p, const float *q, int64_t n_vocab, double u);
+
+/* ----------------------------------------------------------------------------
+ * Kernel family 3: capture of one graph node during llama_decode (capture.c)
+ * edgelm_capture_eval is a ggml_backend_sched_eval_callback: give it as the
+ * context's cb_eval with a pointer to an edgelm_capture_t as cb_eval_user_data.
+ * Each computed node named `target` appends its rows (ne[1] rows of n_embd
+ * float32) to the ring buffer `rows` (capacity rows) at row head % capacity. */
+
+enum {
+    EDGELM_CAPTURE_BAD_TYPE = 1,   /* the node is not float32 */
+    EDGELM_CAPTURE_BAD_WIDTH = 2,  /* ne[0] != n_embd */
+    EDGELM_CAPTURE_OVERFLOW = 3,   /* more rows in one node than the ring holds */
+    EDGELM_CAPTURE_BAD_SHAPE = 4   /* a 3-D or 4-D node */
+};
+
+typedef struct {
+    /* byte offsets of struct ggml_tensor's type, buffer, ne, nb, data and name */
+    int32_t off_type, off_buffer, off_ne, off_nb, off_data, off_name;
+    /* ggml_backend_buffer_is_host and ggml_backend_tensor_get from the loaded libggml */
+    _Bool (*buffer_is_host)(void *buffer);
+    void (*tensor_get)(const void *tensor, void *data, size_t offset, size_t size);
+    char target[64];  /* the node's name, NUL-terminated */
+    float *rows;      /* capacity x n_embd floats, owned by the caller */
+    int64_t n_embd, capacity;
+    int64_t head;     /* rows written so far (the ring index is head % capacity) */
+    int64_t calls;    /* nodes captured so far */
+    int32_t error;    /* first EDGELM_CAPTURE_* error seen, 0 if none; the caller clears it */
+} edgelm_capture_t;
+
+_Bool edgelm_capture_eval(void *tensor, _Bool ask, void *user_data);
 
 #endif /* EDGELM_NATIVE_H */

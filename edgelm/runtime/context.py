@@ -48,7 +48,8 @@ def default_threads() -> int:
 
 
 class Context:
-    def __init__(self, model: LlamaModel, options: ContextOptions | None = None, *, eval_callback=None):
+    def __init__(self, model: LlamaModel, options: ContextOptions | None = None, *, eval_callback=None,
+                 eval_user_data=None, embd_input: bool = False):
         self.model = model
         self.options = options = options or ContextOptions()
         options.validate()
@@ -61,7 +62,7 @@ class Context:
         params.type_k, params.type_v = KV_TYPES[options.type_k], KV_TYPES[options.type_v]
         if eval_callback is not None:  # a ggml_backend_sched_eval_callback; the caller keeps it alive
             params.cb_eval = eval_callback
-            params.cb_eval_user_data = None
+            params.cb_eval_user_data = eval_user_data
         if options.embeddings:  # mean of the last hidden states over each sequence
             params.embeddings = True
             params.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
@@ -74,7 +75,11 @@ class Context:
         self.n_ctx = lib.llama_n_ctx(self._ptr)
         self.n_batch = lib.llama_n_batch(self._ptr)
         self.memory = lib.llama_get_memory(self._ptr)
-        self._batch = lib.llama_batch_init(self.n_batch, 0, options.n_seq_max)
+        # embd_input: batches carry hidden states (n_embd floats per position) instead of token ids
+        self.embd_input = embd_input
+        self._batch = lib.llama_batch_init(self.n_batch, model.n_embd if embd_input else 0, options.n_seq_max)
+        self._embd = (np.ctypeslib.as_array(self._batch.embd, shape=(self.n_batch, model.n_embd))
+                      if embd_input else None)
         self._tokens: dict[int, list[int]] = {}  # seq -> the tokens its KV holds, by position
         self._exact: dict[int, int] = {}  # seq -> how many leading positions were evaluated canonically
 
@@ -165,6 +170,30 @@ class Context:
             held.extend(tokens)
         else:  # not a continuation of what we know it holds: stop claiming to know
             self._tokens.pop(seq)
+
+    def decode_embd(self, rows: np.ndarray, start: int, seq: int = 0, *, logits_from: int | None = None) -> None:
+        """Evaluate hidden states `rows` (n, n_embd) at positions start.. of `seq` in one batch (a context made
+        with embd_input). Logits are kept for the last row, or for every row >= `logits_from`."""
+        if self._embd is None:
+            raise UsageError("this context takes token ids; create it with embd_input=True")
+        n = len(rows)
+        if not 1 <= n <= self.n_batch:
+            raise UsageError(f"hidden states for 1 to {self.n_batch} positions per call, not {n}")
+        if start + n > self.n_ctx:
+            raise ContextOverflowError(f"{start + n} positions do not fit the context of {self.n_ctx}")
+        b = self._batch
+        self._embd[:n] = rows
+        for i in range(n):
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits_from is not None and i >= logits_from
+        b.logits[n - 1] = True
+        b.n_tokens = n
+        rc = lib.llama_decode(self._ptr, b)
+        if rc != 0:
+            raise ModelLoadError(f"llama_decode failed with code {rc}")
+        self._tokens.pop(seq, None)  # what an embedding-fed sequence holds is tracked by its owner
 
     def decode_one(self, token: int, pos: int, seq: int = 0) -> None:
         """The decode step's hot path: one token, logits on."""

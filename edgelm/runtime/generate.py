@@ -22,6 +22,7 @@ class Timings:
     ttft_s: float = 0.0  # request start -> first generated token
     gen_s: float = 0.0  # time spent after the first token
     response_cache: str | None = None  # "exact" or "semantic" when the response cache answered
+    speculative: object | None = None  # speculative.SpecStats of a speculative generation
 
     @property
     def prompt_tps(self) -> float:  # over the prompt tokens actually evaluated
@@ -207,10 +208,13 @@ def stream(ctx: Context, prompt: list[int], params: SamplingParams, timings: Tim
            seq: int = 0, cache=None, reuse: str = "exact") -> Iterator[Chunk]:
     """Text chunks as they are generated; the last chunk carries the finish reason."""
     timings = timings if timings is not None else Timings()
+    return text_stream(ctx.model, generate_tokens(ctx, prompt, params, timings, seq, cache, reuse), params, timings)
+
+
+def text_stream(model, tokens: Iterator[int], params: SamplingParams, timings: Timings) -> Iterator[Chunk]:
+    """Text chunks of a token generator (whose return value is the finish reason), stop strings held back."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds split UTF-8 sequences
     stops = StopMatcher(params.stop)
-    tokens = generate_tokens(ctx, prompt, params, timings, seq, cache, reuse)
-    model = ctx.model
     while True:
         try:
             token = next(tokens)
@@ -227,9 +231,15 @@ def stream(ctx: Context, prompt: list[int], params: SamplingParams, timings: Tim
 
 
 def generate(ctx: Context, prompt: list[int], params: SamplingParams, cache=None, reuse: str = "exact") -> Completion:
+    return collect(stream(ctx, prompt, params, cache=cache, reuse=reuse))
+
+
+def collect(chunks: Iterator[Chunk]) -> Completion:
+    """A Completion from a stream of chunks (the last one carries the finish reason and timings)."""
     timings = Timings()
     parts, ids, reason = [], [], "length"
-    for chunk in stream(ctx, prompt, params, timings, cache=cache, reuse=reuse):
+    for chunk in chunks:
+        timings = chunk.timings or timings
         parts.append(chunk.text)
         ids.extend(chunk.tokens)
         reason = chunk.finish_reason or reason

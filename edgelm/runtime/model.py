@@ -54,16 +54,25 @@ class LoadOptions:
 class LlamaModel:
     """Weights and vocabulary; contexts (KV caches) are created from it."""
 
-    def __init__(self, path: str | os.PathLike | None = None, options: LoadOptions | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, options: LoadOptions | None = None, *,
+                 parts: list[Path] | None = None):
+        """`parts`: the later files of a split model whose first file is `path` (split.no 1, 2, ...)."""
         self.options = options or LoadOptions()
         self.path = resolve_model(path)
         self.gguf: GGUFFile = read_gguf(self.path)
+        self.parts = [resolve_model(p) for p in parts or ()]
+        for p in self.parts:
+            read_gguf(p)
         ensure_backend()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = self.options.n_gpu_layers
         params.vocab_only = self.options.vocab_only
         params.load_mode = _load_mode(self.options)
-        self._ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
+        if self.parts:
+            paths = (ctypes.c_char_p * (1 + len(self.parts)))(*(os.fsencode(p) for p in (self.path, *self.parts)))
+            self._ptr = lib.llama_model_load_from_splits(paths, len(paths), params)
+        else:
+            self._ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
         if not self._ptr:
             raise ModelLoadError(f"{self.path}: llama.cpp could not load this model (run with --verbose for its log)")
         self.vocab = lib.llama_model_get_vocab(self._ptr)
@@ -77,7 +86,8 @@ class LlamaModel:
         self.add_eos = bool(lib.llama_vocab_get_add_eos(self.vocab))
         self._piece_cache: dict[int, bytes] = {}
         if self.options.use_mmap and not self.options.vocab_only:
-            populate_mapping(self.path)
+            for p in (self.path, *self.parts):
+                populate_mapping(p)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -1,0 +1,244 @@
+"""The early-exit split: one GGUF model cut at layer k into a draft and a tail that share their weights.
+
+    model.gguf                the single-file model, untouched
+    model.ee-shared.gguf      token_embd and output (split 1 of both models below; the same for every k)
+    model.ee{k}-draft.gguf    split 0 of the draft D: layers 0..k-1, its exit norm as output_norm
+    model.ee{k}-tail.gguf     split 0 of the tail T: layers k..L-1 renumbered from 0, the real final norm
+
+Each model loads with `llama_model_load_from_splits([head, shared])`; both map the one shared file, so
+no weight is held twice. llama.cpp checks only `split.no` of a later split, and that the head's
+`split.tensors.count` equals the model's total tensor count. The heads carry `edgelm.early_exit.*`
+keys that tie the three files to each other and to the source model, so that pieces of different
+splits or models are refused by edgelm before llama.cpp loads them (see `check_split`).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from edgelm.errors import ConversionError, ModelLoadError
+
+from .export import atomic_path
+
+# Architectures whose layers do not depend on their index (no per-index sliding-window pattern,
+# no layer-indexed scaling), so layers k..L-1 renumbered from 0 compute what they computed in place.
+SPLIT_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "granite", "olmo2", "phi3", "stablelm", "internlm2")
+SHARED_TENSORS = ("token_embd.weight", "output.weight")
+KEY = "edgelm.early_exit."
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class SplitPaths:
+    shared: Path
+    draft: Path
+    tail: Path
+
+    def exists(self) -> bool:
+        return self.shared.is_file() and self.draft.is_file() and self.tail.is_file()
+
+
+def split_paths(model: str | Path, k: int) -> SplitPaths:
+    model = Path(model)
+    base = model.with_suffix("") if model.suffix == ".gguf" else model
+    return SplitPaths(
+        shared=base.with_name(f"{base.name}.ee-shared.gguf"),
+        draft=base.with_name(f"{base.name}.ee{k}-draft.gguf"),
+        tail=base.with_name(f"{base.name}.ee{k}-tail.gguf"),
+    )
+
+
+def available_splits(model: str | Path) -> list[int]:
+    """The exit layers k for which a complete split lies beside `model`, ascending."""
+    model = Path(model)
+    base = model.with_suffix("") if model.suffix == ".gguf" else model
+    found = []
+    for p in base.parent.glob(f"{glob_escape(base.name)}.ee*-draft.gguf"):
+        m = re.fullmatch(re.escape(base.name) + r"\.ee(\d+)-draft\.gguf", p.name)
+        if m and split_paths(model, int(m.group(1))).exists():
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def header_sha256(path: Path) -> str:
+    """sha256 of a GGUF's header, metadata and tensor table (what edgelm fingerprints models by)."""
+    from edgelm.gguf_reader import read_gguf
+
+    info = read_gguf(path)
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(info.data_offset)).hexdigest()
+
+
+def _copy_kv(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, skip: set[str], overrides: dict) -> None:
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip or key in overrides or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub)
+    for key, (value, vtype) in overrides.items():
+        writer.add_key_value(key, value, vtype)
+
+
+def _per_layer_arrays(reader: gguf.GGUFReader, arch: str, n_layer: int) -> dict[str, list]:
+    """Hyperparameters given per layer (arrays of n_layer values), which a split must slice."""
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith(arch + ".") and field.types[0] == gguf.GGUFValueType.ARRAY:
+            values = field.contents()
+            if len(values) == n_layer:
+                out[key] = values
+    return out
+
+
+def split_model(
+    model: str | Path, k: int, *, exit_norm: np.ndarray | None = None, exit_norm_name: str = "final",
+) -> SplitPaths:
+    """Write the early-exit split of a single-file GGUF at exit layer k (1 <= k < n_layer) beside it.
+
+    `exit_norm` (hidden,) is D's exit norm weight, for instance one trained for exits at layer k;
+    None reuses the model's final norm (works, but a model not trained for early exit accepts less).
+    """
+    from edgelm.gguf_reader import read_gguf
+
+    model = Path(model)
+    read_gguf(model)  # edgelm's strict checks first
+    reader = gguf.GGUFReader(model)
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch not in SPLIT_ARCHS:
+        raise ConversionError(f"{model}: early-exit splits support {', '.join(SPLIT_ARCHS)}, not {arch}")
+    if "split.count" in reader.fields and int(reader.fields["split.count"].contents()) > 1:
+        raise ConversionError(f"{model}: is itself one part of a split model; merge it first")
+    n_layer = int(reader.fields[f"{arch}.block_count"].contents())
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n_layer:
+        raise ConversionError(f"exit layer must be an integer in [1, {n_layer - 1}] for this {n_layer}-layer model, "
+                              f"not {k!r}")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors or "output_norm.weight" not in tensors:
+        raise ConversionError(f"{model}: no token_embd or output_norm tensor; not a decoder this split supports")
+    final_norm = tensors["output_norm.weight"]
+    n_embd = int(reader.fields[f"{arch}.embedding_length"].contents())
+    if exit_norm is not None:
+        exit_norm = np.asarray(exit_norm, dtype=np.float32)
+        if exit_norm.shape != (n_embd,) or not np.all(np.isfinite(exit_norm)):
+            raise ConversionError(f"exit norm must be {n_embd} finite floats, got shape {exit_norm.shape}")
+    blocks: dict[int, list] = {}
+    globals_ = []
+    for t in reader.tensors:
+        m = _BLOCK.fullmatch(t.name)
+        if m:
+            blocks.setdefault(int(m.group(1)), []).append((m.group(2), t))
+        elif t.name not in SHARED_TENSORS and t.name != "output_norm.weight":
+            globals_.append(t)  # rope_freqs and the like: small, needed by both
+    if sorted(blocks) != list(range(n_layer)):
+        raise ConversionError(f"{model}: tensors of blocks {sorted(blocks)} do not match block_count {n_layer}")
+
+    paths = split_paths(model, k)
+    source = header_sha256(model)
+    shared = [tensors[n] for n in SHARED_TENSORS if n in tensors]
+    _write(paths.shared, arch, [(t.name, t) for t in shared], {
+        "split.no": (1, gguf.GGUFValueType.UINT16),
+        "split.count": (2, gguf.GGUFValueType.UINT16),
+        KEY + "role": ("shared", gguf.GGUFValueType.STRING),
+        KEY + "source": (source, gguf.GGUFValueType.STRING),
+    }, reader=None)
+    shared_sha = header_sha256(paths.shared)
+    per_layer = _per_layer_arrays(reader, arch, n_layer)
+    name = str(reader.fields["general.name"].contents()) if "general.name" in reader.fields else model.stem
+    for role, lo, hi, path in (("draft", 0, k, paths.draft), ("tail", k, n_layer, paths.tail)):
+        items = [(t.name, t) for t in globals_]
+        for il in range(lo, hi):
+            items += [(f"blk.{il - lo}.{rest}", t) for rest, t in blocks[il]]
+        if role == "draft" and exit_norm is not None:
+            items.append(("output_norm.weight", exit_norm))
+        else:
+            items.append(("output_norm.weight", final_norm))
+        overrides = {
+            f"{arch}.block_count": (hi - lo, gguf.GGUFValueType.UINT32),
+            "general.name": (f"{name} (early exit {role}, layers {lo}-{hi - 1})", gguf.GGUFValueType.STRING),
+            "split.no": (0, gguf.GGUFValueType.UINT16),
+            "split.count": (2, gguf.GGUFValueType.UINT16),
+            "split.tensors.count": (len(items) + len(shared), gguf.GGUFValueType.INT32),
+            KEY + "role": (role, gguf.GGUFValueType.STRING),
+            KEY + "layer": (k, gguf.GGUFValueType.UINT32),
+            KEY + "n_layer": (n_layer, gguf.GGUFValueType.UINT32),
+            KEY + "source": (source, gguf.GGUFValueType.STRING),
+            KEY + "shared": (shared_sha, gguf.GGUFValueType.STRING),
+            KEY + "exit_norm": (exit_norm_name if role == "draft" else "final", gguf.GGUFValueType.STRING),
+        }
+        for key, values in per_layer.items():
+            overrides[key] = (values[lo:hi], gguf.GGUFValueType.ARRAY)
+        _write(path, arch, items, overrides, reader=reader)
+    return paths
+
+
+def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGUFReader | None) -> None:
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        if reader is not None:
+            _copy_kv(writer, reader, {"split.no", "split.count", "split.tensors.count"}, overrides)
+        else:
+            for key, (value, vtype) in overrides.items():
+                writer.add_key_value(key, value, vtype)
+        for name, t in items:
+            if isinstance(t, np.ndarray):
+                writer.add_tensor(name, t)
+            else:
+                writer.add_tensor(name, t.data, raw_dtype=t.tensor_type)  # byte rows for quantized types
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        except OSError as e:
+            raise ConversionError(f"{path}: write failed: {e.strerror or e}") from None
+        finally:
+            writer.close()
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    k: int
+    n_layer: int
+    exit_norm: str
+    paths: SplitPaths
+
+
+def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
+    """Check that the three files are one split (and of `model`, if given) before llama.cpp loads them."""
+    from edgelm.gguf_reader import read_gguf
+
+    files = {"shared": paths.shared, "draft": paths.draft, "tail": paths.tail}
+    meta = {}
+    for role, path in files.items():
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: missing part of the early-exit split (write it with "
+                                 "`edgelm convert ... --early-exit K` or `edgelm exits MODEL --write K`)")
+        meta[role] = read_gguf(path)
+        if meta[role].get(KEY + "role") != role:
+            raise ModelLoadError(f"{path}: not an early-exit {role} split (role {meta[role].get(KEY + 'role')!r})")
+    d, t = meta["draft"], meta["tail"]
+    source = meta["shared"].get(KEY + "source")
+    for role in ("draft", "tail"):
+        if meta[role].get(KEY + "source") != source:
+            raise ModelLoadError(f"{files[role]}: belongs to another model than {paths.shared}")
+        if meta[role].get(KEY + "shared") != header_sha256(paths.shared):
+            raise ModelLoadError(f"{paths.shared}: was rewritten after {files[role]}; write the split again")
+    k, n_layer = d.get(KEY + "layer"), d.get(KEY + "n_layer")
+    if (k, n_layer) != (t.get(KEY + "layer"), t.get(KEY + "n_layer")):
+        raise ModelLoadError(f"{paths.draft} (exit layer {k}) and {paths.tail} (exit layer {t.get(KEY + 'layer')}) "
+                             "are parts of different splits")
+    arch = d.get("general.architecture")
+    if d.get(f"{arch}.block_count") != k or t.get(f"{arch}.block_count") != n_layer - k:
+        raise ModelLoadError(f"{paths.draft}: block counts do not add up to the {n_layer}-layer model")
+    if model is not None and header_sha256(Path(model)) != source:
+        raise ModelLoadError(f"{paths.draft}: split of another model than {model}")
+    return SplitInfo(int(k), int(n_layer), str(d.get(KEY + "exit_norm", "final")), paths)
