@@ -242,3 +242,43 @@ def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
     if model is not None and header_sha256(Path(model)) != source:
         raise ModelLoadError(f"{paths.draft}: split of another model than {model}")
     return SplitInfo(int(k), int(n_layer), str(d.get(KEY + "exit_norm", "final")), paths)
+
+
+EXIT_HEADS = "exit_heads.safetensors"  # trained exit norms in a checkpoint folder: tensors exit_norm.{k}.weight
+
+
+def parse_exit_layer(text: str) -> int | str:
+    """--early-exit's value: a layer number or "auto"."""
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ConversionError(f"--early-exit takes a layer number >= 1 or auto, not {text!r}")
+
+
+def write_early_exit(model: str | Path, k: int | str, *, hf_dir: str | Path | None = None, calib: str | None = None,
+                     n_threads: int | None = None):
+    """Write the split of a converted model at layer k, or ("auto") at the layer with the best predicted speedup
+    (edgelm.runtime.exits). Trained exit norms come from HF_DIR/exit_heads.safetensors when it exists; they are
+    copied beside the model too, where `edgelm exits` finds them. Returns (k, SplitPaths, ExitReport or None)."""
+    import shutil
+
+    from edgelm import corpus, fsutil
+    from edgelm.runtime.exits import agreement, load_exit_norms, measure_costs
+
+    model = Path(model)
+    norms = {}
+    heads = Path(hf_dir) / EXIT_HEADS if hf_dir is not None else None
+    if heads is not None and heads.is_file():
+        norms = load_exit_norms(heads)
+        with fsutil.atomic_path(model.with_name(model.stem + "." + EXIT_HEADS)) as tmp:
+            shutil.copyfile(heads, tmp)
+    report = None
+    if k == "auto":
+        text = calib if calib is not None else corpus.text("heldout", max_chars=40_000)
+        report = agreement(model, text, exit_norms=norms, n_threads=n_threads)
+        layers = sorted(k for k in norms if k < report.n_layer) or list(range(1, report.n_layer))
+        measure_costs(model, report, layers, n_threads=n_threads)
+        k = report.best()
+    paths = split_model(model, k, exit_norm=norms.get(k), exit_norm_name="trained" if k in norms else "final")
+    return k, paths, report

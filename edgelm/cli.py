@@ -16,6 +16,7 @@ COMMANDS = {
     "info": "show a GGUF file's metadata, tensors and sizes",
     "bench": "measure prompt and generation speed",
     "perplexity": "perplexity of a model on a text, from llama.cpp's logits",
+    "exits": "per-layer early-exit agreement and predicted speedup; write an early-exit split",
 }
 
 USAGE = "usage: edgelm [--version] [--debug] <command> [<args>]\n\ncommands:\n" + "\n".join(

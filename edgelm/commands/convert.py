@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-tensor type override, a regex on GGUF tensor names (repeatable)")
     p.add_argument("--imatrix", metavar="auto|FILE", help="importance matrix: computed from --calib, or an imatrix GGUF")
     p.add_argument("--calib", metavar="TEXT_FILE", help="calibration text for --imatrix auto (default: edgelm's corpus)")
+    p.add_argument("--early-exit", metavar="K|auto",
+                   help="also write the early-exit split at layer K (auto: the fastest predicted, measured here), "
+                        "with the exit norms of HF_DIR/exit_heads.safetensors where trained")
     p.add_argument("--name", help="general.name (default: the directory name)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load pickled .bin/.pt weights (torch weights_only unpickler); refused otherwise")
@@ -28,6 +31,22 @@ def main(argv: list[str]) -> int:
     from edgelm.converters.quantize import parse_tensor_types
 
     args = build_parser().parse_args(argv)
+    from edgelm.converters.early_exit import parse_exit_layer, write_early_exit
+
+    exit_layer = parse_exit_layer(args.early_exit) if args.early_exit is not None else None
+    if isinstance(exit_layer, int):  # a layer the model does not have fails before anything is written
+        import json
+        from pathlib import Path
+
+        from edgelm.errors import ConversionError
+
+        try:
+            n_layer = int(json.loads((Path(args.hf_dir) / "config.json").read_text())["num_hidden_layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            n_layer = None  # convert() reports a missing or broken config itself
+        if n_layer is not None and not exit_layer < n_layer:
+            raise ConversionError(f"--early-exit {exit_layer}: exits lie in [1, {n_layer - 1}] for this "
+                                  f"{n_layer}-layer model")
     calib = None
     if args.calib:
         from pathlib import Path
@@ -41,4 +60,7 @@ def main(argv: list[str]) -> int:
                      tensor_types=parse_tensor_types(args.tensor_type), imatrix=args.imatrix, calib=calib,
                      name=args.name, allow_pickle=args.allow_pickle)
     print(result.summary(), file=sys.stderr)
+    if exit_layer is not None:
+        k, paths, _ = write_early_exit(args.output, exit_layer, hf_dir=args.hf_dir, calib=calib)
+        print(f"early exit at layer {k}: {paths.draft.name}, {paths.tail.name}, {paths.shared.name}", file=sys.stderr)
     return 0

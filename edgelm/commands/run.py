@@ -19,7 +19,8 @@ def stats_line(t) -> str:
         f"prompt {t.prompt_tokens} tok, {t.prompt_tps:.1f} tok/s | "
         f"generation {t.completion_tokens} tok, {t.gen_tps:.1f} tok/s | "
         f"ttft {t.ttft_s * 1000:.1f} ms | peak RSS {peak_rss_mb():.0f} MB"
-    )
+    ) + (f" | drafts accepted {s.accepted}/{s.drafted}, {s.mean_accepted:.2f} tok/round"
+         if (s := t.speculative) is not None else "")
 
 
 def record(text: str, last) -> dict:
@@ -35,6 +36,8 @@ def record(text: str, last) -> dict:
         "ttft_ms": round(t.ttft_s * 1000, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "finish_reason": last.finish_reason,
+        **({"drafted": s.drafted, "accepted": s.accepted, "rounds": s.rounds}
+           if (s := t.speculative) is not None else {}),
     }
 
 
@@ -96,9 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep prompt KV states in DIR, reused by later runs that share a prefix")
     c.add_argument("--prompt-cache-size", metavar="SIZE", type=parse_size, default=None,
                    help="disk budget of --prompt-cache, e.g. 512M or 2G (default 1G); oldest entries go first")
+    add_speculative_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     return p
+
+
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("speculative decoding (greedy output stays the full model's exactly)")
+    s.add_argument("--early-exit", nargs="?", const=True, type=int, metavar="K",
+                   help="draft with the model's own first K layers (the split beside the model; "
+                        "write one with `edgelm exits MODEL --write auto`)")
+    s.add_argument("--draft", metavar="MODEL", help="draft with a smaller model sharing the vocabulary")
+    s.add_argument("--lookup", action="store_true", help="draft from n-grams of the prompt and the output")
+    s.add_argument("--draft-max", type=int, default=None, help="drafts per round, at most (default 8)")
+    s.add_argument("--draft-threshold", type=float, default=None,
+                   help="draft while the drafter's top probability is at least this (default 0.6)")
+
+
+def speculative_from_args(args) -> dict:
+    pairs = {"early_exit": args.early_exit, "draft": args.draft, "lookup": args.lookup or None,
+             "draft_max": args.draft_max, "draft_threshold": args.draft_threshold}
+    return {k: v for k, v in pairs.items() if v is not None}
 
 
 def parse_size(text: str) -> int:
@@ -158,7 +180,7 @@ def main(argv: list[str]) -> int:
     if not interactive:  # one request: an in-memory copy of its KV would never be read
         caching["prefix_cache_bytes"] = 0
     with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     truncate=args.truncate, **caching) as model:
+                     truncate=args.truncate, **caching, **speculative_from_args(args)) as model:
         if interactive:
             from edgelm.repl import ChatSession, repl
 

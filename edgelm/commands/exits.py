@@ -1,0 +1,79 @@
+"""`edgelm exits MODEL --calib TEXT`: per-layer exit agreement and the predicted early-exit speedup."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edgelm.errors import UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgelm exits", description=__doc__)
+    p.add_argument("model", help="single-file GGUF model")
+    p.add_argument("--calib", metavar="TEXT_FILE", help="calibration text (default: edgelm's held-out corpus)")
+    p.add_argument("--tokens", type=int, default=2048, help="calibration tokens to score (default 2048)")
+    p.add_argument("--exit-heads", metavar="FILE",
+                   help="trained exit norms (exit_heads.safetensors; default: the one beside the model, if any)")
+    p.add_argument("--layers", metavar="K,K,...", help="exit layers whose costs to measure (default: all)")
+    p.add_argument("--draft-max", type=int, default=8, help="longest draft to consider (default 8)")
+    p.add_argument("--write", metavar="K|auto", help="write the early-exit split at layer K (auto: the fastest)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def _layers(text: str | None, n_layer: int) -> list[int]:
+    if text is None:
+        return list(range(1, n_layer))
+    try:
+        layers = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--layers takes comma-separated integers, not {text!r}") from None
+    bad = [k for k in layers if not 1 <= k < n_layer]
+    if bad or not layers:
+        raise UsageError(f"--layers must lie in [1, {n_layer - 1}] for this model, not {text!r}")
+    return layers
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from edgelm import corpus
+    from edgelm.converters.early_exit import split_model
+    from edgelm.runtime.exits import agreement, load_exit_norms, measure_costs
+    from edgelm.runtime.model import resolve_model
+
+    model = resolve_model(args.model)
+    if args.calib:
+        if not Path(args.calib).is_file():
+            raise UsageError(f"{args.calib}: no such calibration text file")
+        text = Path(args.calib).read_text(encoding="utf-8", errors="replace")
+    else:
+        text = corpus.text("heldout", max_chars=40_000)
+    heads = Path(args.exit_heads) if args.exit_heads else model.with_name(model.stem + ".exit_heads.safetensors")
+    norms = load_exit_norms(heads) if args.exit_heads or heads.is_file() else {}
+    report = agreement(model, text, exit_norms=norms, max_tokens=args.tokens, n_threads=args.threads)
+    layers = _layers(args.layers, report.n_layer)
+    measure_costs(model, report, layers, draft_max=args.draft_max, n_threads=args.threads)
+    if args.json:
+        print(json.dumps({"n_layer": report.n_layer, "tokens": report.tokens, "full_ms": report.full_ms,
+                          "layers": [{"k": k, "agreement": report.agreement[k - 1], "trained": report.trained[k - 1],
+                                      "draft_ms": report.draft_ms.get(k), "speedup": report.speedup.get(k, (None,))[0],
+                                      "draft_len": report.speedup.get(k, (None, None))[1]}
+                                     for k in range(1, report.n_layer)]}))
+    else:
+        print(f"{report.tokens} calibration tokens; full model {report.full_ms:.3f} ms per token")
+        print(f"{'k':>3}  {'agree':>6}  {'exit norm':<9}  {'D ms':>6}  {'T(g+1) ms':>9}  {'g':>2}  {'speedup':>7}")
+        for k in range(1, report.n_layer):
+            line = f"{k:>3}  {report.agreement[k - 1]:>6.1%}  {'trained' if report.trained[k - 1] else 'final':<9}"
+            if k in report.speedup:
+                speed, g = report.speedup[k]
+                line += f"  {report.draft_ms[k]:>6.3f}  {report.tail_ms[k][g + 1]:>9.3f}  {g:>2}  {speed:>6.2f}x"
+            print(line)
+    if args.write:
+        k = report.best() if args.write == "auto" else int(args.write) if args.write.isdigit() else None
+        if k is None:
+            raise UsageError(f"--write takes a layer number or auto, not {args.write!r}")
+        paths = split_model(model, k, exit_norm=norms.get(k), exit_norm_name="trained" if k in norms else "final")
+        print(f"wrote {paths.draft.name}, {paths.tail.name}, {paths.shared.name}")
+    return 0
