@@ -1,6 +1,7 @@
 """The public Python API: `edgelm.load()` and the `Model` it returns."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ from .runtime.context import Context, ContextOptions
 from .runtime.generate import REUSE, Chunk, Completion, Timings, collect, generate, stream, text_stream
 from .runtime.model import LlamaModel, LoadOptions
 from .runtime.sampling import SamplingParams
-from .runtime.speculative import (DRAFT_MAX, THRESHOLD, ContextVerifier, DraftModel, EarlyExit, Lookup,
+from .runtime.speculative import (DRAFT_MAX, EARLY_EXIT_BATCH, THRESHOLD, ContextVerifier, DraftModel, EarlyExit, Lookup,
                                   SpecStats, SpeculativeOptions, choose_split, same_vocabulary, speculative_tokens)
 
 TRUNCATE = ("error", "left")  # what a prompt longer than the context does
@@ -88,6 +89,7 @@ class Model:
         self.early_exit = split
         self.llama = LlamaModel(split.paths.draft, load, parts=[split.paths.shared])
         tail = LlamaModel(split.paths.tail, load, parts=[split.paths.shared])
+        ctx_options = dataclasses.replace(ctx_options, n_batch=min(ctx_options.n_batch, EARLY_EXIT_BATCH))
         self._capture = Capture(f"l_out-{split.k - 1}", self.llama.n_embd, ctx_options.n_batch)
         self.ctx = Context(self.llama, ctx_options, eval_callback=self._capture.callback,
                            eval_user_data=self._capture.user_data)

@@ -7,7 +7,10 @@ argmax and every acceptance kernel must match exactly.
 """
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,16 @@ def test_simd_path_matches_cpu():
         assert native.simd_path() == "avx2"
     else:
         assert native.simd_path() in ("scalar", "avx2", "neon")
+
+
+def test_native_sources_compile_for_aarch64():
+    """Every kernel (NEON table included) cross-compiles for aarch64 with -Wall -Wextra -Werror."""
+    pytest.importorskip("ziglang")  # the test extra installs it; a GNU cross gcc would do as well
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_native_aarch64.sh"
+    r = subprocess.run(["bash", str(script)], env={**os.environ, "PYTHON": sys.executable, "CC_AARCH64": "none"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok: native/*.c compiles for aarch64" in r.stdout
 
 
 def test_force_scalar_switches_and_restores():

@@ -28,13 +28,16 @@ from edgelm import native
 from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context
-from .generate import Timings, common_prefix
+from .generate import Timings, batch_plan, common_prefix
 from .sampling import Candidates, SamplerChain, SamplingParams
 
 import llama_cpp as lib
 
 DRAFT_MAX = 8  # drafts per round, at most
 THRESHOLD = 0.6  # draft while the drafter's max softmax probability is at least this
+# batch of an early-exit split's contexts: D's prefill computes logits for every position, so its output
+# buffer is n_batch x n_vocab floats; 128 keeps that small and still allows canonical batches (generate.batch_plan)
+EARLY_EXIT_BATCH = 128
 
 
 @dataclass
@@ -292,9 +295,12 @@ class EarlyExit(Drafter, Verifier):
             self.t.remove(0)
             n = 0
         del self._t_held[n:]
+        # D returns every position's logits (its last layer keeps only output rows), so its batches are short
+        # (EARLY_EXIT_BATCH); canonical batches keep the KV bit for bit what the full model's prefill makes
         step = min(self.d.n_batch, self.t.n_batch, self.capture.capacity)
-        for lo in range(n, len(tokens), step):
-            chunk = tokens[lo:lo + step]
+        plan = batch_plan(n, len(tokens), step) or [(lo, min(lo + step, len(tokens))) for lo in range(n, len(tokens), step)]
+        for lo, hi in plan:
+            chunk = tokens[lo:hi]
             rows = self._eval_d(chunk, lo)
             self.t.decode_embd(rows, lo)
             self._t_held.extend(chunk)
