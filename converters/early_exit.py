@@ -213,7 +213,8 @@ class SplitInfo:
 
 
 def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
-    """Check that the three files are one split (and of `model`, if given) before llama.cpp loads them."""
+    """Check that the three files are one split (and of `model`, if given) before llama.cpp loads them.
+    Each file's metadata is parsed once and dropped (tokenizer arrays included) before the next."""
     from edgelm.gguf_reader import read_gguf
 
     files = {"shared": paths.shared, "draft": paths.draft, "tail": paths.tail}
@@ -222,26 +223,32 @@ def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
         if not path.is_file():
             raise ModelLoadError(f"{path}: missing part of the early-exit split (write it with "
                                  "`edgelm convert ... --early-exit K` or `edgelm exits MODEL --write K`)")
-        meta[role] = read_gguf(path)
-        if meta[role].get(KEY + "role") != role:
-            raise ModelLoadError(f"{path}: not an early-exit {role} split (role {meta[role].get(KEY + 'role')!r})")
+        info = read_gguf(path)
+        arch = info.get("general.architecture")
+        meta[role] = {k: info.get(KEY + k) for k in ("role", "source", "shared", "layer", "n_layer", "exit_norm")}
+        meta[role]["block_count"] = info.get(f"{arch}.block_count")
+        if role == "shared":
+            with open(path, "rb") as f:
+                shared_sha = hashlib.sha256(f.read(info.data_offset)).hexdigest()
+        del info
+        if meta[role]["role"] != role:
+            raise ModelLoadError(f"{path}: not an early-exit {role} split (role {meta[role]['role']!r})")
     d, t = meta["draft"], meta["tail"]
-    source = meta["shared"].get(KEY + "source")
+    source = meta["shared"]["source"]
     for role in ("draft", "tail"):
-        if meta[role].get(KEY + "source") != source:
+        if meta[role]["source"] != source:
             raise ModelLoadError(f"{files[role]}: belongs to another model than {paths.shared}")
-        if meta[role].get(KEY + "shared") != header_sha256(paths.shared):
+        if meta[role]["shared"] != shared_sha:
             raise ModelLoadError(f"{paths.shared}: was rewritten after {files[role]}; write the split again")
-    k, n_layer = d.get(KEY + "layer"), d.get(KEY + "n_layer")
-    if (k, n_layer) != (t.get(KEY + "layer"), t.get(KEY + "n_layer")):
-        raise ModelLoadError(f"{paths.draft} (exit layer {k}) and {paths.tail} (exit layer {t.get(KEY + 'layer')}) "
+    k, n_layer = d["layer"], d["n_layer"]
+    if (k, n_layer) != (t["layer"], t["n_layer"]):
+        raise ModelLoadError(f"{paths.draft} (exit layer {k}) and {paths.tail} (exit layer {t['layer']}) "
                              "are parts of different splits")
-    arch = d.get("general.architecture")
-    if d.get(f"{arch}.block_count") != k or t.get(f"{arch}.block_count") != n_layer - k:
+    if d["block_count"] != k or t["block_count"] != n_layer - k:
         raise ModelLoadError(f"{paths.draft}: block counts do not add up to the {n_layer}-layer model")
     if model is not None and header_sha256(Path(model)) != source:
         raise ModelLoadError(f"{paths.draft}: split of another model than {model}")
-    return SplitInfo(int(k), int(n_layer), str(d.get(KEY + "exit_norm", "final")), paths)
+    return SplitInfo(int(k), int(n_layer), str(d["exit_norm"] or "final"), paths)
 
 
 EXIT_HEADS = "exit_heads.safetensors"  # trained exit norms in a checkpoint folder: tensors exit_norm.{k}.weight

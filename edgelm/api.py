@@ -88,7 +88,8 @@ class Model:
         split = choose_split(resolve_model(path), self.speculative.early_exit)
         self.early_exit = split
         self.llama = LlamaModel(split.paths.draft, load, parts=[split.paths.shared])
-        tail = LlamaModel(split.paths.tail, load, parts=[split.paths.shared])
+        tail = LlamaModel(split.paths.tail, load, parts=[split.paths.shared], unused=("token_embd.weight",))
+        tail.drop_metadata_arrays()
         ctx_options = dataclasses.replace(ctx_options, n_batch=min(ctx_options.n_batch, EARLY_EXIT_BATCH))
         self._capture = Capture(f"l_out-{split.k - 1}", self.llama.n_embd, ctx_options.n_batch)
         self.ctx = Context(self.llama, ctx_options, eval_callback=self._capture.callback,

@@ -55,8 +55,10 @@ class LlamaModel:
     """Weights and vocabulary; contexts (KV caches) are created from it."""
 
     def __init__(self, path: str | os.PathLike | None = None, options: LoadOptions | None = None, *,
-                 parts: list[Path] | None = None):
-        """`parts`: the later files of a split model whose first file is `path` (split.no 1, 2, ...)."""
+                 parts: list[Path] | None = None, unused: tuple[str, ...] = ()):
+        """`parts`: the later files of a split model whose first file is `path` (split.no 1, 2, ...).
+        `unused`: tensors this model never reads (an early-exit tail's token_embd), whose pages of the
+        memory map are released after load so they do not count in RSS twice (see release_unused)."""
         self.options = options or LoadOptions()
         self.path = resolve_model(path)
         self.gguf: GGUFFile = read_gguf(self.path)
@@ -68,6 +70,7 @@ class LlamaModel:
         params.n_gpu_layers = self.options.n_gpu_layers
         params.vocab_only = self.options.vocab_only
         params.load_mode = _load_mode(self.options)
+        before = _file_mappings([self.path, *self.parts]) if unused else None
         if self.parts:
             paths = (ctypes.c_char_p * (1 + len(self.parts)))(*(os.fsencode(p) for p in (self.path, *self.parts)))
             self._ptr = lib.llama_model_load_from_splits(paths, len(paths), params)
@@ -88,6 +91,8 @@ class LlamaModel:
         if self.options.use_mmap and not self.options.vocab_only:
             for p in (self.path, *self.parts):
                 populate_mapping(p)
+        if unused and self.options.use_mmap and not self.options.use_mlock:
+            release_unused([self.path, *self.parts], set(unused), before)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -112,6 +117,11 @@ class LlamaModel:
         return self._ptr
 
     # ------------------------------------------------------------ metadata
+
+    def drop_metadata_arrays(self) -> None:
+        """Forget the parsed metadata arrays (tokenizer tokens, merges, types): for a model loaded only for its
+        weights, such as an early-exit tail, whose vocabulary the draft already holds in Python."""
+        self.gguf.metadata = {k: v for k, v in self.gguf.metadata.items() if not isinstance(v, (list, tuple))}
 
     @property
     def architecture(self) -> str:
@@ -213,6 +223,52 @@ def populate_mapping(path: Path) -> None:
     for span in ranges:
         start, end = (int(x, 16) for x in span.split("-"))
         libc.madvise(start, end - start, MADV_POPULATE_READ)  # an error (EINVAL before 5.14) changes nothing
+
+
+def _file_mappings(paths: list[Path]) -> set[tuple[str, int, int, int]]:
+    """(file, start, end, file offset) of every mapping of `paths` in this process (Linux; else empty)."""
+    targets = {os.path.realpath(p) for p in paths}
+    out = set()
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") in targets:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    out.add((fields[5].rstrip("\n"), start, end, int(fields[2], 16)))
+    except OSError:
+        pass
+    return out
+
+
+MADV_DONTNEED = 4
+
+
+def release_unused(paths: list[Path], names: set[str], before: set) -> None:
+    """Drop this load's page-table entries for the named tensors (they stay in the page cache, and a read
+    would fault them back in): an early-exit tail maps the shared file's token_embd but never reads it."""
+    new = _file_mappings(paths) - before
+    if not new:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for p in paths:
+        info = read_gguf(p)
+        target = os.path.realpath(p)
+        for t in info.tensors:
+            if t.name not in names:
+                continue
+            lo, hi = info.data_offset + t.offset, info.data_offset + t.offset + t.n_bytes
+            for file, start, end, offset in new:
+                if file != target:
+                    continue
+                a = max(lo, offset)
+                b = min(hi, offset + end - start)
+                a = -(-a // page) * page  # whole pages inside the tensor only
+                b = b // page * page
+                if b > a:
+                    libc.madvise(start + a - offset, b - a, MADV_DONTNEED)
 
 
 def _load_mode(options: LoadOptions) -> int:
