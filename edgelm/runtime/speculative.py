@@ -28,7 +28,7 @@ from edgelm import native
 from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context
-from .generate import Timings, batch_plan, common_prefix
+from .generate import Timings, batch_plan, common_prefix, prefill
 from .sampling import Candidates, SamplerChain, SamplingParams
 
 import llama_cpp as lib
@@ -163,19 +163,11 @@ class Drafter:
 class ContextVerifier(Verifier):
     """A single-file model's context verifies by decoding the tokens in one batch."""
 
-    def __init__(self, ctx: Context, prefill=None):
+    def __init__(self, ctx: Context):
         self.ctx, self.model, self.n_ctx = ctx, ctx.model, ctx.n_ctx
-        self._prefill = prefill  # generate.prefill with the caller's prompt cache, or None
 
     def prefill(self, tokens: list[int]) -> None:
-        if self._prefill is not None:
-            self._prefill(tokens)
-            return
-        n = min(common_prefix(self.ctx.seq_tokens(0), tokens), len(tokens) - 1)
-        if not self.ctx.remove(0, n):
-            self.ctx.remove(0)
-            n = 0
-        self.ctx.decode(tokens[n:], n)
+        prefill(self.ctx, tokens)  # as plain generation does: the same batches, so the same KV bit for bit
 
     def verify(self, tokens: list[int], pos: int) -> np.ndarray:
         self.ctx.decode(tokens, pos, logits_from=0)
@@ -289,16 +281,14 @@ class EarlyExit(Drafter, Verifier):
     # Verifier
 
     def prefill(self, tokens: list[int]) -> None:
-        n = min(common_prefix(self.d.seq_tokens(0), tokens), common_prefix(self._t_held, tokens), len(tokens) - 1)
-        if not (self.d.remove(0, n) and self.t.remove(0, n)):
-            self.d.remove(0)
-            self.t.remove(0)
-            n = 0
-        del self._t_held[n:]
+        self.d.clear()
+        self.t.clear()
+        self._t_held = []
         # D returns every position's logits (its last layer keeps only output rows), so its batches are short
         # (EARLY_EXIT_BATCH); canonical batches keep the KV bit for bit what the full model's prefill makes
         step = min(self.d.n_batch, self.t.n_batch, self.capture.capacity)
-        plan = batch_plan(n, len(tokens), step) or [(lo, min(lo + step, len(tokens))) for lo in range(n, len(tokens), step)]
+        plan = batch_plan(0, len(tokens), step) or [(lo, min(lo + step, len(tokens)))
+                                                     for lo in range(0, len(tokens), step)]
         for lo, hi in plan:
             chunk = tokens[lo:hi]
             rows = self._eval_d(chunk, lo)
