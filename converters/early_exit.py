@@ -25,9 +25,10 @@ from edgelm.errors import ConversionError, ModelLoadError
 
 from .export import atomic_path
 
-# Architectures whose layers do not depend on their index (no per-index sliding-window pattern,
-# no layer-indexed scaling), so layers k..L-1 renumbered from 0 compute what they computed in place.
-SPLIT_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "granite", "olmo2", "phi3", "stablelm", "internlm2")
+# Architectures whose layers do not depend on their index (no per-index sliding-window pattern, no
+# layer-indexed scaling) and whose graph takes hidden states through llama_batch.embd unscaled (granite and
+# gemma scale the input embedding even then), so layers k..L-1 renumbered from 0 compute what they did in place.
+SPLIT_ARCHS = ("llama", "qwen2", "qwen3")
 SHARED_TENSORS = ("token_embd.weight", "output.weight")
 KEY = "edgelm.early_exit."
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")

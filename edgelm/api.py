@@ -82,13 +82,17 @@ class Model:
         self._chat_template = None if chat_template is None else template_for(self.llama, chat_template)
 
     def _load_early_exit(self, path, load: LoadOptions, ctx_options: ContextOptions) -> None:
+        from .gguf_reader import read_gguf
         from .native import Capture
         from .runtime.model import resolve_model
 
         split = choose_split(resolve_model(path), self.speculative.early_exit)
         self.early_exit = split
         self.llama = LlamaModel(split.paths.draft, load, parts=[split.paths.shared])
-        tail = LlamaModel(split.paths.tail, load, parts=[split.paths.shared], unused=("token_embd.weight",))
+        shared = read_gguf(split.paths.shared)
+        # the tail reads hidden states, never token_embd, unless the head is tied to it
+        unused = ("token_embd.weight",) if any(t.name == "output.weight" for t in shared.tensors) else ()
+        tail = LlamaModel(split.paths.tail, load, parts=[split.paths.shared], unused=unused)
         tail.drop_metadata_arrays()
         ctx_options = dataclasses.replace(ctx_options, n_batch=min(ctx_options.n_batch, EARLY_EXIT_BATCH))
         self._capture = Capture(f"l_out-{split.k - 1}", self.llama.n_embd, ctx_options.n_batch)

@@ -124,6 +124,7 @@ class Verifier:
 
     model = None  # the LlamaModel whose vocabulary the tokens are in
     n_ctx = 0
+    max_batch = 1  # positions one verify() call takes: the last token plus drafts
 
     def prefill(self, tokens: list[int]) -> None:
         """Hold `tokens` at positions 0..; the logits of the last one are then the current output."""
@@ -164,7 +165,7 @@ class ContextVerifier(Verifier):
     """A single-file model's context verifies by decoding the tokens in one batch."""
 
     def __init__(self, ctx: Context):
-        self.ctx, self.model, self.n_ctx = ctx, ctx.model, ctx.n_ctx
+        self.ctx, self.model, self.n_ctx, self.max_batch = ctx, ctx.model, ctx.n_ctx, ctx.n_batch
 
     def prefill(self, tokens: list[int]) -> None:
         prefill(self.ctx, tokens)  # as plain generation does: the same batches, so the same KV bit for bit
@@ -267,6 +268,7 @@ class EarlyExit(Drafter, Verifier):
     def __init__(self, draft_ctx: Context, tail_ctx: Context, capture: native.Capture, threshold: float = THRESHOLD):
         self.d, self.t, self.capture, self.threshold = draft_ctx, tail_ctx, capture, threshold
         self.model, self.n_ctx = draft_ctx.model, min(draft_ctx.n_ctx, tail_ctx.n_ctx)
+        self.max_batch = min(tail_ctx.n_batch, capture.capacity)
         self._t_held: list[int] = []  # the tokens whose hidden states T's KV holds
 
     def _eval_d(self, tokens: list[int], pos: int) -> np.ndarray:
@@ -384,7 +386,8 @@ def speculative_tokens(verifier: Verifier, drafter: Drafter, prompt: list[int], 
             pos = len(history) - 1
             if pos >= verifier.n_ctx:
                 return "length"
-            room = min(draft_max, params.max_tokens - n_out, verifier.n_ctx - 1 - pos)
+            # drafts that could all be kept: the verifier's own token follows them, within max_tokens and one batch
+            room = min(draft_max, params.max_tokens - n_out - 1, verifier.n_ctx - 1 - pos, verifier.max_batch - 1)
             drafts, q = drafter.draft(history, room if mode != "plain" else 0, dist, rng)
             rows = verifier.verify([token, *drafts], pos)
             stats.rounds += 1

@@ -1,0 +1,647 @@
+"""Early exit and speculative decoding on real models: the split's files and the checks that refuse
+mismatched ones, greedy output token for token the full model's (early exit, prompt lookup, a draft
+model), sampling that keeps the full model's distribution (chi-square on a 16-token random model), and
+the native capture of the boundary hidden state against a Python eval callback.
+
+Every llama.cpp context runs on one thread (n_threads=1): the test machine shares its cores. The last
+tests pin bugs this file found: verify batches larger than n_batch, and granite's embedding scale.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections import Counter
+from dataclasses import astuple
+from math import sqrt
+from pathlib import Path
+from statistics import NormalDist
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+
+import edgelm
+from edgelm import native
+from edgelm.converters import convert
+from edgelm.converters.early_exit import available_splits, check_split, split_model, split_paths
+from edgelm.errors import ConversionError, ModelLoadError, NativeError, UsageError
+from edgelm.gguf_reader import read_gguf
+from edgelm.runtime import ggml
+from edgelm.runtime.context import Context, ContextOptions
+from edgelm.runtime.model import LlamaModel, default_model_path
+from edgelm.runtime.speculative import choose_split
+
+ROOT = Path(__file__).resolve().parents[1]
+KS = (2, 4, 8, 12)  # exit layers of the 16-layer bundled model under test
+GEN = dict(n_threads=1, n_ctx=256)  # 256: llama.cpp's smallest context (it pads smaller ones)
+N_GEN = 24
+LONG_CODE = "def area(shape, scale=1.0):\n    if shape.kind == 'circle':\n        return 3.14159 * shape.r ** 2\n" * 12
+
+# drafter: load options; draft_threshold 0 drafts every round, so shallow exits see many rejections
+DRAFTERS = {
+    "ee2": {"early_exit": 2, "draft_threshold": 0.0},
+    "ee4": {"early_exit": 4, "draft_threshold": 0.0},
+    "ee8": {"early_exit": 8},  # the default threshold: drafting stops at the first unsure token
+    "ee12": {"early_exit": 12, "draft_threshold": 0.3},
+    "lookup": {"lookup": True},
+    "draft": {"draft": "tiny", "draft_threshold": 0.0},  # models/tiny, converted: same tokenizer, 4 layers
+}
+
+
+def options(drafter: str, draft_path: Path) -> dict:
+    opts = dict(DRAFTERS[drafter])
+    if "draft" in opts:
+        opts["draft"] = draft_path
+    return opts
+
+
+def check_stats(c) -> None:
+    """SpecStats of one greedy completion add up: each token is the first one, an accepted draft or a
+    round's own token, of which the last may go unused; an EOS is not output, nor what was accepted after it."""
+    s = c.timings.speculative
+    assert 0 <= s.accepted <= s.drafted
+    if c.finish_reason == "length":
+        assert s.rounds + s.accepted <= len(c.tokens) <= s.rounds + s.accepted + 1
+    else:
+        assert len(c.tokens) <= s.rounds + s.accepted
+
+
+def rewrite_gguf(src: Path, dst: Path, *, arch: str | None = None, extra: dict | None = None) -> Path:
+    """A copy of a GGUF under another architecture name and/or with extra float or string keys."""
+    reader = gguf.GGUFReader(src)
+    old = str(reader.fields["general.architecture"].contents())
+    arch = arch or old
+    writer = gguf.GGUFWriter(dst, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key.replace(old + ".", arch + ".", 1), field.contents(), vtype, sub)
+    for key, value in (extra or {}).items():
+        vtype = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.FLOAT32
+        writer.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """A copy of the bundled model split at every exit layer of KS (the package folder stays untouched)."""
+    path = tmp_path_factory.mktemp("small") / "small.gguf"
+    shutil.copy(default_model_path(), path)
+    for k in KS:
+        split_model(path, k)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain(small):
+    with edgelm.load(small, **GEN) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def ee4(small):
+    with edgelm.load(small, early_exit=4, draft_threshold=0.0, **GEN) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tiny_gguf) -> Path:
+    return tiny_gguf["q8_0"]
+
+
+@pytest.fixture(scope="module")
+def prompts(plain) -> dict[str, str | list[int]]:
+    return {
+        "code": "def fibonacci(n):\n",
+        "class": "import numpy as np\n\nclass Matrix:\n    def __init__(self",
+        "prose": "The history of the city began in the twelfth century, when",
+        "repeated": "the cat sat on the mat. " * 6,  # lookup's case
+        "loop": "for i in range(10):\n    print(i)\n" * 3,
+        "json": '{"name": "edgelm", "version": "0.1", "deps": [',
+        "unicode": "Über naïve café — ünïcödé ☃ test",
+        "bos_only": "",  # one token: BOS
+        "one_token": plain.tokenize("def", add_special=False),  # one token, no BOS
+        "long": plain.tokenize(LONG_CODE)[:200],  # past the early-exit prefill batch (128)
+        "near_end": plain.tokenize(LONG_CODE)[:plain.n_ctx - 3],  # the context ends after 4 tokens
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(plain, prompts) -> dict:
+    return {name: plain.generate(p, temperature=0, max_tokens=N_GEN) for name, p in prompts.items()}
+
+
+# ---------------------------------------------------------------------------- the split's files
+
+
+@pytest.mark.parametrize("k", KS)
+def test_split_layout(small, k):
+    src = read_gguf(small)
+    p = split_paths(small, k)
+    shared, draft, tail = read_gguf(p.shared), read_gguf(p.draft), read_gguf(p.tail)  # edgelm's strict reader
+    n_layer = src.get("llama.block_count")
+    per_block = sorted(t.name[len("blk.0."):] for t in src.tensors if t.name.startswith("blk.0."))
+    # shared holds the two big matrices only; the heads hold their blocks, renumbered, and a norm
+    assert sorted(t.name for t in shared.tensors) == ["output.weight", "token_embd.weight"]
+    for part, lo, hi in ((draft, 0, k), (tail, k, n_layer)):
+        want = {f"blk.{i - lo}.{rest}" for i in range(lo, hi) for rest in per_block} | {"output_norm.weight"}
+        assert {t.name for t in part.tensors} == want
+        assert part.get("llama.block_count") == hi - lo
+        assert part.get("split.no") == 0 and part.get("split.count") == 2
+        assert part.get("split.tensors.count") == len(part.tensors) + len(shared.tensors)
+        assert part.get("edgelm.early_exit.layer") == k and part.get("edgelm.early_exit.n_layer") == n_layer
+        for t in part.tensors:  # the bytes of the source tensor the name maps back to
+            name = t.name
+            if name.startswith("blk."):
+                i, rest = name[4:].split(".", 1)
+                name = f"blk.{int(i) + lo}.{rest}"
+            assert part.tensor_bytes(t) == src.tensor_bytes(src.tensor(name)), t.name
+    assert shared.get("split.no") == 1
+    # no weight stored twice: only output_norm (the draft's exit norm, the tail's final norm) is in two files
+    norm = src.tensor("output_norm.weight").n_bytes
+    assert shared.n_tensor_bytes + draft.n_tensor_bytes + tail.n_tensor_bytes == src.n_tensor_bytes + norm
+    assert check_split(small, p).k == k
+
+
+def test_available_splits_and_choice(small, tmp_path):
+    assert available_splits(small) == list(KS)
+    assert choose_split(small, True).k == max(KS)  # no trained exit norm: the deepest exit
+    odd = tmp_path / "m[1]*.gguf"  # glob characters in the name
+    shutil.copy(small, odd)
+    split_model(odd, 4)
+    norm = np.linspace(0.5, 1.5, 256, dtype=np.float32)
+    split_model(odd, 2, exit_norm=norm, exit_norm_name="trained")
+    assert available_splits(odd) == [2, 4]
+    info = choose_split(odd, True)
+    assert (info.k, info.exit_norm) == (2, "trained")  # a trained exit beats a deeper one
+    d = read_gguf(split_paths(odd, 2).draft)
+    assert np.array_equal(np.frombuffer(d.tensor_bytes(d.tensor("output_norm.weight")), np.float32), norm)
+    split_paths(odd, 4).tail.unlink()
+    assert available_splits(odd) == [2]  # a split with a part missing is not offered
+
+
+def test_bundled_split_is_current():
+    """The split committed beside the bundled model is of that model."""
+    model = default_model_path()
+    for k in available_splits(model):
+        assert check_split(model, split_paths(model, k)).k == k
+
+
+# ---------------------------------------------------------------------------- greedy output
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_greedy_output_is_the_full_models(small, tiny_q8, prompts, reference, drafter):
+    with edgelm.load(small, **GEN, **options(drafter, tiny_q8)) as m:  # one after another, KV kept
+        got = {name: m.generate(p, temperature=0, max_tokens=N_GEN) for name, p in prompts.items()}
+    for name, c in got.items():
+        want = reference[name]
+        assert (c.tokens, c.finish_reason, c.text) == (want.tokens, want.finish_reason, want.text), name
+        check_stats(c)
+    assert len(got["near_end"].tokens) == 4  # the context ended, in both
+    drafted = sum(c.timings.speculative.drafted for c in got.values())
+    accepted = sum(c.timings.speculative.accepted for c in got.values())
+    assert 0 < accepted < drafted  # both kept drafts and rollbacks
+
+
+@pytest.mark.parametrize("drafter", ["ee4", "lookup", "draft"])
+def test_max_tokens_and_stop_strings(small, tiny_q8, plain, prompts, reference, drafter):
+    prompt, full = prompts["code"], reference["code"]
+    stops = [full.text[int(len(full.text) * f):][:3] for f in (0.2, 0.5, 0.8)]
+    with edgelm.load(small, **GEN, **options(drafter, tiny_q8)) as m:
+        for n in (0, 1, 2, 7):
+            c = m.generate(prompt, temperature=0, max_tokens=n)
+            assert (c.tokens, c.finish_reason) == (full.tokens[:n], "length"), n
+            check_stats(c)
+        for stop in stops:
+            want = plain.generate(prompt, temperature=0, max_tokens=N_GEN, stop=stop)
+            c = m.generate(prompt, temperature=0, max_tokens=N_GEN, stop=stop)
+            assert want.finish_reason == "stop" and stop not in want.text
+            assert (c.text, c.tokens, c.finish_reason) == (want.text, want.tokens, want.finish_reason), stop
+        # a stopped stream leaves the model ready for the next request
+        assert m.generate(prompt, temperature=0, max_tokens=N_GEN).tokens == full.tokens
+
+
+@pytest.mark.parametrize("drafter", ["ee4", "lookup", "draft"])
+def test_constrained_sampling_verifies_one_token_per_round(small, tiny_q8, plain, prompts, drafter):
+    """Grammars, penalties and a greedy logit bias hold state a rejected draft would have advanced: no
+    drafts, one verified token per round through the plain sampler chain, so even sampled output is the
+    plain model's for the same seed."""
+    cases = [
+        {"temperature": 0, "repeat_penalty": 1.3},
+        {"temperature": 0, "logit_bias": {203: -5.0}},
+        {"temperature": 0, "grammar": 'root ::= "x" [a-z]+ "\\n"'},
+        {"temperature": 0.8, "repeat_penalty": 1.2, "seed": 3},
+    ]
+    with edgelm.load(small, **GEN, **options(drafter, tiny_q8)) as m:
+        for case in cases:
+            want = plain.generate(prompts["code"], max_tokens=16, **case)
+            c = m.generate(prompts["code"], max_tokens=16, **case)
+            assert (c.tokens, c.finish_reason) == (want.tokens, want.finish_reason), case
+            s = c.timings.speculative
+            assert s.drafted == 0 and len(c.tokens) - 1 <= s.rounds <= len(c.tokens)  # a grammar's end: a round more
+
+
+@pytest.mark.parametrize("drafter", ["ee4", "lookup", "draft"])
+def test_output_does_not_depend_on_earlier_requests(small, tiny_q8, prompts, reference, drafter):
+    """A prompt sharing its first 200 tokens with the previous request's gets the cold output: reusing KV
+    evaluated in other batches moved a near-tie here (logits 6.235 vs 6.231, moved by 0.03)."""
+    with edgelm.load(small, **GEN, **options(drafter, tiny_q8)) as m:
+        m.generate(prompts["long"], temperature=0, max_tokens=N_GEN)
+        assert m.generate(prompts["near_end"], temperature=0, max_tokens=N_GEN).tokens == reference["near_end"].tokens
+
+
+# ---------------------------------------------------------------------------- a 16-token random model: EOS, sampling
+
+V = 16  # vocabulary: BOS, EOS, PAD, "a".."l", "ab"
+RAND_PROMPT = [0, *(t for x in range(3, V) for t in (5, x)), 5]  # "c x" for every x: lookup drafts each round
+N_SAMPLES = 3000
+P_VALUE = 1e-3
+
+
+def random_checkpoint(out: Path, n_layer: int, seed: int) -> Path:
+    """A random Llama over a 16-token byte-level vocabulary, tied embeddings; initializer_range 0.5
+    makes next-token distributions peaked but not one-hot, and its early exits disagree."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.5,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tj = json.loads((ROOT / "models" / "tiny" / "tokenizer.json").read_text())
+    specials = tj["added_tokens"][:3]  # BOS, EOS, PAD
+    vocab = {t["content"]: t["id"] for t in specials} | {chr(ord("a") + i): 3 + i for i in range(V - 4)}
+    tj["added_tokens"] = specials
+    tj["model"] = {**tj["model"], "vocab": vocab | {"ab": V - 1}, "merges": ["a b"]}  # llama.cpp needs a merge
+    (out / "tokenizer.json").write_text(json.dumps(tj))
+    shutil.copy(ROOT / "models" / "tiny" / "tokenizer_config.json", out / "tokenizer_config.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def rand(tmp_path_factory) -> dict[str, Path]:
+    """The 4-layer random model split at layers 2 and 3, and a 1-layer random draft model."""
+    d = tmp_path_factory.mktemp("rand")
+    model = convert(random_checkpoint(d / "ckpt", 4, seed=0), d / "rand.gguf", outtype="f32").path
+    draft = convert(random_checkpoint(d / "ckpt-draft", 1, seed=1), d / "rand-draft.gguf", outtype="f32").path
+    for k in (2, 3):
+        split_model(model, k)
+    return {"model": model, "draft": draft}
+
+
+def exact_joint(path: Path, prompt: list[int], n: int, parts: list[Path] | None = None) -> dict[tuple, float]:
+    """P(first n generated tokens) at temperature 1 without truncation, from the model's logits."""
+    with LlamaModel(path, parts=parts) as model, contextlib.closing(
+            Context(model, ContextOptions(n_ctx=64, n_threads=1))) as ctx:
+        def probs(tokens):
+            ctx.clear()
+            ctx.decode(tokens, 0)
+            z = ctx.logits().astype(np.float64)
+            e = np.exp(z - z.max())
+            return e / e.sum()
+
+        joint = {(): 1.0}
+        for _ in range(n):
+            joint = {seq + (t,): pr * p for seq, pr in joint.items() for t, p in enumerate(probs(prompt + list(seq)))}
+    return joint
+
+
+def chi_square(samples: list[tuple], probs: dict[tuple, float]) -> tuple[float, float]:
+    """Pearson's statistic of `samples` against exact cell probabilities, and its critical value at
+    P_VALUE (Wilson-Hilferty). Cells expected fewer than 5 times are pooled into one."""
+    n, counts = len(samples), Counter(samples)
+    cells = sorted(probs, key=probs.get)
+    pooled, i = 0.0, 0
+    while i < len(cells) and (n * probs[cells[i]] < 5 or n * pooled < 5):
+        pooled += probs[cells[i]]
+        i += 1
+    kept = cells[i:]
+    stat = sum((counts[c] - n * probs[c]) ** 2 / (n * probs[c]) for c in kept)
+    if pooled:  # samples outside the kept cells, impossible ones included
+        rest = n - sum(counts[c] for c in kept)
+        stat += (rest - n * pooled) ** 2 / (n * pooled)
+    df = len(kept) + (1 if pooled else 0) - 1
+    z = NormalDist().inv_cdf(1 - P_VALUE)
+    return stat, df * (1 - 2 / (9 * df) + z * sqrt(2 / (9 * df))) ** 3
+
+
+def sample(m, n: int = N_SAMPLES) -> list[tuple]:
+    out = [m.generate(RAND_PROMPT, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=3, seed=s,
+                      ignore_eos=True) for s in range(n)]
+    assert all(len(c.tokens) == 3 for c in out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rand_joint(rand) -> dict[tuple, float]:
+    return exact_joint(rand["model"], RAND_PROMPT, 3)
+
+
+
+
+@pytest.mark.parametrize("drafter", ["ee2", "ee3", "lookup", "draft"])
+def test_greedy_eos_like_the_full_model(rand, drafter):
+    opts = {"ee2": {"early_exit": 2, "draft_threshold": 0.0}, "ee3": {"early_exit": 3, "draft_threshold": 0.0},
+            "lookup": {"lookup": True}, "draft": {"draft": rand["draft"], "draft_threshold": 0.0}}[drafter]
+    rng = np.random.default_rng(0)
+    prompts = [[0, *rng.integers(3, V, size=n).tolist()] for n in range(1, 9) for _ in range(5)]
+    with edgelm.load(rand["model"], **GEN) as m:
+        want = [m.generate(p, temperature=0, max_tokens=12) for p in prompts]
+    with edgelm.load(rand["model"], **GEN, **opts) as m:
+        got = [m.generate(p, temperature=0, max_tokens=12) for p in prompts]
+    for p, w, c in zip(prompts, want, got):
+        assert (c.tokens, c.finish_reason) == (w.tokens, w.finish_reason), p
+        check_stats(c)
+    assert sum(w.finish_reason == "stop" and len(w.tokens) >= 2 for w in want) >= 2  # EOS after some output
+    if drafter in ("ee3", "draft"):  # an EOS among accepted drafts ends the run there
+        assert any(len(c.tokens) < c.timings.speculative.rounds + c.timings.speculative.accepted for c in got)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("sampler", ["plain", "early_exit", "lookup", "draft"])
+def test_sampling_keeps_the_full_models_distribution(rand, rand_joint, sampler):
+    """Joint distribution of the first three tokens at temperature 1: the first comes from the full
+    model, the second and third through the drafter's accept / residual steps (draft_threshold 0)."""
+    opts = {"plain": {}, "early_exit": {"early_exit": 2, "draft_threshold": 0.0}, "lookup": {"lookup": True},
+            "draft": {"draft": rand["draft"], "draft_threshold": 0.0}}[sampler]
+    with edgelm.load(rand["model"], **GEN, **opts) as m:
+        out = sample(m)
+    samples = [tuple(c.tokens) for c in out]
+    stat, limit = chi_square(samples, rand_joint)
+    assert stat < limit
+    if sampler != "plain":
+        drafted = sum(c.timings.speculative.drafted for c in out)
+        accepted = sum(c.timings.speculative.accepted for c in out)
+        assert 0 < accepted < drafted
+    if sampler == "early_exit":
+        # the same check rejects the draft's own distribution (what keeping every draft would give)
+        p = split_paths(rand["model"], 2)
+        stat, limit = chi_square(samples, exact_joint(p.draft, RAND_PROMPT, 3, parts=[p.shared]))
+        assert stat > limit
+
+
+def test_chi_square_rejects_a_wrong_residual(rand, rand_joint, monkeypatch):
+    """Power check: on a rejection, drawing from p instead of normalize(max(0, p - q)) favours the drafts."""
+    right = native.residual_sample
+    monkeypatch.setattr(native, "residual_sample", lambda p, q, u: right(p, np.zeros_like(q), u))
+    with edgelm.load(rand["model"], lookup=True, **GEN) as m:
+        samples = [tuple(c.tokens) for c in sample(m, 3000)]
+    stat, limit = chi_square(samples, rand_joint)
+    assert stat > limit
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory, tiny_q8):
+    """models/tiny (another model, same tokenizer) split at layer 2."""
+    path = tmp_path_factory.mktemp("tiny-split") / "tiny.gguf"
+    shutil.copy(tiny_q8, path)
+    return split_model(path, 2)
+
+
+@pytest.fixture
+def loose(small, tmp_path) -> Path:
+    """A copy of the model with its splits at 4 and 8, free to damage."""
+    model = tmp_path / small.name
+    shutil.copy(small, model)
+    for k in (4, 8):
+        for src, dst in zip(astuple(split_paths(small, k)), astuple(split_paths(model, k))):
+            shutil.copy(src, dst)
+    return model
+
+
+def _shared_rewritten(model, other):
+    p = split_paths(model, 4).shared
+    rewrite_gguf(p, p.with_suffix(".new"), extra={"general.comment": "rewritten"}).replace(p)
+
+
+def _copy(pairs) -> None:
+    for src, dst in pairs:
+        shutil.copy(src, dst)
+
+
+DAMAGE = {
+    # case: (what happens to the split at 4, given `other` = models/tiny's split; the error's words;
+    #        whether the split at 4 and 8 both break, through their shared file)
+    "tail_of_another_split": (lambda m, other: _copy([(split_paths(m, 8).tail, split_paths(m, 4).tail)]),
+                              "are parts of different splits", False),
+    "draft_of_another_model": (lambda m, other: _copy([(other.draft, split_paths(m, 4).draft)]),
+                               "belongs to another model", False),
+    "draft_as_tail": (lambda m, other: _copy([(split_paths(m, 4).draft, split_paths(m, 4).tail)]),
+                      "not an early-exit tail split", False),
+    "shared_of_another_model": (lambda m, other: _copy([(other.shared, split_paths(m, 4).shared)]),
+                                "belongs to another model", True),
+    "split_of_another_model": (lambda m, other: _copy(zip(astuple(other), astuple(split_paths(m, 4)))),
+                               "split of another model than", True),
+    "shared_rewritten": (_shared_rewritten, "was rewritten after", True),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_mismatched_split_is_refused_before_llama_cpp(loose, tiny_split, case):
+    damage, words, shared = DAMAGE[case]
+    damage(loose, tiny_split)
+    with pytest.raises(ModelLoadError, match=words) as err:
+        check_split(loose, split_paths(loose, 4))
+    assert "llama.cpp" not in str(err.value)
+    with pytest.raises(ModelLoadError, match=words):
+        edgelm.load(loose, early_exit=4, **GEN)
+    if shared:  # every split uses the shared file
+        with pytest.raises(ModelLoadError):
+            edgelm.load(loose, early_exit=8, **GEN)
+    else:
+        with edgelm.load(loose, early_exit=8, **GEN) as m:
+            assert m.early_exit.k == 8
+
+
+def test_missing_or_absent_split(loose, tiny_q8, tmp_path):
+    split_paths(loose, 4).tail.unlink()
+    with pytest.raises(ModelLoadError, match=r"no early-exit split at layer 4 beside it \(there are: 8\)"):
+        edgelm.load(loose, early_exit=4, **GEN)
+    with pytest.raises(ModelLoadError, match=r"no early-exit split at layer 99 .*there are: 8"):
+        edgelm.load(loose, early_exit=99, **GEN)
+    bare = tmp_path / "bare.gguf"
+    shutil.copy(tiny_q8, bare)
+    with pytest.raises(ModelLoadError, match="no early-exit split beside it"):
+        edgelm.load(bare, early_exit=True, **GEN)
+
+
+def test_split_model_bad_exit_layer(small, tmp_path):
+    model = tmp_path / "m.gguf"
+    shutil.copy(small, model)
+    for k in (0, 16, True, "4"):  # 16 layers: exits 1..15
+        with pytest.raises(ConversionError, match=r"exit layer must be an integer in \[1, 15\]"):
+            split_model(model, k)
+    assert not list(tmp_path.glob("m.ee*"))
+
+
+def test_split_model_bad_input(loose):
+    with pytest.raises(ConversionError, match="one part of a split model"):
+        split_model(split_paths(loose, 4).draft, 1)
+    for norm in (np.ones(3, np.float32), np.full(256, np.nan, np.float32)):
+        with pytest.raises(ConversionError, match="exit norm must be 256 finite floats"):
+            split_model(loose, 2, exit_norm=norm)
+    assert available_splits(loose) == [4, 8]  # nothing written
+
+
+BAD_OPTIONS = {
+    "early_exit_and_lookup": {"early_exit": 4, "lookup": True},
+    "early_exit_and_draft": {"early_exit": 4, "draft": "tiny"},
+    "draft_and_lookup": {"draft": "tiny", "lookup": True},
+    "early_exit_0": {"early_exit": 0},
+    "early_exit_negative": {"early_exit": -2},
+    "early_exit_str": {"early_exit": "4"},
+    "early_exit_and_prompt_cache": {"early_exit": 4, "prompt_cache": "cache"},  # not supported yet
+}
+
+
+@pytest.mark.parametrize("opts", BAD_OPTIONS.values(), ids=BAD_OPTIONS)
+def test_bad_speculative_options(small, tiny_q8, tmp_path, opts):
+    opts = {k: tiny_q8 if v == "tiny" else tmp_path / v if k == "prompt_cache" else v for k, v in opts.items()}
+    with pytest.raises(UsageError):
+        edgelm.load(small, **GEN, **opts)
+
+
+def test_draft_model_of_another_vocabulary(small, rand):
+    with pytest.raises(UsageError, match="vocabulary differs"):
+        edgelm.load(small, draft=rand["draft"], **GEN)
+
+
+def test_whole_model_calls_refuse_an_early_exit_model(ee4):
+    with pytest.raises(UsageError, match="early-exit split"):
+        ee4.embed("hello")
+    with pytest.raises(UsageError, match="early-exit split"):
+        ee4.perplexity("def f(x):\n    return x\n" * 4)
+    with pytest.raises(UsageError, match="early-exit split"):
+        ee4.generate_batch(["a", "b"], max_tokens=2)
+    assert len(ee4.generate("def", temperature=0, max_tokens=3).tokens) == 3  # still usable
+
+
+# ---------------------------------------------------------------------------- native capture
+
+
+def python_reference(target: str, seen: list, disagree: list, capture: native.Capture | None = None):
+    """An eval callback in Python that copies the target node's rows (ggml.read_rows); with `capture`, it
+    also hands every call to the native callback, so both read the very same tensor."""
+
+    def on_tensor(address, ask, _user_data):
+        try:
+            t = ggml.GGMLTensor.from_address(address)
+            hit = t.name.decode() == target
+            if capture is not None:
+                answer = bool(capture.callback(address, ask, capture.user_data))
+                if ask and answer != hit:
+                    disagree.append(t.name.decode())
+            if ask:
+                return hit
+            seen.append(ggml.read_rows(t, address).copy())
+            return True
+        except BaseException as e:  # never across the C boundary
+            disagree.append(e)
+            return False
+
+    return llama_cpp.ggml_backend_sched_eval_callback(on_tensor)
+
+
+def test_capture_rows_equal_a_python_reference(small):
+    target = "l_out-3"
+    with LlamaModel(small) as model:
+        capture = native.Capture(target, model.n_embd, 8)
+        seen, disagree = [], []
+        callback = python_reference(target, seen, disagree, capture)
+        with contextlib.closing(Context(model, ContextOptions(n_ctx=64, n_batch=8, n_threads=1),
+                                        eval_callback=callback)) as ctx:
+            tokens = model.tokenize("def f(x):\n    return x + 1\n")
+            ctx.decode(tokens[:6], 0)
+            for i, t in enumerate(tokens[6:11]):
+                ctx.decode_one(t, 6 + i)  # 11 rows through a ring of 8
+        capture.check()
+        assert not disagree
+        ref = np.concatenate(seen)
+        assert ref.shape == (11, model.n_embd) and (capture.head, capture.calls) == (11, 6)
+        np.testing.assert_array_equal(capture.take(8), ref[-8:])
+        np.testing.assert_array_equal(capture.take(3, end=9), ref[6:9])
+        with pytest.raises(ValueError, match="not in the ring"):
+            capture.take(4, end=6)  # overwritten
+
+
+def test_draft_split_hands_over_the_full_models_hidden_states(small):
+    """What the tail receives (Capture on the draft split, as Model wires it) is the full model's state."""
+    k, target = 4, "l_out-3"
+    p = split_paths(small, k)
+    seen, disagree = [], []
+    callback = python_reference(target, seen, disagree)  # kept alive while the context runs
+    with LlamaModel(small) as model:
+        tokens = model.tokenize(LONG_CODE)[:40]
+        with contextlib.closing(Context(model, ContextOptions(n_ctx=64, n_threads=1),
+                                        eval_callback=callback)) as ctx:
+            ctx.decode(tokens, 0)
+    assert not disagree
+    with LlamaModel(p.draft, parts=[p.shared]) as draft:
+        capture = native.Capture(target, draft.n_embd, 64)
+        with contextlib.closing(Context(draft, ContextOptions(n_ctx=64, n_threads=1), eval_callback=capture.callback,
+                                        eval_user_data=capture.user_data)) as ctx:
+            ctx.decode(tokens, 0, logits_from=0)  # every row: the draft's last layer keeps output rows only
+        capture.check()
+    np.testing.assert_array_equal(capture.take(len(tokens)), np.concatenate(seen))  # the same kernels, bit for bit
+
+
+def test_capture_errors_raise_native_error(small):
+    with LlamaModel(small) as model:
+        tokens = model.tokenize(LONG_CODE)[:6]
+        for capture, words in ((native.Capture("l_out-3", model.n_embd, 4), "has more than 4 rows"),
+                               (native.Capture("l_out-3", model.n_embd + 1, 8), f"is not {model.n_embd + 1} wide")):
+            with contextlib.closing(Context(model, ContextOptions(n_ctx=64, n_threads=1),
+                                            eval_callback=capture.callback,
+                                            eval_user_data=capture.user_data)) as ctx:
+                ctx.decode(tokens, 0)
+            with pytest.raises(NativeError, match=words):
+                capture.check()
+            assert capture.head == 0
+            capture.check()  # the error was cleared
+
+
+# ---------------------------------------------------------------------------- fixed bugs
+
+
+@pytest.mark.parametrize("drafter", ["ee4", "lookup", "draft"])
+def test_small_batch_with_drafts(small, tiny_q8, prompts, reference, drafter):
+    try:
+        m = edgelm.load(small, n_batch=8, draft_max=8, **GEN, **options(drafter, tiny_q8))
+    except UsageError:
+        return  # refusing the combination at load is a fix too
+    with m:
+        assert m.generate(prompts["repeated"], temperature=0, max_tokens=N_GEN).tokens == reference["repeated"].tokens
+
+
+def test_granite_embedding_scale(tiny_q8, tmp_path):
+    model = rewrite_gguf(tiny_q8, tmp_path / "granite.gguf", arch="granite", extra={
+        "granite.embedding_scale": 4.0, "granite.logit_scale": 1.0, "granite.residual_scale": 1.0,
+        "granite.attention.scale": 32 ** -0.5})
+    try:
+        split_model(model, 2)
+    except ConversionError:
+        return  # refusing the architecture is a fix too
+    with edgelm.load(model, **GEN) as m:
+        want = m.generate("def fibonacci(n):\n", temperature=0, max_tokens=12).tokens
+    with edgelm.load(model, early_exit=2, **GEN) as m:
+        assert m.generate("def fibonacci(n):\n", temperature=0, max_tokens=12).tokens == want
