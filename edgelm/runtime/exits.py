@@ -143,65 +143,78 @@ def _time(fn, repeat: int) -> float:
 
 
 def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_max: int = 8,
-                  n_threads: int | None = None, repeat: int = 30) -> None:
-    """Time the full model's decode step and, for each k, a draft step and the tail's verify batches,
-    on splits written to a temporary folder; fills report.full_ms, draft_ms, tail_ms and speedup."""
+                  n_threads: int | None = None, repeat: int = 30, rounds: int = 3) -> None:
+    """Time, for each k, a draft step and the tail's verify batches on a split written to a temporary folder,
+    alternating with the full model's decode step so that a shared machine's drift falls on both (medians
+    over `rounds`); fills report.full_ms (median), draft_ms, tail_ms and speedup (g = 0 is 1.0: no drafts,
+    plain decoding)."""
+    import statistics
+
     from edgelm.converters.early_exit import split_model
 
     from ..native import Capture
 
     options = ContextOptions(n_ctx=256, n_batch=64, n_threads=n_threads)
     prompt = list(range(1, 33))
+    pos = len(prompt)
+    fulls = []
     with tempfile.TemporaryDirectory(prefix="edgelm-exits-") as tmp:
         copy = Path(tmp) / "model.gguf"
         copy.symlink_to(Path(model_path).resolve())
         full = LlamaModel(copy)
         ctx = Context(full, options)
         ctx.decode(prompt, 0)
-        pos = len(prompt)
 
         def full_step():
             ctx.decode_one(5, pos)
             ctx.remove(0, pos)
 
-        report.full_ms = _time(full_step, repeat)
-        ctx.close()
-        full.close()
-        for k in layers:
-            paths = split_model(copy, k)
-            d = LlamaModel(paths.draft, parts=[paths.shared])
-            t = LlamaModel(paths.tail, parts=[paths.shared])
-            cap = Capture(f"l_out-{k - 1}", d.n_embd, options.n_batch)
-            dc = Context(d, options, eval_callback=cap.callback, eval_user_data=cap.user_data)
-            tc = Context(t, options, embd_input=True)
-            try:
-                dc.decode(prompt, 0, logits_from=0)
-                tc.decode_embd(cap.take(len(prompt)), 0)
+        try:
+            for k in layers:
+                paths = split_model(copy, k)
+                d = LlamaModel(paths.draft, parts=[paths.shared])
+                t = LlamaModel(paths.tail, parts=[paths.shared])
+                cap = Capture(f"l_out-{k - 1}", d.n_embd, options.n_batch)
+                dc = Context(d, options, eval_callback=cap.callback, eval_user_data=cap.user_data)
+                tc = Context(t, options, embd_input=True)
+                try:
+                    dc.decode(prompt, 0, logits_from=0)
+                    tc.decode_embd(cap.take(len(prompt)), 0)
+                    rows = np.repeat(cap.take(1), draft_max + 1, axis=0)
 
-                def draft_step():
-                    dc.decode_one(5, pos)
-                    dc.remove(0, pos)
+                    def draft_step():
+                        dc.decode_one(5, pos)
+                        dc.remove(0, pos)
 
-                report.draft_ms[k] = _time(draft_step, repeat)
-                rows = np.repeat(cap.take(1), draft_max + 1, axis=0)
-                report.tail_ms[k] = {}
-                for n in range(1, draft_max + 2):
-                    def verify(n=n):
+                    def verify(n):
                         tc.decode_embd(rows[:n], pos, logits_from=0)
                         tc.remove(0, pos)
 
-                    report.tail_ms[k][n] = _time(verify, max(5, repeat // 3))
-            finally:
-                dc.close()
-                tc.close()
-                d.close()
-                t.close()
-            for p in (paths.draft, paths.tail):
-                p.unlink()
-            a = report.agreement[k - 1]
-            report.speedup[k] = max(
-                ((expected_tokens(a, g) * report.full_ms / ((g + 1) * report.draft_ms[k] + report.tail_ms[k][g + 1]), g)
-                 for g in range(0, draft_max + 1)), key=lambda x: x[0])
+                    f_ms, d_ms, t_ms = [], [], {n: [] for n in range(1, draft_max + 2)}
+                    for _ in range(rounds):
+                        f_ms.append(_time(full_step, repeat))
+                        d_ms.append(_time(draft_step, repeat))
+                        for n in t_ms:
+                            t_ms[n].append(_time(lambda n=n: verify(n), max(5, repeat // 3)))
+                finally:
+                    dc.close()
+                    tc.close()
+                    d.close()
+                    t.close()
+                for p in (paths.draft, paths.tail):
+                    p.unlink()
+                f = statistics.median(f_ms)
+                fulls.append(f)
+                report.draft_ms[k] = statistics.median(d_ms)
+                report.tail_ms[k] = {n: statistics.median(v) for n, v in t_ms.items()}
+                a = report.agreement[k - 1]
+                report.speedup[k] = max([(1.0, 0)] + [
+                    (expected_tokens(a, g) * f / ((g + 1) * report.draft_ms[k] + report.tail_ms[k][g + 1]), g)
+                    for g in range(1, draft_max + 1)], key=lambda x: x[0])
+        finally:
+            ctx.close()
+            full.close()
+    report.full_ms = statistics.median(fulls) if fulls else 0.0
 
 
 def load_exit_norms(path) -> dict[int, np.ndarray]:
