@@ -195,7 +195,9 @@ class Checkpoint:
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
-    files = _indexed(path, "model.safetensors.index.json") or sorted(path.glob("*.safetensors"))
+    # exit_heads.safetensors: trained early-exit norms beside the model, read by the early-exit split, not here
+    files = _indexed(path, "model.safetensors.index.json") or sorted(
+        f for f in path.glob("*.safetensors") if f.name != "exit_heads.safetensors")
     if files:
         return files
     pickled = _indexed(path, "pytorch_model.bin.index.json") or sorted([*path.glob("*.bin"), *path.glob("*.pt")])
