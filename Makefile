@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.edgelm-installed
 PROMPT ?= class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n
 ARGS   ?= -n 64 --temp 0
 
-.PHONY: run test setup models default-model clean
+.PHONY: run test setup models default-model exit-heads clean
 
 run: $(STAMP)
 	$(BIN)/edgelm run -p "$$(printf '%b' '$(PROMPT)')" $(ARGS)
@@ -33,7 +33,16 @@ models: $(STAMP)
 	$(MAKE) default-model
 
 default-model: $(STAMP)
-	$(BIN)/edgelm convert models/small -o edgelm/models/edgelm-small-q8_0.gguf --outtype q8_0 --name edgelm-small
+	$(BIN)/edgelm convert models/small -o edgelm/models/edgelm-small-q8_0.gguf --outtype q8_0 --name edgelm-small \
+		--early-exit 4
+
+# Early-exit heads for self-speculative decoding (about 35 minutes on one thread): exit norms for the frozen
+# models/small, then models/small-ee, small trained on with exit losses at layers 4, 6 and 8.
+exit-heads: $(STAMP)
+	$(BIN)/python scripts/train_exit.py exit-norm --model models/small --layers 2 4 6 8 --steps 150 --batch 4 --lr 2e-2
+	$(BIN)/python scripts/train_exit.py layerskip --model models/small --out models/small-ee --exit-layers 4 6 8 \
+		--steps 360 --batch 4 --lr 2e-5 --warmup 40 --exit-weight 0.2 --eval-every 60
+	$(MAKE) default-model
 
 clean:
 	rm -rf $(VENV) build *.egg-info edgelm/_native*.so

@@ -1,0 +1,347 @@
+"""Early-exit heads for self-speculative decoding.
+
+The draft is layers 0..k-1, an exit RMSNorm and the model's own output head; the full
+model verifies. A draft token is accepted when its argmax equals the full model's.
+
+    # frozen model, train only one exit norm per layer (self-distillation)
+    python scripts/train_exit.py exit-norm --model models/small --layers 2 4 6 8
+    # continued training of the whole model with exit losses (LayerSkip-style)
+    python scripts/train_exit.py layerskip --model models/small --out models/small-ee --exit-layers 4 6 8
+
+The defaults are the recipes behind models/small/exit_heads.* and models/small-ee
+(models/README.md): about 6 and 25 minutes on one thread.
+
+Both write exit_heads.safetensors (fp32 `exit_norm.{k}.weight`) and exit_heads.json
+(recipe and held-out top-1 agreement per layer, final norm reused vs trained exit norm)
+into the model directory. Deterministic for a given machine, thread count and seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_reference import (  # noqa: E402
+    ROOT, Recipe, encode_split, heldout_perplexity, lr_at, save_checkpoint,
+)
+from edgelm import corpus  # noqa: E402  (train_reference put ROOT on sys.path)
+
+EXIT_WEIGHTS = "exit_heads.safetensors"
+EXIT_JSON = "exit_heads.json"
+
+
+# ---------------------------------------------------------------- model and exits
+
+def load(model_dir: Path):
+    """The checkpoint in fp32 and its tokenizer."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model, Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+def recipe_for(config, **training) -> Recipe:
+    """train_reference's Recipe for an existing model: its architecture, new training settings."""
+    return Recipe(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        **training,
+    )
+
+
+def make_exit_norms(model, layers: list[int]):
+    """One RMSNorm per exit layer, a copy of the final norm (same weight, same eps)."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    n = model.config.num_hidden_layers
+    if any(not 0 < k < n for k in layers):
+        raise SystemExit(f"exit layers must lie in 1..{n - 1}, got {layers}")
+    norms = torch.nn.ModuleDict()
+    for k in sorted(set(layers)):
+        norm = LlamaRMSNorm(model.config.hidden_size, eps=model.config.rms_norm_eps)
+        norm.weight.data.copy_(model.model.norm.weight.data.float())
+        norms[str(k)] = norm
+    return norms
+
+
+def exit_logits(model, hidden_states, norms: Mapping[str, object], head_grad: bool = True) -> dict[int, object]:
+    """lm_head(exit_norm_k(h_k)); hidden_states[k] is the residual after layer k-1, before any norm.
+
+    head_grad=False keeps the exits' gradient out of the shared head: only the final loss trains it.
+    """
+    import torch
+
+    head = model.lm_head.weight if head_grad else model.lm_head.weight.detach()
+    return {int(k): torch.nn.functional.linear(norm(hidden_states[int(k)]), head) for k, norm in norms.items()}
+
+
+def kl_to(target_logp, logits):
+    """KL(target || softmax(logits)), mean over positions; target_logp carries no gradient."""
+    import torch
+
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    return (target_logp.exp() * (target_logp - logq)).sum(-1).mean()
+
+
+def sample_batch(rng: np.random.Generator, stream: np.ndarray, batch: int, seq_len: int):
+    """Random windows of seq_len + 1 tokens, as train_reference draws them."""
+    import torch
+
+    starts = rng.integers(0, len(stream) - seq_len - 1, batch)
+    return torch.from_numpy(np.stack([stream[s:s + seq_len + 1] for s in starts]))
+
+
+def agreement(model, norms: Mapping[str, object], stream: np.ndarray, window: int = 512) -> dict[int, float]:
+    """Share of held-out positions where the exit's argmax equals the full model's (non-overlapping windows, fp32)."""
+    import torch
+
+    model.eval()
+    hits = {int(k): 0 for k in norms}
+    count = 0
+    with torch.no_grad():
+        for start in range(0, len(stream), window):
+            chunk = torch.from_numpy(stream[start:start + window][None])
+            out = model(input_ids=chunk, output_hidden_states=True)
+            full = out.logits.argmax(-1)
+            for k, logits in exit_logits(model, out.hidden_states, norms).items():
+                hits[k] += (logits.argmax(-1) == full).sum().item()
+            count += chunk.shape[1]
+    model.train()
+    return {k: round(h / count, 4) for k, h in hits.items()}
+
+
+def save_exit_heads(out: Path, norms, stats: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"exit_norm.{k}.weight": norm.weight.detach().float().contiguous() for k, norm in norms.items()}
+    save_file(tensors, str(out / EXIT_WEIGHTS), metadata={"format": "pt"})
+    (out / EXIT_JSON).write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def agreement_table(before: dict[int, float], after: dict[int, float]) -> dict[str, dict[str, float]]:
+    """{"4": {"final_norm": .., "exit_norm": ..}}: final norm reused on the source model vs trained exit norm."""
+    return {str(k): {"final_norm": before[k], "exit_norm": after[k]} for k in sorted(after)}
+
+
+def _setup(model_dir: Path, threads: int, seed: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model, tok = load(model_dir)
+    train, heldout = encode_split(tok, "train"), encode_split(tok, "heldout")
+    print(f"corpus: {len(train):,} train tokens, {len(heldout):,} held-out tokens")
+    return model, tok, train, heldout
+
+
+def _log(step: int, steps: int, losses: Mapping[object, float], lr: float, t0: float, tokens: int) -> None:
+    if step % 25 == 0 or step == steps - 1:
+        parts = "  ".join(f"{k}:{v:.3f}" for k, v in losses.items())
+        print(f"step {step:4d}  {parts}  lr {lr:.2e}  {tokens / (time.time() - t0):,.0f} tok/s", flush=True)
+
+
+# ---------------------------------------------------------------- exit-norm
+
+def train_exit_norm(model_dir: Path, layers: list[int], *, steps: int = 150, batch: int = 4, seq_len: int = 512,
+                    lr: float = 2e-2, warmup: int = 10, seed: int = 0, threads: int = 1,
+                    command: str = "") -> dict:
+    """Freeze the model; fit one exit norm per layer to the model's own final distribution (KL)."""
+    import torch
+
+    model, _, train, heldout = _setup(model_dir, threads, seed)
+    model.requires_grad_(False)
+    norms = make_exit_norms(model, layers)
+    before = agreement(model, {k: model.model.norm for k in norms}, heldout)
+    print(f"agreement, final norm reused: {before}")
+
+    recipe = recipe_for(model.config, steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, warmup=warmup,
+                        weight_decay=0.0, seed=seed)
+    opt = torch.optim.AdamW(norms.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    for step in range(steps):
+        ids = sample_batch(rng, train, batch, seq_len)[:, :-1]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, output_hidden_states=True)
+        target = torch.log_softmax(out.logits.float(), dim=-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = {k: kl_to(target, z) for k, z in exit_logits(model, out.hidden_states, norms).items()}
+        sum(losses.values()).backward()  # the norms are independent: one backward trains them all
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses = {k: v.item() for k, v in losses.items()}
+        _log(step, steps, losses, lr_at(step, recipe), t0, (step + 1) * batch * seq_len)
+    seconds = time.time() - t0
+
+    after = agreement(model, norms, heldout)
+    stats = {
+        "kind": "exit-norm",
+        "model": _rel(model_dir),
+        "layers": sorted(int(k) for k in norms),
+        "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup, "seed": seed,
+        "seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "agreement": agreement_table(before, after),
+        "command": command,
+    }
+    save_exit_heads(model_dir, norms, stats)
+    print(json.dumps(stats, indent=2))
+    return stats
+
+
+# ---------------------------------------------------------------- layerskip
+
+def train_layerskip(model_dir: Path, out: Path, exit_layers: list[int], *, steps: int = 360, batch: int = 4,
+                    seq_len: int = 512, lr: float = 2e-5, warmup: int = 40, exit_weight: float = 0.2,
+                    exit_norm_lr: float = 1e-2, head_grad: bool = False, eval_every: int = 0, seed: int = 0,
+                    threads: int = 1, command: str = "") -> dict:
+    """Continue training the whole model with, per exit k, exit_weight * (CE + KL(stop-grad final || exit))."""
+    import torch
+
+    model, tok, train, heldout = _setup(model_dir, threads, seed)
+    vocab = model.config.vocab_size
+    norms = make_exit_norms(model, exit_layers)
+    before = agreement(model, {k: model.model.norm for k in norms}, heldout)
+    print(f"agreement of {_rel(model_dir)}, final norm reused: {before}")
+
+    recipe = recipe_for(model.config, steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, warmup=warmup, seed=seed)
+    params = [*model.parameters(), *norms.parameters()]
+    # the exit norms start as copies of the final norm and only feed the exits: they can move faster
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": recipe.weight_decay},
+         {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+         {"params": list(norms.parameters()), "weight_decay": 0.0, "lr_scale": exit_norm_lr / lr}],
+        lr=lr, betas=(0.9, 0.95),
+    )
+    rng = np.random.default_rng(seed)
+    model.train()
+    trajectory, eval_seconds = {}, 0.0
+    t0 = time.time()
+    for step in range(steps):
+        ids = sample_batch(rng, train, batch, seq_len)
+        labels = ids[:, 1:].reshape(-1)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe) * group.get("lr_scale", 1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res = model(input_ids=ids[:, :-1], output_hidden_states=True)
+            exits = exit_logits(model, res.hidden_states, norms, head_grad)
+        final = res.logits.float().reshape(-1, vocab)
+        target = torch.log_softmax(final.detach(), dim=-1)
+        ce = torch.nn.functional.cross_entropy(final, labels)
+        loss, losses = ce, {"final": ce.item()}
+        for k, z in exits.items():
+            z = z.float().reshape(-1, vocab)
+            exit_loss = torch.nn.functional.cross_entropy(z, labels) + kl_to(target, z)
+            loss = loss + exit_weight * exit_loss
+            losses[k] = exit_loss.item()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _log(step, steps, losses, lr_at(step, recipe), t0 + eval_seconds, (step + 1) * batch * seq_len)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            t1 = time.time()
+            trajectory[step + 1] = round(heldout_perplexity(model, heldout), 3)  # fp32 weights, not rounded
+            eval_seconds += time.time() - t1
+            print(f"step {step + 1}: held-out perplexity {trajectory[step + 1]}", flush=True)
+    seconds = time.time() - t0 - eval_seconds
+
+    save_checkpoint(model.half(), tok, out)
+    model.float()  # evaluate the fp16 weights that were saved, in fp32
+    ppl = heldout_perplexity(model, heldout)
+    after = agreement(model, norms, heldout)
+    exit_stats = {
+        "kind": "layerskip",
+        "model": _rel(out), "source": _rel(model_dir),
+        "layers": sorted(int(k) for k in norms),
+        "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup, "seed": seed,
+        "exit_weight": exit_weight, "exit_norm_lr": exit_norm_lr, "head_grad": head_grad,
+        "seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "agreement": agreement_table(before, after),
+        "command": command,
+    }
+    save_exit_heads(out, norms, exit_stats)
+    source = json.loads((model_dir / "training.json").read_text()) if (model_dir / "training.json").exists() else {}
+    stats = {
+        "size": out.name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "source": _rel(model_dir),
+        "recipe": {**asdict(recipe), "exit_layers": exit_stats["layers"], "exit_weight": exit_weight,
+                   "exit_norm_lr": exit_norm_lr, "head_grad": head_grad,
+                   "loss": "CE(final) + exit_weight * sum_k [CE(exit_k) + KL(stop-grad final || exit_k)]"},
+        "tokens_seen": steps * batch * seq_len,
+        "heldout_perplexity": round(ppl, 3),
+        "heldout_perplexity_during_training": trajectory,
+        "source_heldout_perplexity": source.get("heldout_perplexity"),
+        "train_seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "corpus_fingerprint": corpus.fingerprint(),
+        "command": command,
+    }
+    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(json.dumps({**stats, "agreement": exit_stats["agreement"]}, indent=2))
+    return stats
+
+
+def _rel(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    e = sub.add_parser("exit-norm", help="train exit norms on a frozen model")
+    e.add_argument("--layers", type=int, nargs="+", required=True)
+    s = sub.add_parser("layerskip", help="continue training the whole model with exit losses")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--exit-layers", type=int, nargs="+", required=True)
+    s.add_argument("--exit-weight", type=float, default=0.2, help="w_k, the same for every exit")
+    s.add_argument("--exit-norm-lr", type=float, default=1e-2, help="peak LR of the exit norms")
+    s.add_argument("--head-grad", action="store_true", help="let the exit losses train the shared lm_head too")
+    s.add_argument("--eval-every", type=int, default=0, help="print held-out perplexity every N steps")
+    for p, steps, lr, warmup in ((e, 150, 2e-2, 10), (s, 360, 2e-5, 40)):
+        p.add_argument("--model", type=Path, required=True)
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--batch", type=int, default=4)
+        p.add_argument("--seq-len", type=int, default=512)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--warmup", type=int, default=warmup)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "scripts/train_exit.py", *argv])
+    common = dict(steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+                  seed=args.seed, threads=args.threads, command=command)
+    if args.what == "exit-norm":
+        train_exit_norm(args.model, args.layers, **common)
+    else:
+        train_layerskip(args.model, args.out, args.exit_layers, exit_weight=args.exit_weight,
+                        exit_norm_lr=args.exit_norm_lr, head_grad=args.head_grad,
+                        eval_every=args.eval_every, **common)
+
+
+if __name__ == "__main__":
+    main()
