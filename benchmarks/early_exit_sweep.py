@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/early_exit_sweep.py [MODEL] [--threads 2] [--rounds 2]
 
-MODEL (default: the bundled model) must have its early-exit split beside it. One process; each round runs
-plain decoding first and then every setting on the same held-out prompts, ratios are medians over rounds.
+MODEL (default: the bundled model) must have its early-exit split beside it. One process; every setting runs
+next to a plain run on the same held-out prompts (order alternating by round); ratios are medians over rounds.
 """
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ def main() -> None:
                              draft_max=s[1]) for s in SETTINGS}
     ratios = {s: [] for s in SETTINGS}
     counts = {}
-    for _ in range(args.rounds):
-        base = run(plain, texts)[0]
-        for s, m in models.items():
-            tps, drafted, accepted, rounds = run(m, texts)
+    for r in range(args.rounds):
+        for s, m in models.items():  # each setting paired with a plain run next to it, in rotating order
+            first, second = (plain, m) if r % 2 == 0 else (m, plain)
+            a, b = run(first, texts), run(second, texts)
+            (base, _, _, _), (tps, drafted, accepted, rounds) = (a, b) if first is plain else (b, a)
             ratios[s].append(tps / base)
             counts[s] = (drafted, accepted, rounds)
     print(f"{'threshold':>9} {'draft_max':>9} {'acceptance':>10} {'tokens/round':>12} {'speedup':>8}")
