@@ -74,6 +74,7 @@ def main() -> None:
                     ct.decode_embd(rows[:n], PROMPT, logits_from=0)
                     ct.remove(0, PROMPT)
                 record(f"T verify, {n} positions", verify, max(20, args.steps // 4), [])
+            record("T verify 1, positions advancing", lambda i: ct.decode_embd(rows[:1], PROMPT + i), args.steps, [ct])
             record("D step + T verify 1, alternating",
                    lambda i: (cd.decode_one(5, PROMPT + i), ct.decode_embd(cap.take(1), PROMPT + i)),
                    args.steps, [cd, ct])
