@@ -645,3 +645,39 @@ def test_granite_embedding_scale(tiny_q8, tmp_path):
         want = m.generate("def fibonacci(n):\n", temperature=0, max_tokens=12).tokens
     with edgelm.load(model, early_exit=2, **GEN) as m:
         assert m.generate("def fibonacci(n):\n", temperature=0, max_tokens=12).tokens == want
+
+
+# ---------------------------------------------------------------------------- exit analysis
+
+
+def test_exits_command_reports_and_writes_a_split(tmp_path, capsys):
+    """`edgelm exits`: per-layer agreement in [0, 1] (the trained exit norm beside the model is used), measured
+    round costs and a predicted speedup for the measured layers, and --write leaves a split that loads."""
+    from edgelm.cli import main
+
+    model = tmp_path / "m.gguf"
+    shutil.copy(default_model_path(), model)
+    heads = default_model_path().with_name(default_model_path().stem + ".exit_heads.safetensors")
+    shutil.copy(heads, tmp_path / "m.exit_heads.safetensors")
+    assert main(["exits", str(model), "--tokens", "256", "--layers", "4", "--draft-max", "2", "--threads", "1",
+                 "--json", "--write", "4"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.splitlines()[0])
+    layers = {row["k"]: row for row in report["layers"]}
+    assert set(layers) == set(range(1, 16)) and report["tokens"] == 256
+    assert all(0.0 <= row["agreement"] <= 1.0 for row in layers.values())
+    assert layers[4]["trained"] and not layers[3]["trained"]
+    assert layers[4]["speedup"] >= 1.0 and layers[4]["draft_ms"] > 0 and layers[3]["speedup"] is None
+    assert available_splits(model) == [4]
+    assert check_split(model, split_paths(model, 4)).exit_norm == "trained"
+    with edgelm.load(model, early_exit=True, **GEN) as m, edgelm.load(model, **GEN) as plain:
+        assert m.generate("import os\n", temperature=0, max_tokens=16).tokens == \
+            plain.generate("import os\n", temperature=0, max_tokens=16).tokens
+
+
+def test_exits_command_bad_input(tmp_path):
+    from edgelm.cli import main
+
+    assert main(["exits", str(default_model_path()), "--layers", "16"]) == 2  # exits lie in 1..15
+    assert main(["exits", str(default_model_path()), "--calib", str(tmp_path / "missing.txt")]) == 2
+    assert main(["exits", str(tmp_path / "missing.gguf")]) != 0

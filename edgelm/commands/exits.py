@@ -44,6 +44,10 @@ def main(argv: list[str]) -> int:
     from edgelm.runtime.model import resolve_model
 
     model = resolve_model(args.model)
+    from edgelm.gguf_reader import read_gguf
+
+    info = read_gguf(model)
+    layers = _layers(args.layers, int(info.get(f"{info.architecture}.block_count", 0)))  # bad --layers fail first
     if args.calib:
         if not Path(args.calib).is_file():
             raise UsageError(f"{args.calib}: no such calibration text file")
@@ -53,22 +57,26 @@ def main(argv: list[str]) -> int:
     heads = Path(args.exit_heads) if args.exit_heads else model.with_name(model.stem + ".exit_heads.safetensors")
     norms = load_exit_norms(heads) if args.exit_heads or heads.is_file() else {}
     report = agreement(model, text, exit_norms=norms, max_tokens=args.tokens, n_threads=args.threads)
-    layers = _layers(args.layers, report.n_layer)
     measure_costs(model, report, layers, draft_max=args.draft_max, n_threads=args.threads)
     if args.json:
         print(json.dumps({"n_layer": report.n_layer, "tokens": report.tokens, "full_ms": report.full_ms,
                           "layers": [{"k": k, "agreement": report.agreement[k - 1], "trained": report.trained[k - 1],
-                                      "draft_ms": report.draft_ms.get(k), "speedup": report.speedup.get(k, (None,))[0],
-                                      "draft_len": report.speedup.get(k, (None, None))[1]}
+                                      "draft_ms": report.draft_ms.get(k),
+                                      "speedup": report.speedup.get(k, (None,))[0],
+                                      "draft_max": report.speedup.get(k, (None, None))[1],
+                                      "threshold": report.speedup.get(k, (None, None, None))[2]}
                                      for k in range(1, report.n_layer)]}))
     else:
-        print(f"{report.tokens} calibration tokens; full model {report.full_ms:.3f} ms per token")
-        print(f"{'k':>3}  {'agree':>6}  {'exit norm':<9}  {'D ms':>6}  {'T(g+1) ms':>9}  {'g':>2}  {'speedup':>7}")
+        print(f"{report.tokens} calibration tokens; full model {report.full_ms:.3f} ms per token; D ms: what one draft "
+              "adds to a round; R(1): a round without drafts (D step + tail step)")
+        print(f"{'k':>3}  {'agree':>6}  {'exit norm':<9}  {'D ms':>6}  {'R(1) ms':>7}  {'draft_max':>9}  "
+              f"{'threshold':>9}  {'speedup':>7}")
         for k in range(1, report.n_layer):
             line = f"{k:>3}  {report.agreement[k - 1]:>6.1%}  {'trained' if report.trained[k - 1] else 'final':<9}"
             if k in report.speedup:
-                speed, g = report.speedup[k]
-                line += f"  {report.draft_ms[k]:>6.3f}  {report.tail_ms[k][g + 1]:>9.3f}  {g:>2}  {speed:>6.2f}x"
+                speed, g, threshold = report.speedup[k]
+                setting = f"{g:>9}  {threshold:>9}" if g else f"{'-':>9}  {'-':>9}"
+                line += f"  {report.draft_ms[k]:>6.3f}  {report.round_ms[k][1]:>7.3f}  {setting}  {speed:>6.2f}x"
             print(line)
     if args.write:
         k = report.best() if args.write == "auto" else int(args.write) if args.write.isdigit() else None

@@ -2,13 +2,15 @@
 
 For every layer i the hidden state after it (graph node `l_out-{i}`) goes through the exit norm (the
 final norm, or a trained one) and the output head, in numpy from the GGUF's own weights; its argmax
-is compared with the full model's. The speedup of an early-exit split at k is then predicted from
-costs measured on real splits written to a temporary folder: one draft step D(k), and the tail's
-verification batch T(k, n) of n positions, against the full model's one-token decode F:
+is compared with the full model's, and its top probability kept. The speedup of an early-exit split at
+k is then predicted by replaying the decode loop of edgelm.runtime.speculative over the calibration
+positions (draft while the exit's top probability is at least the threshold, up to draft_max drafts;
+keep drafts while they agree) with costs measured on real splits written to a temporary folder: R(k, n),
+a whole round of n draft steps and the tail verifying n positions, and the full model's step F:
 
-    tokens per round  E(a, g) = (1 - a^(g+1)) / (1 - a)        a: agreement at k, g: drafts per round
-    time per round    (g + 1) * D(k) + T(k, g + 1)
-    speedup           E * F / time per round, at the best g
+    speedup = tokens * F / sum over rounds of R(k, drafts + 1)
+
+at the best threshold and draft length of a small grid.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import numpy as np
 
 from edgelm.errors import UsageError
 
+from edgelm import native
+
 from . import ggml
 from .context import Context, ContextOptions
 from .model import LlamaModel
@@ -34,9 +38,12 @@ class ExitReport:
     agreement: list[float]  # per layer i (exit after layer i, i.e. k = i + 1)
     trained: list[bool]  # whether layer i's exit used a trained exit norm
     full_ms: float = 0.0
-    draft_ms: dict[int, float] = field(default_factory=dict)  # k -> one draft step
-    tail_ms: dict[int, dict[int, float]] = field(default_factory=dict)  # k -> n -> one verify batch of n
-    speedup: dict[int, tuple[float, int]] = field(default_factory=dict)  # k -> (predicted speedup, best g)
+    draft_ms: dict[int, float] = field(default_factory=dict)  # k -> what one more draft adds to a round
+    round_ms: dict[int, dict[int, float]] = field(default_factory=dict)  # k -> n -> a round of n D steps + T(n)
+    # k -> (predicted speedup, draft_max, threshold) of the best setting; (1.0, 0, 1.0): no setting gains
+    speedup: dict[int, tuple[float, int, float]] = field(default_factory=dict)
+    agrees: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # k -> per position: exit == full
+    confidence: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # k -> per position: exit top p
 
     def best(self) -> int:
         """The exit layer k with the highest predicted speedup."""
@@ -45,8 +52,26 @@ class ExitReport:
         return max(self.speedup, key=lambda k: self.speedup[k][0])
 
 
-def expected_tokens(a: float, g: int) -> float:
-    return g + 1.0 if a >= 1.0 else (1.0 - a ** (g + 1)) / (1.0 - a)
+THRESHOLDS = (0.3, 0.45, 0.6, 0.8)
+DRAFT_MAXES = (2, 4, 8)
+
+
+def replay(agrees: np.ndarray, confidence: np.ndarray, threshold: float, draft_max: int,
+           round_ms: dict[int, float]) -> tuple[int, float]:
+    """(tokens, milliseconds) of the gated draft-and-verify loop over a stream of positions, position p
+    standing for the exit's prediction of token p + 1 (teacher-forced: the calibration text is the context)."""
+    n, p, tokens, ms = len(agrees), 0, 0, 0.0
+    while p < n:
+        g = 0
+        while g < draft_max and p + g < n and confidence[p + g] >= threshold:
+            g += 1
+        j = 0
+        while j < g and agrees[p + j]:
+            j += 1
+        tokens += j + 1
+        ms += round_ms[g + 1]
+        p += j + 1
+    return tokens, ms
 
 
 class _Hidden:
@@ -106,6 +131,8 @@ def agreement(model_path, text: str, *, exit_norms: dict[int, np.ndarray] | None
         ctx = Context(model, ContextOptions(n_ctx=window, n_batch=window, n_threads=n_threads),
                       eval_callback=hidden.callback)
         agree = np.zeros(n_layer)
+        agrees = {i: [] for i in range(n_layer)}
+        confidence = {i: [] for i in range(n_layer)}
         counted = 0
         try:
             for lo in range(0, len(tokens), window):
@@ -121,11 +148,17 @@ def agreement(model_path, text: str, *, exit_norms: dict[int, np.ndarray] | None
                     h = np.concatenate(hidden.rows[i])[-len(chunk):]
                     norm = exit_norms.get(i + 1, final_norm)
                     x = h / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + eps) * norm
-                    agree[i] += np.count_nonzero((x @ head.T).argmax(axis=1) == target)
+                    logits = x @ head.T
+                    hit = logits.argmax(axis=1) == target
+                    agree[i] += np.count_nonzero(hit)
+                    agrees[i].append(hit)
+                    confidence[i].append(native.confidence(np.ascontiguousarray(logits, np.float32)).max_prob)
                 counted += len(chunk)
         finally:
             ctx.close()
-        return ExitReport(n_layer, counted, list(agree / counted), [i + 1 in exit_norms for i in range(n_layer)])
+        return ExitReport(n_layer, counted, list(agree / counted), [i + 1 in exit_norms for i in range(n_layer)],
+                          agrees={i + 1: np.concatenate(v) for i, v in agrees.items()},
+                          confidence={i + 1: np.concatenate(v) for i, v in confidence.items()})
     finally:
         model.close()
 
@@ -143,20 +176,21 @@ def _time(fn, repeat: int) -> float:
 
 
 def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_max: int = 8,
-                  n_threads: int | None = None, repeat: int = 30, rounds: int = 3) -> None:
-    """Time, for each k, a draft step and the tail's verify batches on a split written to a temporary folder,
-    alternating with the full model's decode step so that a shared machine's drift falls on both (medians
-    over `rounds`); fills report.full_ms (median), draft_ms, tail_ms and speedup (g = 0 is 1.0: no drafts,
-    plain decoding)."""
+                  n_threads: int | None = None, repeat: int = 40, rounds: int = 3) -> None:
+    """Time, for each k, whole rounds of the decode loop on a split written to a temporary folder: n draft
+    steps, the tail verifying the n positions, the cut back to one new position (so positions advance as in
+    decoding, past a 200-token prompt), for n = 1..draft_max + 1; alternating with the full model's decode
+    step so that a shared machine's drift falls on both (medians over `rounds`). Fills report.full_ms,
+    draft_ms, round_ms and speedup (replay over the calibration positions; 1.0 when no setting gains)."""
     import statistics
 
     from edgelm.converters.early_exit import split_model
 
     from ..native import Capture
 
-    options = ContextOptions(n_ctx=256, n_batch=64, n_threads=n_threads)
-    prompt = list(range(1, 33))
-    pos = len(prompt)
+    prompt = [1 + i % 200 for i in range(200)]
+    options = ContextOptions(n_ctx=len(prompt) + repeat + draft_max + 8, n_batch=128, n_threads=n_threads)
+    start = len(prompt)
     fulls = []
     with tempfile.TemporaryDirectory(prefix="edgelm-exits-") as tmp:
         copy = Path(tmp) / "model.gguf"
@@ -165,9 +199,12 @@ def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_ma
         ctx = Context(full, options)
         ctx.decode(prompt, 0)
 
-        def full_step():
-            ctx.decode_one(5, pos)
-            ctx.remove(0, pos)
+        def full_steps() -> float:
+            t0 = time.perf_counter()
+            for i in range(repeat):
+                ctx.decode_one(5, start + i)
+            ctx.remove(0, start)
+            return (time.perf_counter() - t0) / repeat * 1e3
 
         try:
             for k in layers:
@@ -178,24 +215,31 @@ def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_ma
                 dc = Context(d, options, eval_callback=cap.callback, eval_user_data=cap.user_data)
                 tc = Context(t, options, embd_input=True)
                 try:
-                    dc.decode(prompt, 0, logits_from=0)
-                    tc.decode_embd(cap.take(len(prompt)), 0)
-                    rows = np.repeat(cap.take(1), draft_max + 1, axis=0)
+                    for lo in range(0, len(prompt), options.n_batch):
+                        chunk = prompt[lo:lo + options.n_batch]
+                        dc.decode(chunk, lo, logits_from=0)
+                        tc.decode_embd(cap.take(len(chunk)), lo)
 
-                    def draft_step():
-                        dc.decode_one(5, pos)
-                        dc.remove(0, pos)
+                    def rounds_of(n: int) -> float:
+                        t0 = time.perf_counter()
+                        for i in range(repeat):
+                            pos = start + i
+                            for j in range(n):
+                                dc.decode_one(5, pos + j)
+                                dc.logits()  # the loop reads each draft's exit logits
+                            tc.decode_embd(cap.take(n), pos, logits_from=0)
+                            tc.all_logits(n)
+                            dc.remove(0, pos + 1)
+                            tc.remove(0, pos + 1)
+                        dc.remove(0, start)
+                        tc.remove(0, start)
+                        return (time.perf_counter() - t0) / repeat * 1e3
 
-                    def verify(n):
-                        tc.decode_embd(rows[:n], pos, logits_from=0)
-                        tc.remove(0, pos)
-
-                    f_ms, d_ms, t_ms = [], [], {n: [] for n in range(1, draft_max + 2)}
+                    f_ms, r_ms = [], {n: [] for n in range(1, draft_max + 2)}
                     for _ in range(rounds):
-                        f_ms.append(_time(full_step, repeat))
-                        d_ms.append(_time(draft_step, repeat))
-                        for n in t_ms:
-                            t_ms[n].append(_time(lambda n=n: verify(n), max(5, repeat // 3)))
+                        f_ms.append(full_steps())
+                        for n in r_ms:
+                            r_ms[n].append(rounds_of(n))
                 finally:
                     dc.close()
                     tc.close()
@@ -205,12 +249,14 @@ def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_ma
                     p.unlink()
                 f = statistics.median(f_ms)
                 fulls.append(f)
-                report.draft_ms[k] = statistics.median(d_ms)
-                report.tail_ms[k] = {n: statistics.median(v) for n, v in t_ms.items()}
-                a = report.agreement[k - 1]
-                report.speedup[k] = max([(1.0, 0)] + [
-                    (expected_tokens(a, g) * f / ((g + 1) * report.draft_ms[k] + report.tail_ms[k][g + 1]), g)
-                    for g in range(1, draft_max + 1)], key=lambda x: x[0])
+                report.round_ms[k] = {n: statistics.median(v) for n, v in r_ms.items()}
+                report.draft_ms[k] = report.round_ms[k][2] - report.round_ms[k][1]  # one more draft step and row
+                best = (1.0, 0, 1.0)
+                for threshold in THRESHOLDS:
+                    for g in (g for g in DRAFT_MAXES if g <= draft_max):
+                        tokens, ms = replay(report.agrees[k], report.confidence[k], threshold, g, report.round_ms[k])
+                        best = max(best, (tokens * f / ms, g, threshold))
+                report.speedup[k] = best
         finally:
             ctx.close()
             full.close()
