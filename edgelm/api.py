@@ -99,11 +99,13 @@ class Model:
         self.ctx = Context(self.llama, ctx_options, eval_callback=self._capture.callback,
                            eval_user_data=self._capture.user_data)
         self._tail = Context(tail, ctx_options, embd_input=True)
+        # one for the model's life, so a request reuses the KV an earlier one left (a chat's history)
+        self._early_exit = EarlyExit(self.ctx, self._tail, self._capture, self.speculative.threshold)
 
     def _speculative_stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Chunk]:
         s = self.speculative
         if self._tail is not None:
-            verifier = drafter = EarlyExit(self.ctx, self._tail, self._capture, s.threshold)
+            verifier = drafter = self._early_exit
         else:
             verifier = ContextVerifier(self.ctx)
             drafter = DraftModel(self._draft_ctx, s.threshold) if self._draft_ctx is not None else Lookup()
@@ -193,6 +195,8 @@ class Model:
             for ctx in (self.ctx, self._tail, self._draft_ctx):
                 if ctx is not None:
                     ctx.clear()
+            if self._tail is not None:
+                self._early_exit.clear()
             if self.prompt_cache is not None:
                 self.prompt_cache.clear()
 

@@ -681,3 +681,19 @@ def test_exits_command_bad_input(tmp_path):
     assert main(["exits", str(default_model_path()), "--layers", "16"]) == 2  # exits lie in 1..15
     assert main(["exits", str(default_model_path()), "--calib", str(tmp_path / "missing.txt")]) == 2
     assert main(["exits", str(tmp_path / "missing.gguf")]) != 0
+
+
+def test_early_exit_reuses_an_earlier_requests_kv_exactly(small):
+    """A chat's next turn: the shared prefix stays in both halves' KV (less the last FA_TILE positions, which
+    are evaluated again canonically), and the output is still the plain model's token for token."""
+    head = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(15))
+    turns = [head + "def main():\n", head + "class Point:\n", head + "class Point:\n    pass\n"]
+    with edgelm.load(small, early_exit=4, **GEN) as ee, edgelm.load(small, **GEN) as plain:
+        cached = []
+        for text in turns:
+            got = ee.generate(text, temperature=0, max_tokens=12)
+            assert got.tokens == plain.generate(text, temperature=0, max_tokens=12).tokens
+            cached.append(got.timings.cached_tokens)
+        assert cached[0] == 0 and cached[1] > 64 and cached[2] > cached[1] - 8
+        ee.reset()
+        assert ee.generate(turns[0], temperature=0, max_tokens=4).timings.cached_tokens == 0

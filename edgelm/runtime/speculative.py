@@ -28,7 +28,7 @@ from edgelm import native
 from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context
-from .generate import Timings, batch_plan, common_prefix, prefill
+from .generate import ROW_GROUP, Timings, batch_plan, common_prefix, prefill, reusable
 from .sampling import Candidates, SamplerChain, SamplingParams
 
 import llama_cpp as lib
@@ -126,8 +126,9 @@ class Verifier:
     n_ctx = 0
     max_batch = 1  # positions one verify() call takes: the last token plus drafts
 
-    def prefill(self, tokens: list[int]) -> None:
-        """Hold `tokens` at positions 0..; the logits of the last one are then the current output."""
+    def prefill(self, tokens: list[int]) -> int:
+        """Hold `tokens` at positions 0..; the logits of the last one are then the current output.
+        Returns how many leading tokens were kept from before rather than evaluated."""
         raise NotImplementedError
 
     def verify(self, tokens: list[int], pos: int) -> np.ndarray:
@@ -137,6 +138,9 @@ class Verifier:
     def rollback(self, pos: int) -> None:
         """Forget positions pos.. ."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """A generation ended (normally or not)."""
 
     @property
     def ctx_ptr(self):
@@ -167,8 +171,8 @@ class ContextVerifier(Verifier):
     def __init__(self, ctx: Context):
         self.ctx, self.model, self.n_ctx, self.max_batch = ctx, ctx.model, ctx.n_ctx, ctx.n_batch
 
-    def prefill(self, tokens: list[int]) -> None:
-        prefill(self.ctx, tokens)  # as plain generation does: the same batches, so the same KV bit for bit
+    def prefill(self, tokens: list[int]) -> int:
+        return prefill(self.ctx, tokens)  # as plain generation does: the same batches, so the same KV bit for bit
 
     def verify(self, tokens: list[int], pos: int) -> np.ndarray:
         self.ctx.decode(tokens, pos, logits_from=0)
@@ -282,20 +286,38 @@ class EarlyExit(Drafter, Verifier):
 
     # Verifier
 
-    def prefill(self, tokens: list[int]) -> None:
-        self.d.clear()
-        self.t.clear()
-        self._t_held = []
+    def prefill(self, tokens: list[int]) -> int:
+        """Hold `tokens` in both halves, keeping what an earlier request left only where a cold prefill would
+        reproduce it bit for bit (generate.reusable: canonically evaluated positions, FA_TILE re-evaluated)."""
+        shared = min(common_prefix(self.d.seq_tokens(0), tokens), common_prefix(self._t_held, tokens))
+        source_exact = self.d.exact_tokens(0)
+        n = reusable(shared, source_exact, len(tokens))
+        if not (self.d.remove(0, n) and self.t.remove(0, n)):
+            self.clear()
+            n = 0
+        del self._t_held[n:]
         # D returns every position's logits (its last layer keeps only output rows), so its batches are short
         # (EARLY_EXIT_BATCH); canonical batches keep the KV bit for bit what the full model's prefill makes
         step = min(self.d.n_batch, self.t.n_batch, self.capture.capacity)
-        plan = batch_plan(0, len(tokens), step) or [(lo, min(lo + step, len(tokens)))
-                                                     for lo in range(0, len(tokens), step)]
-        for lo, hi in plan:
+        plan = batch_plan(n, len(tokens), step)
+        for lo, hi in plan or [(lo, min(lo + step, len(tokens))) for lo in range(n, len(tokens), step)]:
             chunk = tokens[lo:hi]
             rows = self._eval_d(chunk, lo)
             self.t.decode_embd(rows, lo)
             self._t_held.extend(chunk)
+        canonical = plan is not None and (n == 0 or source_exact >= n)
+        self.d.set_tokens(0, tokens, exact=len(tokens) - len(tokens) % ROW_GROUP if canonical else min(n, source_exact))
+        return n
+
+    def finish(self) -> None:
+        """After a generation: what lies past the canonical prefix can never be reused exactly, so free it."""
+        exact = self.d.exact_tokens(0)
+        self.rollback(exact)
+
+    def clear(self) -> None:
+        self.d.clear()
+        self.t.clear()
+        self._t_held = []
 
     def verify(self, tokens: list[int], pos: int) -> np.ndarray:
         # D has just evaluated exactly these tokens while drafting (see draft), so their rows are the last captured
@@ -360,7 +382,7 @@ def speculative_tokens(verifier: Verifier, drafter: Drafter, prompt: list[int], 
     t0 = time.perf_counter()
     try:
         chain.accept_prompt(prompt)
-        verifier.prefill(prompt)
+        timings.cached_tokens = verifier.prefill(prompt)
         if verifier is not drafter:
             drafter.prefill(prompt)
         timings.prompt_tokens = len(prompt)
@@ -413,6 +435,7 @@ def speculative_tokens(verifier: Verifier, drafter: Drafter, prompt: list[int], 
         chain.close()
         if dist is not None:
             dist.close()
+        verifier.finish()
 
 
 def _first(verifier: Verifier, chain: SamplerChain, dist, rng, mode: str) -> int | None:
