@@ -13,15 +13,16 @@ splits or models are refused by edgelm before llama.cpp loads them (see `check_s
 """
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from edgelm.errors import ConversionError, ModelLoadError
+from edgelm.errors import ConversionError
+# the reading side lives with the runtime; re-exported here beside the writer
+from edgelm.runtime.splits import (KEY, SplitInfo, SplitPaths, available_splits, check_split,  # noqa: F401
+                                   header_sha256, split_paths)
 
 from .export import atomic_path
 
@@ -30,53 +31,7 @@ from .export import atomic_path
 # gemma scale the input embedding even then), so layers k..L-1 renumbered from 0 compute what they did in place.
 SPLIT_ARCHS = ("llama", "qwen2", "qwen3")
 SHARED_TENSORS = ("token_embd.weight", "output.weight")
-KEY = "edgelm.early_exit."
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
-
-
-@dataclass(frozen=True)
-class SplitPaths:
-    shared: Path
-    draft: Path
-    tail: Path
-
-    def exists(self) -> bool:
-        return self.shared.is_file() and self.draft.is_file() and self.tail.is_file()
-
-
-def split_paths(model: str | Path, k: int) -> SplitPaths:
-    model = Path(model)
-    base = model.with_suffix("") if model.suffix == ".gguf" else model
-    return SplitPaths(
-        shared=base.with_name(f"{base.name}.ee-shared.gguf"),
-        draft=base.with_name(f"{base.name}.ee{k}-draft.gguf"),
-        tail=base.with_name(f"{base.name}.ee{k}-tail.gguf"),
-    )
-
-
-def available_splits(model: str | Path) -> list[int]:
-    """The exit layers k for which a complete split lies beside `model`, ascending."""
-    model = Path(model)
-    base = model.with_suffix("") if model.suffix == ".gguf" else model
-    found = []
-    for p in base.parent.glob(f"{glob_escape(base.name)}.ee*-draft.gguf"):
-        m = re.fullmatch(re.escape(base.name) + r"\.ee(\d+)-draft\.gguf", p.name)
-        if m and split_paths(model, int(m.group(1))).exists():
-            found.append(int(m.group(1)))
-    return sorted(found)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-def header_sha256(path: Path) -> str:
-    """sha256 of a GGUF's header, metadata and tensor table (what edgelm fingerprints models by)."""
-    from edgelm.gguf_reader import read_gguf
-
-    info = read_gguf(path)
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(info.data_offset)).hexdigest()
 
 
 def _copy_kv(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, skip: set[str], overrides: dict) -> None:
@@ -203,53 +158,6 @@ def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGU
             raise ConversionError(f"{path}: write failed: {e.strerror or e}") from None
         finally:
             writer.close()
-
-
-@dataclass(frozen=True)
-class SplitInfo:
-    k: int
-    n_layer: int
-    exit_norm: str
-    paths: SplitPaths
-
-
-def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
-    """Check that the three files are one split (and of `model`, if given) before llama.cpp loads them.
-    Each file's metadata is parsed once and dropped (tokenizer arrays included) before the next."""
-    from edgelm.gguf_reader import read_gguf
-
-    files = {"shared": paths.shared, "draft": paths.draft, "tail": paths.tail}
-    meta = {}
-    for role, path in files.items():
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: missing part of the early-exit split (write it with "
-                                 "`edgelm convert ... --early-exit K` or `edgelm exits MODEL --write K`)")
-        info = read_gguf(path)
-        arch = info.get("general.architecture")
-        meta[role] = {k: info.get(KEY + k) for k in ("role", "source", "shared", "layer", "n_layer", "exit_norm")}
-        meta[role]["block_count"] = info.get(f"{arch}.block_count")
-        if role == "shared":
-            with open(path, "rb") as f:
-                shared_sha = hashlib.sha256(f.read(info.data_offset)).hexdigest()
-        del info
-        if meta[role]["role"] != role:
-            raise ModelLoadError(f"{path}: not an early-exit {role} split (role {meta[role]['role']!r})")
-    d, t = meta["draft"], meta["tail"]
-    source = meta["shared"]["source"]
-    for role in ("draft", "tail"):
-        if meta[role]["source"] != source:
-            raise ModelLoadError(f"{files[role]}: belongs to another model than {paths.shared}")
-        if meta[role]["shared"] != shared_sha:
-            raise ModelLoadError(f"{paths.shared}: was rewritten after {files[role]}; write the split again")
-    k, n_layer = d["layer"], d["n_layer"]
-    if (k, n_layer) != (t["layer"], t["n_layer"]):
-        raise ModelLoadError(f"{paths.draft} (exit layer {k}) and {paths.tail} (exit layer {t['layer']}) "
-                             "are parts of different splits")
-    if d["block_count"] != k or t["block_count"] != n_layer - k:
-        raise ModelLoadError(f"{paths.draft}: block counts do not add up to the {n_layer}-layer model")
-    if model is not None and header_sha256(Path(model)) != source:
-        raise ModelLoadError(f"{paths.draft}: split of another model than {model}")
-    return SplitInfo(int(k), int(n_layer), str(d["exit_norm"] or "final"), paths)
 
 
 EXIT_HEADS = "exit_heads.safetensors"  # trained exit norms in a checkpoint folder: tensors exit_norm.{k}.weight

@@ -89,11 +89,10 @@ class Model:
         split = choose_split(resolve_model(path), self.speculative.early_exit)
         self.early_exit = split
         self.llama = LlamaModel(split.paths.draft, load, parts=[split.paths.shared])
-        shared = read_gguf(split.paths.shared)
+        shared = read_gguf(split.paths.shared, keep_arrays=False)
         # the tail reads hidden states, never token_embd, unless the head is tied to it
         unused = ("token_embd.weight",) if any(t.name == "output.weight" for t in shared.tensors) else ()
-        tail = LlamaModel(split.paths.tail, load, parts=[split.paths.shared], unused=unused)
-        tail.drop_metadata_arrays()
+        tail = LlamaModel(split.paths.tail, load, parts=[split.paths.shared], unused=unused, metadata_arrays=False)
         ctx_options = dataclasses.replace(ctx_options, n_batch=min(ctx_options.n_batch, EARLY_EXIT_BATCH))
         self._capture = Capture(f"l_out-{split.k - 1}", self.llama.n_embd, ctx_options.n_batch)
         self.ctx = Context(self.llama, ctx_options, eval_callback=self._capture.callback,

@@ -213,11 +213,15 @@ def read_gguf(
     *,
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
     check_data: bool = True,
+    keep_arrays: bool = True,
 ) -> GGUFFile:
     """Parse and validate a GGUF file's header, metadata and tensor infos.
 
     check_data=False skips the checks that need the data section to be present
     (useful on a partial download); the layout checks still run.
+    keep_arrays=False validates array values as usual but keeps only a SkippedArray (type and length) in
+    their place: a tokenizer's arrays are tens of thousands of Python objects, which a caller that only
+    needs the scalars, tensor table or data offset need not hold.
     """
     path_s = os.fspath(path)
     try:
@@ -230,7 +234,7 @@ def read_gguf(
     with f:
         cur = _Cursor(f, path_s, file_size, max_metadata_bytes)
         version, n_tensors, n_kv = _read_header(cur)
-        metadata, types = _read_metadata(cur, n_kv)
+        metadata, types = _read_metadata(cur, n_kv, keep_arrays)
         alignment = _alignment(cur, metadata, types)
         tensors = _read_tensor_infos(cur, n_tensors)
         # gguf.cpp pads to the alignment only when there is tensor data to align.
@@ -271,7 +275,7 @@ def _read_header(cur: _Cursor) -> tuple[int, int, int]:
     return version, n_tensors, n_kv
 
 
-def _read_metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, str]]:
+def _read_metadata(cur: _Cursor, n_kv: int, keep_arrays: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
     metadata: dict[str, Any] = {}
     types: dict[str, str] = {}
     for i in range(n_kv):
@@ -282,7 +286,7 @@ def _read_metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, s
         if key in metadata:
             raise cur.fail(f"duplicate key {key!r} ({cur.where})")
         cur.where = f"key-value {i} of {n_kv} ({key!r})"
-        metadata[key], types[key] = _read_value(cur, key)
+        metadata[key], types[key] = _read_value(cur, key, keep_arrays)
     return metadata, types
 
 
@@ -294,7 +298,15 @@ def _value_type(cur: _Cursor, key: str, code: int, *, element: bool = False) -> 
     return VALUE_TYPES[code]
 
 
-def _read_value(cur: _Cursor, key: str) -> tuple[Any, str]:
+@dataclass(frozen=True)
+class SkippedArray:
+    """An array value read with keep_arrays=False: validated, not kept."""
+
+    element_type: str
+    length: int
+
+
+def _read_value(cur: _Cursor, key: str, keep_arrays: bool = True) -> tuple[Any, str]:
     code = cur.unpack("i")
     name, fmt = _value_type(cur, key, code)
     if code == _STRING:
@@ -311,6 +323,13 @@ def _read_value(cur: _Cursor, key: str) -> tuple[Any, str]:
         raise cur.fail(f"key {key!r}: array length {n} exceeds llama.cpp's limit of {GGUF_MAX_ARRAY_ELEMENTS}")
     if n * elem_min > cur.remaining:
         raise cur.fail(f"key {key!r}: array length {n} cannot fit in the {cur.remaining} bytes left in the file")
+    if not keep_arrays:
+        if elem_code == _STRING:
+            for j in range(n):
+                cur.string(f"key {key!r} element {j} of {n}")
+        else:
+            cur.take(n * elem_min)
+        return SkippedArray(elem_name, n), f"array[{elem_name}]"
     if elem_code == _STRING:
         values = [cur.string(f"key {key!r} element {j} of {n}") for j in range(n)]
     else:

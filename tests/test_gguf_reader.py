@@ -248,3 +248,20 @@ def test_every_prefix_and_corruption_rejected_cleanly(valid: bytes, tmp_path: Pa
             read_gguf(path)
         except GGUFError:
             pass
+
+
+def test_keep_arrays_false_validates_but_keeps_only_lengths(tmp_path):
+    from edgelm.gguf_reader import SkippedArray
+    from edgelm.runtime.model import default_model_path
+
+    full = read_gguf(default_model_path())
+    light = read_gguf(default_model_path(), keep_arrays=False)
+    assert light.data_offset == full.data_offset and light.tensors == full.tensors
+    tokens = light.get("tokenizer.ggml.tokens")
+    assert isinstance(tokens, SkippedArray) and tokens.length == len(full.get("tokenizer.ggml.tokens")) == 8192
+    assert {k: v for k, v in light.metadata.items() if not isinstance(v, SkippedArray)} == \
+        {k: v for k, v in full.metadata.items() if not isinstance(v, list)}
+    cut = tmp_path / "cut.gguf"  # cut inside the token array: still an error without keeping it
+    cut.write_bytes(default_model_path().read_bytes()[:200_000])
+    with pytest.raises(GGUFError, match="truncated|cannot fit"):
+        read_gguf(cut, keep_arrays=False)

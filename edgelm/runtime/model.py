@@ -55,16 +55,18 @@ class LlamaModel:
     """Weights and vocabulary; contexts (KV caches) are created from it."""
 
     def __init__(self, path: str | os.PathLike | None = None, options: LoadOptions | None = None, *,
-                 parts: list[Path] | None = None, unused: tuple[str, ...] = ()):
+                 parts: list[Path] | None = None, unused: tuple[str, ...] = (), metadata_arrays: bool = True):
         """`parts`: the later files of a split model whose first file is `path` (split.no 1, 2, ...).
         `unused`: tensors this model never reads (an early-exit tail's token_embd), whose pages of the
-        memory map are released after load so they do not count in RSS twice (see release_unused)."""
+        memory map are released after load so they do not count in RSS twice (see release_unused).
+        `metadata_arrays=False`: keep no tokenizer arrays in Python (a model loaded for its weights only, such as
+        an early-exit tail, whose vocabulary the draft already holds; llama.cpp still reads them)."""
         self.options = options or LoadOptions()
         self.path = resolve_model(path)
-        self.gguf: GGUFFile = read_gguf(self.path)
+        self.gguf: GGUFFile = read_gguf(self.path, keep_arrays=metadata_arrays)
         self.parts = [resolve_model(p) for p in parts or ()]
         for p in self.parts:
-            read_gguf(p)
+            read_gguf(p, keep_arrays=False)
         ensure_backend()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = self.options.n_gpu_layers
@@ -117,11 +119,6 @@ class LlamaModel:
         return self._ptr
 
     # ------------------------------------------------------------ metadata
-
-    def drop_metadata_arrays(self) -> None:
-        """Forget the parsed metadata arrays (tokenizer tokens, merges, types): for a model loaded only for its
-        weights, such as an early-exit tail, whose vocabulary the draft already holds in Python."""
-        self.gguf.metadata = {k: v for k, v in self.gguf.metadata.items() if not isinstance(v, (list, tuple))}
 
     @property
     def architecture(self) -> str:
@@ -254,7 +251,7 @@ def release_unused(paths: list[Path], names: set[str], before: set) -> None:
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     page = os.sysconf("SC_PAGE_SIZE")
     for p in paths:
-        info = read_gguf(p)
+        info = read_gguf(p, keep_arrays=False)
         target = os.path.realpath(p)
         for t in info.tensors:
             if t.name not in names:

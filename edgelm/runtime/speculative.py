@@ -499,8 +499,9 @@ class SpeculativeOptions:
 def choose_split(model_path, early_exit: bool | int):
     """The early-exit split to load for `model_path`: the one at layer `early_exit`, or (True) the one
     with a trained exit norm, else the deepest exit (the most accepting) of those present."""
-    from edgelm.converters.early_exit import available_splits, check_split, split_paths
     from edgelm.errors import ModelLoadError
+
+    from .splits import available_splits, check_split, split_paths
 
     found = available_splits(model_path)
     if early_exit is True:
