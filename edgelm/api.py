@@ -16,7 +16,8 @@ from .runtime.generate import REUSE, Chunk, Completion, Timings, collect, genera
 from .runtime.model import LlamaModel, LoadOptions
 from .runtime.sampling import SamplingParams
 from .runtime.speculative import (DRAFT_MAX, EARLY_EXIT_BATCH, THRESHOLD, ContextVerifier, DraftModel, EarlyExit, Lookup,
-                                  SpecStats, SpeculativeOptions, choose_split, same_vocabulary, speculative_tokens)
+                                  SpecStats, SpeculativeOptions, same_vocabulary, speculative_tokens)
+from .runtime.splits import choose_split
 
 TRUNCATE = ("error", "left")  # what a prompt longer than the context does
 

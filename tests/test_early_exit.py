@@ -31,7 +31,7 @@ from edgelm.gguf_reader import read_gguf
 from edgelm.runtime import ggml
 from edgelm.runtime.context import Context, ContextOptions
 from edgelm.runtime.model import LlamaModel, default_model_path
-from edgelm.runtime.speculative import choose_split
+from edgelm.runtime.splits import choose_split
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (2, 4, 8, 12)  # exit layers of the 16-layer bundled model under test

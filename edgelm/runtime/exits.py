@@ -98,15 +98,20 @@ class _Hidden:
             return False
 
 
-def _dequantized(model: LlamaModel, name: str) -> np.ndarray:
+def _head_and_norm(path) -> tuple[np.ndarray, np.ndarray]:
+    """The output head (token_embd when tied) and the final norm as float32, from one read of the GGUF."""
     import gguf
 
-    reader = gguf.GGUFReader(model.path)
-    for t in reader.tensors:
-        if t.name == name:
-            return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
-                [int(x) for x in reversed(t.shape.tolist())])
-    raise UsageError(f"{model.path}: no tensor {name}")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+    def dense(name: str) -> np.ndarray:
+        t = tensors[name]
+        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
+            [int(x) for x in reversed(t.shape.tolist())])
+
+    if "output_norm.weight" not in tensors or not {"output.weight", "token_embd.weight"} & set(tensors):
+        raise UsageError(f"{path}: no output head or final norm to exit through")
+    return dense("output.weight" if "output.weight" in tensors else "token_embd.weight"), dense("output_norm.weight")
 
 
 def agreement(model_path, text: str, *, exit_norms: dict[int, np.ndarray] | None = None, max_tokens: int = 2048,
@@ -122,9 +127,7 @@ def agreement(model_path, text: str, *, exit_norms: dict[int, np.ndarray] | None
         bad = [k for k in exit_norms if not 1 <= k < n_layer]
         if bad:
             raise UsageError(f"exit norms for layers {bad}: exits lie in [1, {n_layer - 1}]")
-        head = _dequantized(model, "output.weight") if "output.weight" in _tensor_names(model) else \
-            _dequantized(model, "token_embd.weight")
-        final_norm = _dequantized(model, "output_norm.weight")
+        head, final_norm = _head_and_norm(model.path)
         eps = float(model.gguf.get(f"{model.architecture}.attention.layer_norm_rms_epsilon", 1e-5))
         hidden = _Hidden(n_layer)
         window = min(n_ctx, 512)
@@ -161,10 +164,6 @@ def agreement(model_path, text: str, *, exit_norms: dict[int, np.ndarray] | None
                           confidence={i + 1: np.concatenate(v) for i, v in confidence.items()})
     finally:
         model.close()
-
-
-def _tensor_names(model: LlamaModel) -> set[str]:
-    return {t.name for t in model.gguf.tensors}
 
 
 def _time(fn, repeat: int) -> float:

@@ -118,16 +118,21 @@ def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: st
     if not ctx.remove(seq, n):  # a memory that cannot cut a sequence short: start over
         ctx.remove(seq)
         n = 0
-    plan = batch_plan(n, len(tokens), ctx.n_batch)
-    if plan is None:
-        ctx.decode(tokens[n:], n, seq)
-    else:
-        for lo, hi in plan:
-            ctx.decode(tokens[lo:hi], lo, seq, logits_last=hi == len(tokens))
-    canonical = plan is not None and (n == 0 or source_exact >= n)
-    ctx.set_tokens(seq, tokens, exact=len(tokens) - len(tokens) % ROW_GROUP if canonical
-                   else min(n, source_exact))
+    batches, exact = prefill_batches(n, len(tokens), ctx.n_batch, source_exact)
+    for lo, hi in batches:
+        ctx.decode(tokens[lo:hi], lo, seq, logits_last=hi == len(tokens))
+    ctx.set_tokens(seq, tokens, exact=exact)
     return n
+
+
+def prefill_batches(n: int, n_tokens: int, n_batch: int, source_exact: int) -> tuple[list[tuple[int, int]], int]:
+    """The batches that evaluate positions [n, n_tokens) after n reused ones (canonical where batch_plan can
+    make them, else plain n_batch chunks), and how many leading positions are canonical afterwards."""
+    plan = batch_plan(n, n_tokens, n_batch)
+    if plan is None:
+        return [(lo, min(lo + n_batch, n_tokens)) for lo in range(n, n_tokens, n_batch)], min(n, source_exact)
+    canonical = n == 0 or source_exact >= n
+    return plan, (n_tokens - n_tokens % ROW_GROUP if canonical else min(n, source_exact))
 
 
 def generate_tokens(

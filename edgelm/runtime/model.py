@@ -205,20 +205,16 @@ def populate_mapping(path: Path) -> None:
     systems and older kernels skip it, and so does a model larger than half the available memory."""
     if not sys.platform.startswith("linux"):
         return
-    target = os.path.realpath(path)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        if os.path.getsize(target) > available // 2:
+        if os.path.getsize(os.path.realpath(path)) > available // 2:
             return  # a model that hardly fits is left to page in on demand
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            ranges = [line.split()[0] for line in f if line.rstrip("\n").endswith(" " + target)]
         libc = ctypes.CDLL(None, use_errno=True)
     except (OSError, StopIteration, ValueError):
         return
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    for span in ranges:
-        start, end = (int(x, 16) for x in span.split("-"))
+    for _, start, end, _ in _file_mappings([path]):
         libc.madvise(start, end - start, MADV_POPULATE_READ)  # an error (EINVAL before 5.14) changes nothing
 
 

@@ -147,10 +147,10 @@ class Candidates:
         self.ref = ctypes.byref(self.array)
 
     def load(self, logits) -> None:
-        """`logits`: a float* of n_vocab values (llama_get_logits_ith)."""
+        """`logits`: a float* of n_vocab values (llama_get_logits_ith), or a numpy row."""
         n = len(self.buf)
         self.buf["id"] = self.ids
-        self.buf["logit"] = np.ctypeslib.as_array(logits, shape=(n,))
+        self.buf["logit"] = logits if isinstance(logits, np.ndarray) else np.ctypeslib.as_array(logits, shape=(n,))
         self.buf["p"] = 0.0
         self.array.size, self.array.selected, self.array.sorted = n, -1, False
 
@@ -170,6 +170,26 @@ class Candidates:
     @property
     def selected(self) -> int:
         return int(self.buf["id"][self.array.selected])
+
+
+def logit_bias_sampler(p: SamplingParams, n_vocab: int):
+    """llama.cpp's logit-bias sampler for p.logit_bias (ids already checked against n_vocab)."""
+    items = [lib.llama_logit_bias(t, float(b)) for t, b in p.logit_bias.items()]
+    array = (lib.llama_logit_bias * len(items))(*items)  # llama.cpp copies it
+    return lib.llama_sampler_init_logit_bias(n_vocab, len(items), array)
+
+
+def add_truncation_and_temperature(add, p: SamplingParams) -> None:
+    """Top-k, typical, top-p, min-p and temperature in llama.cpp's default order, through `add(sampler)`."""
+    if p.top_k > 0:
+        add(lib.llama_sampler_init_top_k(int(p.top_k)))
+    if p.typical_p < 1.0:
+        add(lib.llama_sampler_init_typical(float(p.typical_p), 1))
+    if p.top_p < 1.0:
+        add(lib.llama_sampler_init_top_p(float(p.top_p), 1))
+    if p.min_p > 0.0:
+        add(lib.llama_sampler_init_min_p(float(p.min_p), 1))
+    add(lib.llama_sampler_init_temp(float(p.temperature)))
 
 
 class SamplerChain:
@@ -207,9 +227,7 @@ class SamplerChain:
             bad = next((t for t in p.logit_bias if t >= n_vocab), None)
             if bad is not None:  # llama.cpp indexes the logits with it unchecked
                 raise UsageError(f"logit_bias: token id {bad} out of range [0, {n_vocab})")
-            items = [lib.llama_logit_bias(t, float(b)) for t, b in p.logit_bias.items()]
-            array = (lib.llama_logit_bias * len(items))(*items)  # llama.cpp copies it
-            self._bias = lib.llama_sampler_init_logit_bias(n_vocab, len(items), array)
+            self._bias = logit_bias_sampler(p, n_vocab)
         self.last_n = n_ctx if p.penalty_last_n == -1 else min(int(p.penalty_last_n), n_ctx)
         if p.penalized and self.last_n > 0:  # ctypes wants plain numbers: numpy's pass validate() but not it
             self._penalties = lib.llama_sampler_init_penalties(
@@ -222,15 +240,7 @@ class SamplerChain:
         if p.greedy:  # truncation never removes the top token (typical_p could: greedy ignores it)
             add(lib.llama_sampler_init_greedy())
             return
-        if p.top_k > 0:
-            add(lib.llama_sampler_init_top_k(int(p.top_k)))
-        if p.typical_p < 1.0:
-            add(lib.llama_sampler_init_typical(float(p.typical_p), 1))
-        if p.top_p < 1.0:
-            add(lib.llama_sampler_init_top_p(float(p.top_p), 1))
-        if p.min_p > 0.0:
-            add(lib.llama_sampler_init_min_p(float(p.min_p), 1))
-        add(lib.llama_sampler_init_temp(float(p.temperature)))
+        add_truncation_and_temperature(add, p)
         add(lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if p.seed is None else int(p.seed)))
 
     @property

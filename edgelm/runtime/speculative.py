@@ -28,8 +28,9 @@ from edgelm import native
 from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context
-from .generate import ROW_GROUP, Timings, batch_plan, common_prefix, prefill, reusable
-from .sampling import Candidates, SamplerChain, SamplingParams
+from .generate import Timings, common_prefix, prefill, prefill_batches, reusable
+from .sampling import (Candidates, SamplerChain, SamplingParams, add_truncation_and_temperature,
+                       logit_bias_sampler)
 
 import llama_cpp as lib
 
@@ -69,24 +70,12 @@ class Distribution:
         self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda s: lib.llama_sampler_chain_add(self._chain, s)  # noqa: E731
         if params.logit_bias:
-            items = [lib.llama_logit_bias(t, float(b)) for t, b in params.logit_bias.items()]
-            add(lib.llama_sampler_init_logit_bias(model.n_vocab, len(items), (lib.llama_logit_bias * len(items))(*items)))
-        if params.top_k > 0:
-            add(lib.llama_sampler_init_top_k(int(params.top_k)))
-        if params.typical_p < 1.0:
-            add(lib.llama_sampler_init_typical(float(params.typical_p), 1))
-        if params.top_p < 1.0:
-            add(lib.llama_sampler_init_top_p(float(params.top_p), 1))
-        if params.min_p > 0.0:
-            add(lib.llama_sampler_init_min_p(float(params.min_p), 1))
-        add(lib.llama_sampler_init_temp(float(params.temperature)))
+            add(logit_bias_sampler(params, model.n_vocab))
+        add_truncation_and_temperature(add, params)
 
     def __call__(self, row: np.ndarray) -> np.ndarray:
         c = self._candidates
-        c.buf["id"] = c.ids
-        c.buf["logit"] = row
-        c.buf["p"] = 0.0
-        c.array.size, c.array.selected, c.array.sorted = self.n_vocab, -1, False
+        c.load(row)
         if c.prune() == 0:
             raise UsageError("every token is banned")
         lib.llama_sampler_apply(self._chain, c.ref)
@@ -165,6 +154,24 @@ class Drafter:
         pass
 
 
+def draw(p: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from probabilities p (renormalised against float32 rounding)."""
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def next_draft(row: np.ndarray, threshold: float, dist: Distribution | None, rng, qs: list) -> int | None:
+    """The drafter's next token from its logits row, or None when its top probability is under `threshold`;
+    sampling appends the draft distribution q to `qs`."""
+    c = native.confidence(row)
+    if c.max_prob < threshold:
+        return None
+    if dist is None:
+        return c.argmax
+    q = dist(row)
+    qs.append(q)
+    return draw(q, rng)
+
+
 class ContextVerifier(Verifier):
     """A single-file model's context verifies by decoding the tokens in one batch."""
 
@@ -210,16 +217,9 @@ class DraftModel(Drafter):
         token = history[-1]
         while len(drafts) < n_max and pos + 1 < ctx.n_ctx:
             ctx.decode_one(token, pos)
-            row = ctx.logits()
-            c = native.confidence(row)
-            if c.max_prob < self.threshold:
+            token = next_draft(ctx.logits(), self.threshold, dist, rng, qs)
+            if token is None:
                 break
-            if dist is None:
-                token = c.argmax
-            else:
-                q = dist(row)
-                token = int(rng.choice(len(q), p=q / q.sum()))
-                qs.append(q)
             drafts.append(token)
             pos += 1
         return drafts, (np.stack(qs) if qs else None)
@@ -299,14 +299,12 @@ class EarlyExit(Drafter, Verifier):
         # D returns every position's logits (its last layer keeps only output rows), so its batches are short
         # (EARLY_EXIT_BATCH); canonical batches keep the KV bit for bit what the full model's prefill makes
         step = min(self.d.n_batch, self.t.n_batch, self.capture.capacity)
-        plan = batch_plan(n, len(tokens), step)
-        for lo, hi in plan or [(lo, min(lo + step, len(tokens))) for lo in range(n, len(tokens), step)]:
+        batches, exact = prefill_batches(n, len(tokens), step, source_exact)
+        for lo, hi in batches:
             chunk = tokens[lo:hi]
-            rows = self._eval_d(chunk, lo)
-            self.t.decode_embd(rows, lo)
+            self.t.decode_embd(self._eval_d(chunk, lo), lo)
             self._t_held.extend(chunk)
-        canonical = plan is not None and (n == 0 or source_exact >= n)
-        self.d.set_tokens(0, tokens, exact=len(tokens) - len(tokens) % ROW_GROUP if canonical else min(n, source_exact))
+        self.d.set_tokens(0, tokens, exact=exact)
         return n
 
     def finish(self) -> None:
@@ -352,16 +350,9 @@ class EarlyExit(Drafter, Verifier):
                 raise UsageError("early exit: the draft's boundary hidden state was not captured")
             if len(drafts) >= n_max or pos + len(drafts) + 1 >= self.n_ctx:
                 break
-            row = self.d.logits()
-            c = native.confidence(row)
-            if c.max_prob < self.threshold:
+            token = next_draft(self.d.logits(), self.threshold, dist, rng, qs)
+            if token is None:
                 break
-            if dist is None:
-                token = c.argmax
-            else:
-                q = dist(row)
-                token = int(rng.choice(len(q), p=q / q.sum()))
-                qs.append(q)
             drafts.append(token)
         return drafts, (np.stack(qs) if qs else None)
 
@@ -445,8 +436,7 @@ def _first(verifier: Verifier, chain: SamplerChain, dist, rng, mode: str) -> int
     row = np.ctypeslib.as_array(ptr, shape=(verifier.model.n_vocab,))
     if mode == "greedy":
         return int(row.argmax())
-    p = dist(row.copy())
-    return int(rng.choice(len(p), p=p / p.sum()))
+    return draw(dist(row.copy()), rng)
 
 
 def _accept(drafts: list[int], rows: np.ndarray, q, dist, rng, mode: str) -> tuple[list[int], int]:
@@ -464,7 +454,7 @@ def _accept(drafts: list[int], rows: np.ndarray, q, dist, rng, mode: str) -> tup
         j = 0
     if j < len(drafts):  # rejected at j: draw the replacement from the residual
         return drafts[:j], native.residual_sample(p[j], np.ascontiguousarray(q[j], np.float32), float(rng.random()))
-    return drafts, int(rng.choice(p.shape[1], p=p[-1] / p[-1].sum()))
+    return drafts, draw(p[-1], rng)
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -494,27 +484,6 @@ class SpeculativeOptions:
     @property
     def enabled(self) -> bool:
         return self.early_exit not in (None, False) or self.draft is not None or self.lookup
-
-
-def choose_split(model_path, early_exit: bool | int):
-    """The early-exit split to load for `model_path`: the one at layer `early_exit`, or (True) the one
-    with a trained exit norm, else the deepest exit (the most accepting) of those present."""
-    from edgelm.errors import ModelLoadError
-
-    from .splits import available_splits, check_split, split_paths
-
-    found = available_splits(model_path)
-    if early_exit is True:
-        if not found:
-            raise ModelLoadError(f"{model_path}: no early-exit split beside it; write one with "
-                                 "`edgelm exits MODEL --write K` or `edgelm convert ... --early-exit K`")
-        infos = [check_split(model_path, split_paths(model_path, k)) for k in found]
-        trained = [i for i in infos if i.exit_norm != "final"]
-        return (trained or infos)[-1]
-    if early_exit not in found:
-        raise ModelLoadError(f"{model_path}: no early-exit split at layer {early_exit} beside it"
-                             + (f" (there are: {', '.join(map(str, found))})" if found else ""))
-    return check_split(model_path, split_paths(model_path, early_exit))
 
 
 def same_vocabulary(a, b) -> bool:

@@ -103,3 +103,20 @@ def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
     if model is not None and header_sha256(Path(model)) != source:
         raise ModelLoadError(f"{paths.draft}: split of another model than {model}")
     return SplitInfo(int(k), int(n_layer), str(d["exit_norm"] or "final"), paths)
+
+
+def choose_split(model_path, early_exit: bool | int):
+    """The early-exit split to load for `model_path`: the one at layer `early_exit`, or (True) the one
+    with a trained exit norm, else the deepest exit (the most accepting) of those present."""
+    found = available_splits(model_path)
+    if early_exit is True:
+        if not found:
+            raise ModelLoadError(f"{model_path}: no early-exit split beside it; write one with "
+                                 "`edgelm exits MODEL --write K` or `edgelm convert ... --early-exit K`")
+        infos = [check_split(model_path, split_paths(model_path, k)) for k in found]
+        trained = [i for i in infos if i.exit_norm != "final"]
+        return (trained or infos)[-1]
+    if early_exit not in found:
+        raise ModelLoadError(f"{model_path}: no early-exit split at layer {early_exit} beside it"
+                             + (f" (there are: {', '.join(map(str, found))})" if found else ""))
+    return check_split(model_path, split_paths(model_path, early_exit))
