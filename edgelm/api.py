@@ -46,7 +46,7 @@ class Model:
         load = LoadOptions(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock)
         ctx_options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
                                      type_k=type_k, type_v=type_v)
-        self._tail = self._capture = self._draft_ctx = self.early_exit = None
+        self._pair = self._draft_ctx = self.early_exit = None  # _pair: the early-exit draft and tail
         if self.speculative.early_exit not in (None, False):
             if prompt_cache is not None:
                 raise UsageError("the prompt cache does not work with early exit yet: drop one of them")
@@ -95,17 +95,16 @@ class Model:
         unused = ("token_embd.weight",) if any(t.name == "output.weight" for t in shared.tensors) else ()
         tail = LlamaModel(split.paths.tail, load, parts=[split.paths.shared], unused=unused, metadata_arrays=False)
         ctx_options = dataclasses.replace(ctx_options, n_batch=min(ctx_options.n_batch, EARLY_EXIT_BATCH))
-        self._capture = Capture(f"l_out-{split.k - 1}", self.llama.n_embd, ctx_options.n_batch)
-        self.ctx = Context(self.llama, ctx_options, eval_callback=self._capture.callback,
-                           eval_user_data=self._capture.user_data)
-        self._tail = Context(tail, ctx_options, embd_input=True)
+        capture = Capture(f"l_out-{split.k - 1}", self.llama.n_embd, ctx_options.n_batch)
+        self.ctx = Context(self.llama, ctx_options, eval_callback=capture.callback, eval_user_data=capture.user_data)
         # one for the model's life, so a request reuses the KV an earlier one left (a chat's history)
-        self._early_exit = EarlyExit(self.ctx, self._tail, self._capture, self.speculative.threshold)
+        self._pair = EarlyExit(self.ctx, Context(tail, ctx_options, embd_input=True), capture,
+                               self.speculative.threshold)
 
     def _speculative_stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Chunk]:
         s = self.speculative
-        if self._tail is not None:
-            verifier = drafter = self._early_exit
+        if self._pair is not None:
+            verifier = drafter = self._pair
         else:
             verifier = ContextVerifier(self.ctx)
             drafter = DraftModel(self._draft_ctx, s.threshold) if self._draft_ctx is not None else Lookup()
@@ -115,7 +114,7 @@ class Model:
         return text_stream(self.llama, gen, params, timings)
 
     def _no_early_exit(self, what: str) -> None:
-        if self._tail is not None:
+        if self._pair is not None:
             raise UsageError(f"{what} needs the single-file model; this one is loaded as an early-exit split")
 
     # ------------------------------------------------------------ text
@@ -192,11 +191,11 @@ class Model:
     def reset(self) -> None:
         """Forget the KV of earlier requests, in the context and the in-memory prompt cache (files stay)."""
         with self._lock:
-            for ctx in (self.ctx, self._tail, self._draft_ctx):
+            for ctx in (self.ctx, self._draft_ctx):
                 if ctx is not None:
                     ctx.clear()
-            if self._tail is not None:
-                self._early_exit.clear()
+            if self._pair is not None:
+                self._pair.clear()
             if self.prompt_cache is not None:
                 self.prompt_cache.clear()
 
@@ -318,7 +317,7 @@ class Model:
     def close(self) -> None:
         if self._embedder is not None:
             self._embedder.close()
-        for ctx in (self._tail, self._draft_ctx):
+        for ctx in (self._pair and self._pair.t, self._draft_ctx):
             if ctx is not None:
                 ctx.close()
                 ctx.model.close()

@@ -21,7 +21,6 @@ class ContextOptions:
     n_ctx: int = 2048  # 0: the model's training context
     n_batch: int = 512
     n_threads: int | None = None  # None: every core
-    n_threads_batch: int | None = None  # threads for batches of several tokens (None: n_threads)
     n_seq_max: int = 1
     flash_attn: bool | None = None  # None: llama.cpp decides
     type_k: str = "f16"
@@ -34,10 +33,8 @@ class ContextOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n_ctx" else 1):
                 raise UsageError(f"{name} must be a positive integer, not {value!r}")
-        for name in ("n_threads", "n_threads_batch"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise UsageError(f"{name} must be a positive integer, not {value!r}")
+        if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
+            raise UsageError(f"n_threads must be a positive integer, not {self.n_threads!r}")
         for name in ("type_k", "type_v"):
             if getattr(self, name) not in KV_TYPES:
                 raise UsageError(f"{name} must be one of {', '.join(KV_TYPES)}, not {getattr(self, name)!r}")
@@ -60,8 +57,7 @@ class Context:
         params.n_ctx = options.n_ctx or model.n_ctx_train
         params.n_batch = params.n_ubatch = min(options.n_batch, params.n_ctx)
         params.n_seq_max = options.n_seq_max
-        params.n_threads = options.n_threads or default_threads()
-        params.n_threads_batch = options.n_threads_batch or params.n_threads
+        params.n_threads = params.n_threads_batch = options.n_threads or default_threads()
         params.no_perf = True
         params.type_k, params.type_v = KV_TYPES[options.type_k], KV_TYPES[options.type_v]
         if eval_callback is not None:  # a ggml_backend_sched_eval_callback; the caller keeps it alive
@@ -80,7 +76,6 @@ class Context:
         self.n_batch = lib.llama_n_batch(self._ptr)
         self.memory = lib.llama_get_memory(self._ptr)
         # embd_input: batches carry hidden states (n_embd floats per position) instead of token ids
-        self.embd_input = embd_input
         self._batch = lib.llama_batch_init(self.n_batch, model.n_embd if embd_input else 0, options.n_seq_max)
         self._embd = (np.ctypeslib.as_array(self._batch.embd, shape=(self.n_batch, model.n_embd))
                       if embd_input else None)
