@@ -33,7 +33,9 @@ class Imatrix:
         return {k: (v / self.counts[k]).astype(np.float32) for k, v in self.sums.items() if self.counts[k]}
 
 
-class _Collector:
+class Collector:
+    """The eval callback: every matrix multiplication's input rows, squared and summed per column."""
+
     def __init__(self, imatrix: Imatrix, include_output: bool):
         from edgelm.runtime import ggml
 
@@ -56,20 +58,28 @@ class _Collector:
             return name
         return None
 
+    def wants(self, t) -> bool:
+        return self._weight_name(t) is not None
+
+    def collect(self, t, address: int) -> None:
+        name = self._weight_name(t)
+        if name is None:
+            return
+        src1_address = ctypes.cast(t.src[1], ctypes.c_void_p).value
+        x = self.ggml.read_rows(t.src[1].contents, src1_address)
+        sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        if not np.isfinite(sq).all():
+            raise ConversionError(f"non-finite activations entering {name}")
+        acc = self.imatrix.sums.get(name)
+        self.imatrix.sums[name] = sq if acc is None else acc + sq
+        self.imatrix.counts[name] = self.imatrix.counts.get(name, 0) + x.shape[0]
+
     def _on_tensor(self, address: int, ask: bool, _user_data) -> bool:
         try:
             t = self.ggml.GGMLTensor.from_address(address)
-            name = self._weight_name(t)
-            if ask or name is None:
-                return name is not None
-            src1_address = ctypes.cast(t.src[1], ctypes.c_void_p).value
-            x = self.ggml.read_rows(t.src[1].contents, src1_address)
-            sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
-            if not np.isfinite(sq).all():
-                raise ConversionError(f"non-finite activations entering {name}")
-            acc = self.imatrix.sums.get(name)
-            self.imatrix.sums[name] = sq if acc is None else acc + sq
-            self.imatrix.counts[name] = self.imatrix.counts.get(name, 0) + x.shape[0]
+            if ask:
+                return self.wants(t)
+            self.collect(t, address)
             return True
         except BaseException as e:  # never let an exception cross the C boundary
             self.error = self.error or e
@@ -79,11 +89,20 @@ class _Collector:
 def compute_imatrix(model_path: str | Path, text: str, *, chunk_size: int = 512, max_chunks: int | None = None,
                     n_threads: int | None = None, include_output: bool = False, dataset: str = "") -> Imatrix:
     """Run the model over `text` in chunks of `chunk_size` tokens and collect the importance matrix."""
+    imatrix = Imatrix(chunk_size=chunk_size, datasets=[dataset] if dataset else [])
+    run_chunks(model_path, text, Collector(imatrix, include_output), chunk_size=chunk_size, max_chunks=max_chunks,
+               n_threads=n_threads)
+    if not imatrix.sums:
+        raise ConversionError(f"{model_path}: no matrix multiplications observed")
+    return imatrix
+
+
+def run_chunks(model_path: str | Path, text: str, collector: Collector, *, chunk_size: int,
+               max_chunks: int | None, n_threads: int | None) -> int:
+    """Evaluate `text` in document-like chunks with `collector` as the eval callback; returns the chunk count."""
     from edgelm.runtime.context import Context, ContextOptions
     from edgelm.runtime.model import LlamaModel
 
-    imatrix = Imatrix(chunk_size=chunk_size, datasets=[dataset] if dataset else [])
-    collector = _Collector(imatrix, include_output)
     with LlamaModel(model_path) as llama:
         tokens = llama.tokenize(text)
         n_chunks = len(tokens) // chunk_size
@@ -103,12 +122,10 @@ def compute_imatrix(model_path: str | Path, text: str, *, chunk_size: int = 512,
                 ctx.decode(chunk, 0, logits_last=False, logits_from=0)
                 if collector.error:
                     raise collector.error
-                imatrix.chunks += 1
+                collector.imatrix.chunks += 1
         finally:
             ctx.close()
-    if not imatrix.sums:
-        raise ConversionError(f"{model_path}: no matrix multiplications observed")
-    return imatrix
+    return n_chunks
 
 
 def save_imatrix(imatrix: Imatrix, path: str | Path) -> None:
