@@ -331,6 +331,13 @@ QWEN2 = Arch("qwen2", _decoder_map(rope_permute=False) | {
     _LAYER + r"self_attn\.k_proj\.bias": ("blk.{}.attn_k.bias", None),
     _LAYER + r"self_attn\.v_proj\.bias": ("blk.{}.attn_v.bias", None),
 })
+# A Qwen2 whose heads no longer span the hidden size (pruned heads or hidden dimensions): llama.cpp's
+# qwen2 graph sizes attn_q as hidden × hidden, its llama graph takes any head count and adds q/k/v biases too.
+QWEN2_AS_LLAMA = Arch("llama", _decoder_map(rope_permute=True) | {
+    _LAYER + r"self_attn\.q_proj\.bias": ("blk.{}.attn_q.bias", _permute_q),
+    _LAYER + r"self_attn\.k_proj\.bias": ("blk.{}.attn_k.bias", _permute_k),
+    _LAYER + r"self_attn\.v_proj\.bias": ("blk.{}.attn_v.bias", None),
+})
 QWEN3 = Arch("qwen3", _decoder_map(rope_permute=False) | {
     _LAYER + r"self_attn\.q_norm\.weight": ("blk.{}.attn_q_norm.weight", None),
     _LAYER + r"self_attn\.k_norm\.weight": ("blk.{}.attn_k_norm.weight", None),
@@ -368,7 +375,12 @@ def arch_for(config: dict) -> Arch:
     names = config.get("architectures") or []
     for name in names:
         if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
+            arch = ARCHITECTURES[name]
+            if arch is QWEN2:
+                hp = HParams.from_config(config)
+                if hp.n_head * hp.head_dim != hp.n_embd:
+                    return QWEN2_AS_LLAMA
+            return arch
     raise ConversionError(
         f"unsupported architecture {', '.join(names) or '(none in config.json)'}; "
         f"supported: {', '.join(sorted(ARCHITECTURES))}"

@@ -12,15 +12,17 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from edgelm.errors import ConversionError
 
-from .calibrate import Calibration, compute_calibration
 from .surgery import (Weights, attn, drop_layers, fold_norms, keep_ffn_channels, keep_heads, mlp, principal_basis,
                       rotate_hidden, sparsify, tie_embeddings)
+
+if TYPE_CHECKING:
+    from .calibrate import Calibration
 
 AUTO = "auto"
 WIDTH_MULTIPLE = 32  # llama.cpp's quant blocks: widths stay multiples of 32 so every type applies
@@ -116,7 +118,9 @@ class _Workspace:
         ckpt.rmdir()
         return path
 
-    def calibrate(self, w: Weights) -> Calibration:
+    def calibrate(self, w: Weights) -> "Calibration":
+        from .calibrate import compute_calibration
+
         path = self.gguf(w)
         try:
             return compute_calibration(path, self.calib, max_chunks=self.options.calib_chunks,
@@ -189,13 +193,13 @@ def _floor_head_keep(n_head: int, n_kv: int, keep: float) -> float:
     return max([v for v in valid if v <= n_head * keep + 1e-9] or [valid[0]]) / n_head
 
 
-def ffn_importance(w: Weights, cal: Calibration) -> list[np.ndarray]:
+def ffn_importance(w: Weights, cal: "Calibration") -> list[np.ndarray]:
     """Per layer, each FFN channel's expected contribution: activation RMS × its down-projection column norm."""
     return [cal.rms(f"blk.{i}.ffn_down.weight") * np.linalg.norm(w.tensors[mlp(i, "down_proj")], axis=0)
             for i in range(w.n_layer)]
 
 
-def head_importance(w: Weights, cal: Calibration) -> list[np.ndarray]:
+def head_importance(w: Weights, cal: "Calibration") -> list[np.ndarray]:
     """Per layer, each query head's output size: √Σ over its channels of (activation RMS × o_proj column norm)²."""
     out = []
     for i in range(w.n_layer):
@@ -355,7 +359,7 @@ def _prune_depth(w: Weights, n_drop: int, o: PruneOptions, ws: _Workspace) -> tu
     return f"dropped {n_drop} layers {dropped} ({how})", drop_layers(w, dropped)
 
 
-def _prune_heads(w: Weights, cal: Calibration, kv: int, per: int) -> Weights:
+def _prune_heads(w: Weights, cal: "Calibration", kv: int, per: int) -> Weights:
     group = w.n_head // w.n_head_kv
     kv_keep, q_keep = [], []
     for score in head_importance(w, cal):
