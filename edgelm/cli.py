@@ -14,6 +14,7 @@ COMMANDS = {
     "batch": "complete a JSONL file of prompts with continuous batching (resumable)",
     "convert": "convert a Hugging Face checkpoint to GGUF",
     "prune": "remove layers, heads, FFN channels or hidden dimensions: a smaller standard checkpoint",
+    "distill": "train a (pruned) student on a teacher's distribution",
     "info": "show a GGUF file's metadata, tensors and sizes",
     "bench": "measure prompt and generation speed",
     "perplexity": "perplexity of a model on a text, from llama.cpp's logits",
