@@ -140,16 +140,9 @@ class _Workspace:
             path.unlink()
 
     def measure(self, name: str, detail: str, w: Weights) -> Step:
-        from edgelm.commands.bench import bench
-        from edgelm.runtime.model import LlamaModel
-        from edgelm.runtime.perplexity import perplexity
-
         path = self.gguf(w, self.options.report_quant)
         try:
-            with LlamaModel(path) as llama:
-                ppl = perplexity(llama, llama.tokenize(self.heldout), n_threads=self.options.n_threads).perplexity
-            speed = bench(str(path), n_prompt=16, n_gen=64, repetitions=2, n_threads=self.options.n_threads)
-            return Step(name, detail, w.n_params, path.stat().st_size, round(ppl, 3), speed["tg64"])
+            return measure_gguf(name, detail, path, self.heldout, self.options.n_threads)
         finally:
             path.unlink()
 
@@ -157,6 +150,19 @@ class _Workspace:
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def measure_gguf(name: str, detail: str, path: Path, heldout: str, n_threads: int | None) -> Step:
+    """A report row for a GGUF: parameters, bytes, held-out perplexity and decode speed, all from llama.cpp."""
+    from edgelm.commands.bench import bench
+    from edgelm.runtime.model import LlamaModel
+    from edgelm.runtime.perplexity import perplexity
+
+    with LlamaModel(path) as llama:
+        ppl = perplexity(llama, llama.tokenize(heldout), n_threads=n_threads).perplexity
+        n_params = llama.n_params
+    speed = bench(str(path), n_prompt=16, n_gen=64, repetitions=2, n_threads=n_threads)
+    return Step(name, detail, n_params, path.stat().st_size, round(ppl, 3), speed["tg64"])
 
 
 # ---------------------------------------------------------------- choosing what to keep

@@ -20,6 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-exit", metavar="K|auto",
                    help="also write the early-exit split at layer K (auto: the fastest predicted, measured here), "
                         "with the exit norms of HF_DIR/exit_heads.safetensors where trained")
+    p.add_argument("--prune", metavar="SPEC",
+                   help="prune first, with `edgelm prune` options as key=value pairs: ffn-keep=0.5,hidden-keep=0.75 "
+                        "or target-params=8M (calibrated on --calib)")
+    p.add_argument("--distill", nargs="+", metavar="TEXT_FILE|corpus",
+                   help="then distill the pruned model from HF_DIR on this text (needs torch)")
+    p.add_argument("--distill-steps", type=int, default=300)
+    p.add_argument("--distill-exit-layers", type=int, nargs="+", default=(), metavar="K",
+                   help="train exit norms at these layers while distilling (for --early-exit)")
+    p.add_argument("--threads", type=int)
     p.add_argument("--name", help="general.name (default: the directory name)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load pickled .bin/.pt weights (torch weights_only unpickler); refused otherwise")
@@ -56,6 +65,8 @@ def main(argv: list[str]) -> int:
         if not Path(args.calib).is_file():
             raise UsageError(f"{args.calib}: no such calibration text file")
         calib = Path(args.calib).read_text(encoding="utf-8", errors="replace")
+    if args.prune or args.distill:
+        return _pipeline(args, calib, exit_layer)
     result = convert(args.hf_dir, args.output, outtype=args.outtype, quant=args.quant,
                      tensor_types=parse_tensor_types(args.tensor_type), imatrix=args.imatrix, calib=calib,
                      name=args.name, allow_pickle=args.allow_pickle)
@@ -63,4 +74,36 @@ def main(argv: list[str]) -> int:
     if exit_layer is not None:
         k, paths, _ = write_early_exit(args.output, exit_layer, hf_dir=args.hf_dir, calib=calib)
         print(f"early exit at layer {k}: {paths.draft.name}, {paths.tail.name}, {paths.shared.name}", file=sys.stderr)
+    return 0
+
+
+def _pipeline(args, calib: str | None, exit_layer) -> int:
+    """prune → distill → convert → quantize → early-exit split, with one report table."""
+    from pathlib import Path
+
+    from edgelm.converters.pipeline import compress, parse_prune_spec
+    from edgelm.errors import UsageError
+
+    if args.tensor_type or (args.imatrix not in (None, "auto")):
+        raise UsageError("with --prune/--distill the importance matrix comes from --calib; drop --tensor-type/--imatrix FILE")
+    prune = parse_prune_spec(args.prune) if args.prune else None
+    data, options = None, None
+    if args.distill:
+        from edgelm import corpus
+        from edgelm.converters.distill import DistillOptions
+
+        data = []
+        for name in args.distill:
+            if name == "corpus":
+                data.append(corpus.text("train"))
+            elif Path(name).is_file():
+                data.append(Path(name).read_text(encoding="utf-8", errors="replace"))
+            else:
+                raise UsageError(f"{name}: no such distillation text file")
+        options = DistillOptions(steps=args.distill_steps, exit_layers=tuple(args.distill_exit_layers),
+                                 n_threads=args.threads)
+    report = compress(args.hf_dir, args.output, prune=prune, distill_data=data, distill_options=options,
+                      outtype=args.outtype, quant=args.quant, early_exit=exit_layer, calib=calib, name=args.name,
+                      n_threads=args.threads, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report.table())
     return 0
