@@ -35,6 +35,13 @@ RUNS = {  # name: (prune spec, exit layers trained while distilling)
 }
 
 
+def _gap(report) -> str:
+    source, pruned, distilled = (next(s for s in report.stages if s.name == n) for n in ("source", "pruned", "distilled"))
+    gap = pruned.perplexity - source.perplexity
+    return (f"{pruned.perplexity:.2f} → {distilled.perplexity:.2f} against the source's {source.perplexity:.2f}: "
+            f"{(pruned.perplexity - distilled.perplexity) / gap:.0%} of the gap" if gap > 0 else "no gap to recover")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -68,7 +75,8 @@ def main() -> int:
         sections.append(
             f"## Run `{name}`: `--prune {spec}`, {args.steps} distillation steps, exit layers {list(exits)}\n\n"
             f"{report.table()}\n\n"
-            f"- (a) distillation: {distilled.detail} (goal ≥ 70%)\n"
+            f"- (a) distillation: {distilled.detail} (transformers, first {options.eval_tokens} held-out tokens); in "
+            f"llama.cpp over the whole held-out text: {_gap(report)} (goal ≥ 70%)\n"
             f"- (b) final Q4_K_M: {final.gguf_bytes / 1e6:.2f} MB ({final.gguf_bytes / teacher.gguf_bytes:.0%} of the "
             f"teacher's {teacher.gguf_bytes / 1e6:.2f} MB), held-out ppl {final.perplexity:.2f} vs the teacher's "
             f"{teacher.perplexity:.2f} ({final.perplexity / teacher.perplexity - 1:+.1%}; goal: smaller and within +15%)\n"

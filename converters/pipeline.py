@@ -96,7 +96,11 @@ def compress(hf_dir: str | Path, out: str | Path, *, prune: PruneOptions | None 
             d = distill(hf_dir, current, distilled, data=distill_data, heldout=heldout, options=o)
             gap = f", {d.gap_recovered:.0%} of the gap recovered" if d.gap_recovered is not None else ""
             measure_hf("distilled", f"{d.tokens_seen:,} tokens from {hf_dir.name}{gap}", distilled)
-            current = distilled
+            if report.stages[-1].perplexity <= report.stages[-2].perplexity:
+                current = distilled
+            else:  # nothing to recover (pruning lost almost nothing) and training noise cost a little: keep the better
+                report.notes.append(f"distilled: held-out perplexity rose ({report.stages[-2].perplexity:.2f} → "
+                                    f"{report.stages[-1].perplexity:.2f}); the later stages use the pruned model")
         result = convert(current, out, outtype=outtype, quant=quant, imatrix="auto" if quant else None,
                          calib=calib, name=name, progress=False)
         if quant:
