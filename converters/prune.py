@@ -39,6 +39,8 @@ class PruneOptions:
     target_params: int | None = None  # the "auto" methods share one keep ratio chosen to land at or under this
     sparsity: float | None = None  # unstructured: zeroes weights, does not shrink the GGUF or speed it up
     sparsity_method: str = "wanda"
+    trim_vocab: str | None = None  # keep only the tokens this text file ("calib": the calibration text) uses
+    trim_min_count: int = 1
     max_ppl_increase: float = 0.10  # the probe-perplexity budget of auto depth (without a target) and auto tying
     report_quant: str = "q8_0"  # the GGUF type the report's bytes, perplexity and speed are measured at
     calib_chunks: int = 16  # calibration chunks of 256 tokens
@@ -60,6 +62,8 @@ class PruneOptions:
             raise ConversionError(f"--sparsity must be in (0, 1), not {self.sparsity}")
         if self.target_params is not None and self.target_params <= 0:
             raise ConversionError(f"--target-params must be positive, not {self.target_params}")
+        if self.trim_vocab not in (None, "calib") and not Path(self.trim_vocab).is_file():
+            raise ConversionError(f"--trim-vocab {self.trim_vocab}: no such text file")
         autos = [n for n in ("ffn_keep", "heads_keep", "hidden_keep") if getattr(self, n) == AUTO]
         if autos and self.target_params is None:
             raise ConversionError(f"--{autos[0].replace('_', '-')} auto needs --target-params")
@@ -335,6 +339,17 @@ def prune(hf_dir: str | Path, out_dir: str | Path, *, calib: str | None = None, 
             if tied is None:
                 report.notes.append(f"tie: skipped, {detail}")
                 log(report.notes[-1])
+        if o.trim_vocab:
+            from .vocab_trim import trim_vocab
+
+            domain = calib if o.trim_vocab == "calib" else _read_text(o.trim_vocab)
+            n_vocab = w.config["vocab_size"]
+            trimmed, files = trim_vocab(w, domain, min_count=o.trim_min_count)
+            trimmed.files = files
+            w = step("vocab", f"vocabulary {n_vocab}→{trimmed.config['vocab_size']} tokens (those the domain text "
+                     f"uses, the byte alphabet, specials and merge ancestors)", trimmed)
+            report.notes.append("vocab: perplexity is per token of the trimmed tokenizer; text outside the domain "
+                                "takes more, shorter tokens, so compare it with care")
         if o.sparsity:
             cal = ws.calibrate(w)
             rms = {n: cal.rms(g) for n, g in _linear_names(w).items()}
@@ -344,6 +359,12 @@ def prune(hf_dir: str | Path, out_dir: str | Path, *, calib: str | None = None, 
         ws.close()
     w.save(out, extra_files={"prune_report.json": report.to_json(), "prune_report.md": report.table() + "\n"})
     return report
+
+
+def _read_text(path: str) -> str:
+    if not Path(path).is_file():
+        raise ConversionError(f"--trim-vocab {path}: no such text file")
+    return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
 def _prune_depth(w: Weights, n_drop: int, o: PruneOptions, ws: _Workspace) -> tuple[str, Weights]:

@@ -11,7 +11,7 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ class Weights:
     tensors: dict[str, np.ndarray]  # HF name -> float32 array
     source: Path  # where tokenizer and generation files come from
     dtype: str = "float16"  # what save() writes: float16, or float32 for float32/bfloat16 sources
+    files: dict[str, str] = field(default_factory=dict)  # side files that replace the source's (a trimmed tokenizer)
 
     @classmethod
     def load(cls, hf_dir: str | Path) -> "Weights":
@@ -144,7 +145,7 @@ class Weights:
             for name in _SIDE_FILES:
                 if (self.source / name).is_file():
                     shutil.copyfile(self.source / name, tmp / name)
-            for name, text in (extra_files or {}).items():
+            for name, text in (self.files | (extra_files or {})).items():
                 (tmp / name).write_text(text)
             if out.exists():
                 out.rmdir()

@@ -27,11 +27,11 @@ def trim_vocab(w: Weights, text: str, *, min_count: int = 1) -> tuple[Weights, d
         raise ConversionError("vocabulary trimming needs a non-empty domain text")
     if min_count < 1:
         raise ConversionError(f"min_count must be at least 1, not {min_count}")
-    tj = _json(w.source / "tokenizer.json", required=True)
+    tj = _json(w, "tokenizer.json", required=True)
     _check_byte_level(tj, w.source / "tokenizer.json")
     tokens = _id_to_token(tj)
-    gen = _json(w.source / "generation_config.json")
-    cfg = _json(w.source / "tokenizer_config.json")
+    gen = _json(w, "generation_config.json")
+    cfg = _json(w, "tokenizer_config.json")
     pinned = _pinned_ids(w.config, gen, cfg, tj, tokens)
 
     counts = _count(tj, text)
@@ -58,19 +58,25 @@ def trim_vocab(w: Weights, text: str, *, min_count: int = 1) -> tuple[Weights, d
         files["tokenizer_config.json"] = _dump(_rewrite_tokenizer_config(cfg, new_id))
     if gen is not None:
         files["generation_config.json"] = _dump(_remap_ids(gen, new_id))
-    if (w.source / "special_tokens_map.json").is_file():  # names tokens by text: unchanged
-        files["special_tokens_map.json"] = (w.source / "special_tokens_map.json").read_text(encoding="utf-8")
+    if (special := _json(w, "special_tokens_map.json")) is not None:  # names tokens by text: unchanged
+        files["special_tokens_map.json"] = _dump(special)
     return w.with_(config, tensors), files
 
 
 # ---------------------------------------------------------------- reading the tokenizer
-def _json(path: Path, required: bool = False) -> dict | None:
-    if not path.is_file():
-        if required:
-            raise ConversionError(f"{path}: missing; vocabulary trimming needs a tokenizer.json")
+def _json(w: Weights, name: str, required: bool = False) -> dict | None:
+    """A side file as the checkpoint would save it: an earlier edit's rewrite (`w.files`), else the source's."""
+    path = w.source / name
+    if name in (files := getattr(w, "files", None) or {}):
+        text = files[name]
+    elif path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif required:
+        raise ConversionError(f"{path}: missing; vocabulary trimming needs a tokenizer.json")
+    else:
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
 

@@ -261,3 +261,20 @@ def test_cli_prints_the_report_and_bad_flags_fail_in_one_line(tiny_dir, tmp_path
     bad = subprocess.run(run + ["-o", str(tmp_path / "bad"), "--heads-keep", "0.75"], capture_output=True, text=True)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "GQA" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_vocabulary_trimming_as_the_last_step_saves_the_rewritten_tokenizer(tiny_dir, tmp_path, calib_text):
+    from tokenizers import Tokenizer
+
+    out = tmp_path / "trimmed"
+    report = prune(tiny_dir, out, calib=calib_text, heldout=calib_text[-3000:],
+                   options=PruneOptions(ffn_keep=0.5, trim_vocab="calib", calib_chunks=2, n_threads=2))
+    assert [s.name for s in report.steps] == ["original", "ffn", "vocab"]
+    config = json.loads((out / "config.json").read_text())
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert config["vocab_size"] == tok.get_vocab_size() < 8192
+    old = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    sample = calib_text[:2000]
+    assert tok.encode(sample).tokens == old.encode(sample).tokens  # in-domain text: the same tokens
+    with pytest.raises(ConversionError, match="no such text file"):
+        make_plan(Weights.load(out), PruneOptions(trim_vocab=str(tmp_path / "missing.txt")))

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share one matrix between token embedding and output head (auto: only when it pays off)")
     p.add_argument("--target-params", type=_params, metavar="N",
                    help="choose the ratio of the 'auto' methods (default: FFN and hidden) to land at or under N")
+    p.add_argument("--trim-vocab", metavar="TEXT_FILE|calib",
+                   help="keep only the tokens this domain text uses (text outside it still encodes, in more tokens)")
+    p.add_argument("--trim-min-count", type=int, default=1, metavar="N", help="uses a token needs to be kept")
     p.add_argument("--sparsity", type=float, metavar="R",
                    help="also zero R of each linear's weights (unstructured: no smaller GGUF, no faster; for study)")
     p.add_argument("--sparsity-method", choices=("wanda", "magnitude"), default="wanda")
