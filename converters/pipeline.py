@@ -28,7 +28,8 @@ class PipelineReport:
 
     def table(self) -> str:
         base = self.stages[0]
-        lines = ["| stage | what | parameters | GGUF bytes | held-out ppl | tokens/s |", "|---|---|---:|---:|---:|---:|"]
+        lines = ["| stage | what | parameters | GGUF bytes | held-out ppl | tokens/s |",
+                 "|---|---|---:|---:|---:|---:|"]
         for s in self.stages:
             lines.append(f"| {s.name} | {s.detail} | {s.n_params / 1e6:.2f}M ({s.n_params / base.n_params:.0%}) | "
                          f"{s.gguf_bytes / 1e6:.1f} MB ({s.gguf_bytes / base.gguf_bytes:.0%}) | {s.perplexity:.2f} | "

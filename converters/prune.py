@@ -405,7 +405,8 @@ def _tie(w: Weights, ws: _Workspace, o: PruneOptions) -> tuple[str, Weights | No
     tried = {src: tie_embeddings(w, src) for src in ("embedding", "head")}
     ppl = {src: ws.perplexity(t, probe) for src, t in tried.items()}
     best = min(ppl, key=ppl.get)
-    detail = f"tied to the {best}: probe ppl {before:.2f}→{ppl[best]:.2f} (the {max(ppl, key=ppl.get)}: {max(ppl.values()):.2f})"
+    worst = max(ppl, key=ppl.get)
+    detail = f"tied to the {best}: probe ppl {before:.2f}→{ppl[best]:.2f} (the {worst}: {ppl[worst]:.2f})"
     if o.tie_embeddings == AUTO and ppl[best] > before * (1 + o.max_ppl_increase):
         return f"does not pay off: {detail}", None
     return detail, tried[best]

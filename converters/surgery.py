@@ -96,8 +96,10 @@ class Weights:
         has = self.tensors.__contains__
         per_layer = 2 * d * hd * (nh + nkv) + 3 * d * ff + 2 * d
         per_layer += hd * (nh + 2 * nkv) * has(attn(0, "q_proj", "bias")) + d * has(attn(0, "o_proj", "bias"))
-        per_layer += (2 * ff + d) * has(mlp(0, "down_proj", "bias")) + 2 * hd * has("model.layers.0.self_attn.q_norm.weight")
-        return v * d * (1 if config.get("tie_word_embeddings", self.tied) else 2) + d + config["num_hidden_layers"] * per_layer
+        per_layer += (2 * ff + d) * has(mlp(0, "down_proj", "bias"))
+        per_layer += 2 * hd * has("model.layers.0.self_attn.q_norm.weight")
+        n_vocab_matrices = 1 if config.get("tie_word_embeddings", self.tied) else 2
+        return v * d * n_vocab_matrices + d + config["num_hidden_layers"] * per_layer
 
     def head(self) -> np.ndarray:
         return self.tensors["model.embed_tokens.weight"] if self.tied else self.tensors["lm_head.weight"]
