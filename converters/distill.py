@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,11 +27,12 @@ try:
 except ImportError:  # pragma: no cover - torch is the train/test extra
     raise ConversionError("distillation needs torch: pip install 'edgelm[train]'") from None
 
+from .export import atomic_folder, check_new_folder
+from .surgery import copy_side_files
 from .teacher import check_same_vocabulary, load_teacher
 
 CHECKPOINT = ".distill-checkpoint"
 EXIT_WEIGHTS = "exit_heads.safetensors"  # what converters/early_exit.py reads beside a checkpoint
-_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 @dataclass
@@ -122,11 +122,17 @@ def _device(name: str) -> str:
     return name
 
 
-def _lr(step: int, o: DistillOptions) -> float:
-    if step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
-    progress = (step - o.warmup) / max(1, o.steps - o.warmup)
-    return o.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def cosine_lr(step: int, lr: float, warmup: int, steps: int) -> float:
+    """Linear warmup, then cosine decay to 10% of `lr` (the reference models' schedule too)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def kl(target_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(target ‖ q) from log-probabilities over the last axis, mean over positions."""
+    return (target_logp.exp() * (target_logp - logq)).sum(-1).mean()
 
 
 def encode(student_dir: Path, text: str) -> np.ndarray:
@@ -136,7 +142,7 @@ def encode(student_dir: Path, text: str) -> np.ndarray:
     return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
 
-def heldout_perplexity(model, stream: np.ndarray, device: str, window: int = 512) -> float:
+def heldout_perplexity(model, stream: np.ndarray, device: str = "cpu", window: int = 512) -> float:
     """Non-overlapping windows; every token but each window's first is scored."""
 
     was_training = model.training
@@ -189,8 +195,7 @@ def distill(teacher: str | Path, student: str | Path, out_dir: str | Path, *, da
     if not (student / "config.json").is_file():
         raise ConversionError(f"{student}: not a checkpoint directory (no config.json)")
     state_dir = out / CHECKPOINT
-    if out.exists() and any(p.name != CHECKPOINT for p in out.iterdir()):
-        raise ConversionError(f"{out}: already exists and is not empty; choose a new folder")
+    check_new_folder(out, allowed=(CHECKPOINT,))  # a run's own checkpoint may stay: it resumes
     if (data is None) == (generate is None):
         raise ConversionError("give training text (--data) or --generate N, one of the two")
     device = _device(o.device)
@@ -246,7 +251,7 @@ def distill(teacher: str | Path, student: str | Path, out_dir: str | Path, *, da
         idx = rng.integers(0, n_windows, o.batch)
         ids = torch.from_numpy(windows[idx]).to(device)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, o) * g["lr_scale"]
+            g["lr"] = cosine_lr(step, o.lr, o.warmup, o.steps) * g["lr_scale"]
         loss, parts = _loss(model, teach, exits, projection, ids, idx, o)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -269,7 +274,7 @@ def distill(teacher: str | Path, student: str | Path, out_dir: str | Path, *, da
     report.tokens_seen = o.steps * o.batch * o.seq_len
     report.perplexity_after = round(heldout_perplexity(model, held, device), 3)
     if exits:
-        report.exit_agreement = _agreement(model, exits, held, device)
+        report.exit_agreement = exit_agreement(model, exits, held, device)
     _write_output(model, exits, student, out, report)
     return report
 
@@ -301,11 +306,11 @@ def _loss(model, teacher, exits, projection, ids, idx, o: DistillOptions):
         t_logp, t_idx, t_hidden = teacher.log_probs(inputs, idx, o.temperature, hidden=o.hidden_weight > 0)
         s_logp = torch.log_softmax(logits / o.temperature, dim=-1)
         if t_idx is None:
-            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * o.temperature ** 2
+            distance = kl(t_logp, s_logp) * o.temperature ** 2
         else:
-            kl = _top_k_kl(t_logp, s_logp.gather(-1, t_idx))
-        parts["kl"] = kl.item()
-        loss = loss + o.kl_weight * kl
+            distance = _top_k_kl(t_logp, s_logp.gather(-1, t_idx))
+        parts["kl"] = distance.item()
+        loss = loss + o.kl_weight * distance
         if o.ce_weight:
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
             parts["ce"] = ce.item()
@@ -319,7 +324,7 @@ def _loss(model, teacher, exits, projection, ids, idx, o: DistillOptions):
         head = model.lm_head.weight.detach()
         for k, norm in exits.items():
             z = torch.log_softmax(F.linear(norm(res.hidden_states[int(k)]), head).float(), dim=-1)
-            ex = (target.exp() * (target - z)).sum(-1).mean()
+            ex = kl(target, z)
             parts[f"exit{k}"] = ex.item()
             loss = loss + o.exit_weight * ex
     return loss, parts
@@ -350,9 +355,9 @@ def _hidden_loss(student_states, teacher_states, projection):
     return total / ls
 
 
-def _agreement(model, exits, stream: np.ndarray, device: str, window: int = 512) -> dict[int, float]:
-    """Held-out share of positions where each exit's argmax is the model's own."""
-
+def exit_agreement(model, exits, stream: np.ndarray, device: str = "cpu", window: int = 512) -> dict[int, float]:
+    """Held-out share of positions where each exit's argmax (exit norm, then the shared head) is the model's own."""
+    was_training = model.training
     model.eval()
     hits, count = {int(k): 0 for k in exits}, 0
     with torch.no_grad():
@@ -364,6 +369,7 @@ def _agreement(model, exits, stream: np.ndarray, device: str, window: int = 512)
                 z = F.linear(norm(res.hidden_states[int(k)]), model.lm_head.weight)
                 hits[int(k)] += (z.argmax(-1) == full).sum().item()
             count += chunk.shape[1]
+    model.train(was_training)
     return {k: round(h / count, 4) for k, h in hits.items()}
 
 
@@ -412,22 +418,14 @@ def _write_output(model, exits, student: Path, out: Path, report: DistillReport)
     """The student's weights (its own dtype), tokenizer files, exit norms and report; then drop the checkpoint."""
     from safetensors.torch import save_file
 
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=fsutil.TMP_SUFFIX))
-    try:
+    with atomic_folder(out, allowed=(CHECKPOINT,)) as tmp:
         config = json.loads((student / "config.json").read_text())
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
         model.to("cpu").to(getattr(torch, dtype) if dtype in ("float16", "bfloat16") else torch.float32)
         model.save_pretrained(tmp, safe_serialization=True)
-        for name in _SIDE_FILES:
-            if (student / name).is_file():
-                shutil.copyfile(student / name, tmp / name)
+        copy_side_files(student, tmp)
         if exits:
             save_file({f"exit_norm.{k}.weight": n.weight.detach().float().cpu().contiguous() for k, n in exits.items()},
                       str(tmp / EXIT_WEIGHTS), metadata={"format": "pt"})
         (tmp / "distill_report.json").write_text(json.dumps(asdict(report) | {"gap_recovered": report.gap_recovered},
                                                             indent=2) + "\n")
-        shutil.rmtree(out)
-        tmp.rename(out)
-        fsutil.fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

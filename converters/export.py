@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -107,6 +109,31 @@ def atomic_path(out: Path) -> Iterator[Path]:
         raise ConversionError(f"{out}: output folder is not writable")
     with fsutil.atomic_path(out) as tmp:
         yield tmp
+
+
+def check_new_folder(out: Path, allowed: tuple[str, ...] = ()) -> None:
+    """`out` must not exist, or be a folder holding nothing but `allowed` names (a run's own checkpoint)."""
+    if out.exists() and (not out.is_dir() or any(p.name not in allowed for p in out.iterdir())):
+        raise ConversionError(f"{out}: already exists and is not empty; choose a new folder")
+    if not out.parent.is_dir():
+        raise ConversionError(f"{out}: output folder {out.parent} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, allowed: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; it becomes `out` (replacing what `allowed` let stay there) only
+    if the block succeeds, so a checkpoint folder appears complete or not at all."""
+    out = Path(out)
+    check_new_folder(out, allowed)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=fsutil.TMP_SUFFIX))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        fsutil.fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_gguf(

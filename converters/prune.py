@@ -18,6 +18,7 @@ import numpy as np
 
 from edgelm.errors import ConversionError
 
+from .export import check_new_folder
 from .surgery import (Weights, attn, drop_layers, fold_norms, keep_ffn_channels, keep_heads, mlp, principal_basis,
                       rotate_hidden, sparsify, tie_embeddings)
 
@@ -133,13 +134,11 @@ class _Workspace:
             path.unlink()
 
     def perplexity(self, w: Weights, text: str, outtype: str = "f32") -> float:
-        from edgelm.runtime.model import LlamaModel
-        from edgelm.runtime.perplexity import perplexity
+        from edgelm.commands.perplexity import perplexity
 
         path = self.gguf(w, outtype)
         try:
-            with LlamaModel(path) as llama:
-                return perplexity(llama, llama.tokenize(text), n_threads=self.options.n_threads).perplexity
+            return perplexity(path, text, n_threads=self.options.n_threads)["perplexity"]
         finally:
             path.unlink()
 
@@ -159,14 +158,11 @@ class _Workspace:
 def measure_gguf(name: str, detail: str, path: Path, heldout: str, n_threads: int | None) -> Step:
     """A report row for a GGUF: parameters, bytes, held-out perplexity and decode speed, all from llama.cpp."""
     from edgelm.commands.bench import bench
-    from edgelm.runtime.model import LlamaModel
-    from edgelm.runtime.perplexity import perplexity
+    from edgelm.commands.perplexity import perplexity
 
-    with LlamaModel(path) as llama:
-        ppl = perplexity(llama, llama.tokenize(heldout), n_threads=n_threads).perplexity
-        n_params = llama.n_params
+    ppl = perplexity(path, heldout, n_threads=n_threads)["perplexity"]
     speed = bench(str(path), n_prompt=16, n_gen=64, repetitions=2, n_threads=n_threads)
-    return Step(name, detail, n_params, path.stat().st_size, round(ppl, 3), speed["tg64"])
+    return Step(name, detail, speed["n_params"], path.stat().st_size, round(ppl, 3), speed["tg64"])
 
 
 # ---------------------------------------------------------------- choosing what to keep
@@ -299,8 +295,7 @@ def prune(hf_dir: str | Path, out_dir: str | Path, *, calib: str | None = None, 
     o = options or PruneOptions()
     log = log or (lambda s: None)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before any long work
-        raise ConversionError(f"{out}: already exists and is not empty; choose a new folder")
+    check_new_folder(out)  # before any long work
     o.validate()  # before the weights load
     w = Weights.load(hf_dir)
     plan = make_plan(w, o)

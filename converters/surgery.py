@@ -10,24 +10,30 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from edgelm import fsutil
 from edgelm.errors import ConversionError
 
 from .checkpoint import Checkpoint
+from .export import atomic_folder
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # model_type values: one tensor layout
 ATTN_IN = ("q_proj", "k_proj", "v_proj")  # read the normalized residual stream
 FFN_IN = ("gate_proj", "up_proj")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # tokenizer and generation files travel with the weights unchanged
-_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "README.md", "LICENSE")
+
+
+def copy_side_files(source: Path, dest: Path) -> None:
+    """The tokenizer and generation files a checkpoint carries unchanged."""
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
 
 
 def attn(i: int, proj: str, kind: str = "weight") -> str:
@@ -132,29 +138,16 @@ class Weights:
         from safetensors.numpy import save_file
 
         out = Path(out_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConversionError(f"{out}: already exists and is not empty; choose a new folder")
-        if not out.parent.is_dir():
-            raise ConversionError(f"{out}: output folder {out.parent} does not exist")
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=fsutil.TMP_SUFFIX))
-        try:
+        with atomic_folder(out) as tmp:
             dtype = np.float16 if self.dtype == "float16" else np.float32
             arrays = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in self.tensors.items()}
             save_file(arrays, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             config = dict(self.config, dtype=self.dtype)
             config.pop("torch_dtype", None)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            for name in _SIDE_FILES:
-                if (self.source / name).is_file():
-                    shutil.copyfile(self.source / name, tmp / name)
+            copy_side_files(self.source, tmp)
             for name, text in (self.files | (extra_files or {})).items():
                 (tmp / name).write_text(text)
-            if out.exists():
-                out.rmdir()
-            tmp.rename(out)
-            fsutil.fsync_dir(out.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return out
 
 

@@ -108,21 +108,9 @@ def sample_batch(rng: np.random.Generator, stream: np.ndarray, batch: int, seq_l
 
 def agreement(model, norms: Mapping[str, object], stream: np.ndarray, window: int = 512) -> dict[int, float]:
     """Share of held-out positions where the exit's argmax equals the full model's (non-overlapping windows, fp32)."""
-    import torch
+    from edgelm.converters.distill import exit_agreement
 
-    model.eval()
-    hits = {int(k): 0 for k in norms}
-    count = 0
-    with torch.no_grad():
-        for start in range(0, len(stream), window):
-            chunk = torch.from_numpy(stream[start:start + window][None])
-            out = model(input_ids=chunk, output_hidden_states=True)
-            full = out.logits.argmax(-1)
-            for k, logits in exit_logits(model, out.hidden_states, norms).items():
-                hits[k] += (logits.argmax(-1) == full).sum().item()
-            count += chunk.shape[1]
-    model.train()
-    return {k: round(h / count, 4) for k, h in hits.items()}
+    return exit_agreement(model, norms, stream, "cpu", window)
 
 
 def save_exit_heads(out: Path, norms, stats: dict) -> None:

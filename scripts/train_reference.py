@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -135,29 +134,16 @@ def build_model(recipe: Recipe, vocab: int):
 
 
 def heldout_perplexity(model, stream: np.ndarray, window: int = 512) -> float:
-    """Non-overlapping windows; every token but each window's first is scored."""
-    import torch
+    """Non-overlapping windows; every token but each window's first is scored (distillation's own measure)."""
+    from edgelm.converters.distill import heldout_perplexity as measure
 
-    model.eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(stream) - 1, window):
-            chunk = torch.from_numpy(stream[start:start + window][None])
-            if chunk.shape[1] < 2:
-                break
-            logits = model(input_ids=chunk).logits.float()
-            logp = torch.log_softmax(logits[0, :-1], dim=-1)
-            nll -= logp.gather(1, chunk[0, 1:, None]).sum().item()
-            count += chunk.shape[1] - 1
-    model.train()
-    return math.exp(nll / count)
+    return measure(model, stream, "cpu", window)
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    from edgelm.converters.distill import cosine_lr
+
+    return cosine_lr(step, recipe.lr, recipe.warmup, recipe.steps)
 
 
 def train_model(size: str, steps: int | None) -> None:

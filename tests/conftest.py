@@ -10,6 +10,26 @@ MODELS = ROOT / "models"
 STORIES = ROOT.parent / "shared" / "models" / "stories260K.gguf"
 
 
+def save_random_checkpoint(model_class: str, config, out: Path, tokenizer_src: Path):
+    """A transformers model of `config` with random weights, biases and norms (so every tensor matters), saved
+    with the reference tokenizer; returns the model."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_src / name, out / name)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return MODELS / "tiny"

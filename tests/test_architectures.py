@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
+from conftest import save_random_checkpoint
 from edgelm.converters import convert
 from edgelm.errors import ConversionError
 from edgelm.gguf_reader import read_gguf
@@ -55,18 +56,9 @@ PARITY = [(case, "f32", 1e-3) for case in CASES] + [("phi3", "f16", 1e-2), ("gem
 
 def make_checkpoint(case: str, out, tokenizer_src) -> object:
     arch, config_cls, extra, _ = CASES[case]
-    torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**(COMMON | extra))
     config._attn_implementation = "eager"  # Gemma2's attention soft-capping is eager-only
-    model = getattr(transformers, arch)(config).eval()
-    with torch.no_grad():  # random biases and norms so every tensor matters
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_src / name, out / name)
-    return model
+    return save_random_checkpoint(arch, config, out, tokenizer_src)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import save_random_checkpoint
 from edgelm.converters import convert
 from edgelm.converters.calibrate import compute_calibration
 from edgelm.converters.prune import PruneOptions, head_layout, make_plan, prune
@@ -60,19 +61,11 @@ def random_checkpoint(case: str, out, tiny_dir):
     """A random qwen2 (q/k/v biases, tied) or qwen3 (q/k norms) checkpoint with 4 KV groups of 2."""
     cls, cfg_cls, extra = {"qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {"tie_word_embeddings": True}),
                            "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 16})}[case]
-    torch.manual_seed(0)
     config = getattr(transformers, cfg_cls)(vocab_size=8192, hidden_size=128, intermediate_size=256,
                                             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
                                             max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
                                             pad_token_id=2, initializer_range=0.1, **extra)
-    model = getattr(transformers, cls)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_dir / name, out / name)
+    save_random_checkpoint(cls, config, out, tiny_dir)
     return out
 
 

@@ -11,22 +11,20 @@ from pathlib import Path
 from edgelm.errors import UsageError
 
 
-def _ratio(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1] or 'auto', not {text!r}") from None
+def _or_auto(kind: type, what: str):
+    """An argparse type: 'auto', or a value of `kind`."""
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or 'auto', not {text!r}") from None
+    return parse
 
 
-def _count(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a layer count or 'auto', not {text!r}") from None
+_ratio = _or_auto(float, "a ratio in (0, 1]")
+_count = _or_auto(int, "a layer count")
 
 
 def _params(text: str) -> int:
