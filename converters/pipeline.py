@@ -10,7 +10,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -71,22 +71,31 @@ def compress(hf_dir: str | Path, out: str | Path, *, prune: PruneOptions | None 
     report = PipelineReport(str(hf_dir), str(out))
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.pipeline-"))
 
+    def add(stage: Step) -> None:
+        report.stages.append(stage)
+        log(f"{stage.name}: {stage.detail}: held-out ppl {stage.perplexity:.2f}")
+
     def measure_hf(stage: str, detail: str, ckpt: Path) -> None:
         gguf = convert(ckpt, work / f"{stage}.gguf", outtype=outtype, progress=False).path
-        report.stages.append(measure_gguf(stage, detail, gguf, heldout, n_threads))
+        add(measure_gguf(stage, detail, gguf, heldout, n_threads))
         gguf.unlink()
-        log(f"{stage}: {detail}: held-out ppl {report.stages[-1].perplexity:.2f}")
 
     try:
         t0 = time.perf_counter()
-        measure_hf("source", f"{outtype} GGUF of {hf_dir.name}", hf_dir)
+        source = f"{outtype} GGUF of {hf_dir.name}"
         current = hf_dir
-        if prune is not None:
+        if prune is None:
+            measure_hf("source", source, hf_dir)
+        else:
             from .prune import prune as run_prune
 
+            # prune's own report measures the source and the result at this type: its first and last rows
             pruned = work / "pruned"
-            r = run_prune(current, pruned, calib=calib, heldout=heldout, options=prune)
-            measure_hf("pruned", "; ".join(s.detail for s in r.steps[1:]) or "nothing removed", pruned)
+            r = run_prune(current, pruned, calib=calib, heldout=heldout,
+                          options=replace(prune, report_quant=outtype, n_threads=prune.n_threads or n_threads))
+            add(replace(r.steps[0], name="source", detail=source))
+            steps = "; ".join(s.detail for s in r.steps[1:]) or "nothing removed"
+            add(replace(r.steps[-1], name="pruned", detail=steps))
             report.notes += r.notes
             current = pruned
         if distill_data is not None:
@@ -105,9 +114,8 @@ def compress(hf_dir: str | Path, out: str | Path, *, prune: PruneOptions | None 
         result = convert(current, out, outtype=outtype, quant=quant, imatrix="auto" if quant else None,
                          calib=calib, name=name, progress=False)
         if quant:
-            report.stages.append(measure_gguf("quantized", f"{quant}, importance matrix from the calibration text",
-                                              result.path, heldout, n_threads))
-            log(f"quantized: held-out ppl {report.stages[-1].perplexity:.2f}")
+            add(measure_gguf("quantized", f"{quant}, importance matrix from the calibration text", result.path,
+                             heldout, n_threads))
         if early_exit is not None:
             report.stages.append(_early_exit_stage(out, early_exit, current, calib, heldout, n_threads,
                                                    report.stages[-1]))

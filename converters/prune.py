@@ -9,6 +9,7 @@ depth (ShortGPT block influence, or measured perplexity impact) → attention he
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,19 +110,24 @@ class _Workspace:
         self.options, self.calib, self.heldout = options, calib, heldout
         self.dir = Path(tempfile.mkdtemp(prefix="edgelm-prune-"))
         self.n = 0
+        self.saved: tuple[Weights, Path] | None = None  # the last weights written, and where
+
+    def checkpoint(self, w: Weights) -> Path:
+        """`w` written once: measuring and calibrating the same weights convert from one folder."""
+        if self.saved is None or self.saved[0] is not w:
+            if self.saved is not None:
+                shutil.rmtree(self.saved[1])
+            self.n += 1
+            self.saved = (w, w.save(self.dir / f"ckpt{self.n}"))
+        return self.saved[1]
 
     def gguf(self, w: Weights, outtype: str = "f32") -> Path:
         from .convert import convert
 
         self.n += 1
-        ckpt = w.save(self.dir / f"ckpt{self.n}")
         quant = None if outtype in ("f32", "f16", "q8_0") else outtype
-        path = convert(ckpt, self.dir / f"m{self.n}.gguf", outtype="f16" if quant else outtype, quant=quant,
-                       progress=False).path
-        for f in ckpt.iterdir():
-            f.unlink()
-        ckpt.rmdir()
-        return path
+        return convert(self.checkpoint(w), self.dir / f"m{self.n}.gguf", outtype="f16" if quant else outtype,
+                       quant=quant, progress=False).path
 
     def calibrate(self, w: Weights) -> "Calibration":
         from .calibrate import compute_calibration
@@ -150,8 +156,6 @@ class _Workspace:
             path.unlink()
 
     def close(self) -> None:
-        import shutil
-
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

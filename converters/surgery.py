@@ -256,10 +256,8 @@ def rotate_hidden(w: Weights, q: np.ndarray) -> Weights:
         if name in ("model.embed_tokens.weight", "lm_head.weight") or part.endswith(
                 tuple(f"{p}.weight" for p in ATTN_IN + FFN_IN)):
             tensors[name] = a @ q  # reads the residual stream
-        elif part in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-            tensors[name] = q.T @ a  # writes it
-        elif part in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
-            tensors[name] = q.T @ a
+        elif part.startswith(("self_attn.o_proj.", "mlp.down_proj.")):
+            tensors[name] = q.T @ a  # writes it (weights and biases)
         elif part.endswith("layernorm.weight") or name == "model.norm.weight":
             tensors[name] = np.full(k, scale, dtype=np.float32)
         else:
