@@ -119,15 +119,17 @@ def check_same_vocabulary(teacher_vocab: list[str], student_dir: Path) -> None:
 
 def _hf_vocab(path: Path) -> list[str]:
     """Token strings by id from tokenizer.json (model vocabulary plus added tokens)."""
+    from .vocab_trim import id_to_token
+
     f = Path(path) / "tokenizer.json"
     if not f.is_file():
         raise ConversionError(f"{path}: no tokenizer.json")
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(f))
-    vocab = tok.get_vocab(with_added_tokens=True)
-    out = [""] * (max(vocab.values()) + 1)
-    for text, i in vocab.items():
+    try:
+        tokens = id_to_token(json.loads(f.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConversionError(f"{f}: not a tokenizer.json this can read: {e}") from None
+    out = [""] * (max(tokens) + 1)
+    for i, text in tokens.items():
         out[i] = text
     return out
 

@@ -29,7 +29,7 @@ def trim_vocab(w: Weights, text: str, *, min_count: int = 1) -> tuple[Weights, d
         raise ConversionError(f"min_count must be at least 1, not {min_count}")
     tj = _json(w, "tokenizer.json", required=True)
     _check_byte_level(tj, w.source / "tokenizer.json")
-    tokens = _id_to_token(tj)
+    tokens = id_to_token(tj)
     gen = _json(w, "generation_config.json")
     cfg = _json(w, "tokenizer_config.json")
     pinned = _pinned_ids(w.config, gen, cfg, tj, tokens)
@@ -103,7 +103,7 @@ def _check_byte_level(tj: dict, path: Path) -> None:
             raise ConversionError(f"{path}: vocabulary trimming does not support BPE {key}={model[key]!r}")
 
 
-def _id_to_token(tj: dict) -> dict[int, str]:
+def id_to_token(tj: dict) -> dict[int, str]:
     """Every id the tokenizer knows: model.vocab and added tokens (which may lie past it)."""
     tokens = {i: t for t, i in tj["model"]["vocab"].items()}
     tokens |= {t["id"]: t["content"] for t in tj.get("added_tokens", [])}
