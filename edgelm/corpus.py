@@ -62,6 +62,18 @@ def text(split: str = "train", max_chars: int | None = None) -> str:
     return out if max_chars is None else out[:max_chars]
 
 
+def text_arg(name: str, split: str, *, max_chars: int | None = None, what: str = "text") -> str:
+    """A command's text argument: "corpus" is this corpus's `split`, anything else a UTF-8 text file."""
+    if name == "corpus":
+        return text(split, max_chars=max_chars)
+    path = Path(name)
+    if not path.is_file():
+        from edgelm.errors import UsageError
+
+        raise UsageError(f"{name}: no such {what} file")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
 def fingerprint(split: str = "all") -> str:
     """sha256 over names and texts: tells whether two machines see the same corpus."""
     h = hashlib.sha256()

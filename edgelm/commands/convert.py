@@ -79,8 +79,6 @@ def main(argv: list[str]) -> int:
 
 def _pipeline(args, calib: str | None, exit_layer) -> int:
     """prune → distill → convert → quantize → early-exit split, with one report table."""
-    from pathlib import Path
-
     from edgelm.converters.pipeline import compress, parse_prune_spec
     from edgelm.errors import UsageError
 
@@ -92,14 +90,7 @@ def _pipeline(args, calib: str | None, exit_layer) -> int:
         from edgelm import corpus
         from edgelm.converters.distill import DistillOptions
 
-        data = []
-        for name in args.distill:
-            if name == "corpus":
-                data.append(corpus.text("train"))
-            elif Path(name).is_file():
-                data.append(Path(name).read_text(encoding="utf-8", errors="replace"))
-            else:
-                raise UsageError(f"{name}: no such distillation text file")
+        data = [corpus.text_arg(name, "train", what="distillation text") for name in args.distill]
         options = DistillOptions(steps=args.distill_steps, exit_layers=tuple(args.distill_exit_layers),
                                  n_threads=args.threads)
     report = compress(args.hf_dir, args.output, prune=prune, distill_data=data, distill_options=options,

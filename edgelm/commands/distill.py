@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
-from edgelm.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,27 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read(name: str, split: str, max_chars: int | None) -> str:
-    if name == "corpus":
-        from edgelm import corpus
-
-        return corpus.text(split, max_chars=max_chars)
-    if not Path(name).is_file():
-        raise UsageError(f"{name}: no such text file")
-    return Path(name).read_text(encoding="utf-8", errors="replace")
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from edgelm import corpus
     from edgelm.converters.distill import DistillOptions, distill
 
     fields = {f.name for f in dataclasses.fields(DistillOptions)}
     options = DistillOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None},
                              n_threads=args.threads)
     options.exit_layers = tuple(args.exit_layers)
-    data = [_read(f, "train", None) for f in args.data] if args.data else None
+    data = [corpus.text_arg(f, "train", what="training text") for f in args.data] if args.data else None
     report = distill(args.teacher, args.student, args.output, data=data, generate=args.generate,
-                     heldout=_read(args.heldout, "heldout", 60_000), options=options)
+                     heldout=corpus.text_arg(args.heldout, "heldout", max_chars=60_000, what="held-out text"),
+                     options=options)
     result = dataclasses.asdict(report) | {"gap_recovered": report.gap_recovered}
     if args.json:
         print(json.dumps(result, indent=2))

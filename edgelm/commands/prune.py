@@ -35,17 +35,6 @@ def _params(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a parameter count such as 8000000 or 8M, not {text!r}") from None
 
 
-def _text(path: str, what: str) -> str:
-    if path == "corpus":
-        from edgelm import corpus
-
-        return corpus.text("train" if what == "calibration" else "heldout",
-                           max_chars=300_000 if what == "calibration" else 40_000)
-    if not Path(path).is_file():
-        raise UsageError(f"{path}: no such {what} text file")
-    return Path(path).read_text(encoding="utf-8", errors="replace")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelm prune", description=__doc__)
     p.add_argument("hf_dir", help="checkpoint directory (llama, mistral, qwen2 or qwen3)")
@@ -83,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    from edgelm import corpus
     from edgelm.converters.prune import PruneOptions, prune
     from edgelm.converters.quantize import QUANT_TYPES
 
@@ -91,8 +81,9 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--report-quant {args.report_quant!r}: unknown type; known: {', '.join(QUANT_TYPES)}")
     fields = {f.name for f in dataclasses.fields(PruneOptions)}
     options = PruneOptions(**{k: v for k, v in vars(args).items() if k in fields}, n_threads=args.threads)
-    report = prune(args.hf_dir, args.output, calib=_text(args.calib, "calibration"),
-                   heldout=_text(args.heldout, "held-out"), options=options,
+    calib = corpus.text_arg(args.calib, "train", max_chars=300_000, what="calibration text")
+    heldout = corpus.text_arg(args.heldout, "heldout", max_chars=40_000, what="held-out text")
+    report = prune(args.hf_dir, args.output, calib=calib, heldout=heldout, options=options,
                    log=None if args.json else (lambda line: print(line, flush=True)))
     if args.json:
         print(json.dumps(dataclasses.asdict(report), indent=2))
