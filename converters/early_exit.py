@@ -22,7 +22,7 @@ import numpy as np
 from edgelm.errors import ConversionError
 # the reading side lives with the runtime; re-exported here beside the writer
 from edgelm.runtime.splits import (KEY, SplitInfo, SplitPaths, available_splits, check_split,  # noqa: F401
-                                   header_sha256, split_paths)
+                                   fingerprint, split_paths)
 
 from .export import atomic_path
 
@@ -99,7 +99,7 @@ def split_model(
         raise ConversionError(f"{model}: tensors of blocks {sorted(blocks)} do not match block_count {n_layer}")
 
     paths = split_paths(model, k)
-    source = header_sha256(model)
+    source = fingerprint(model)
     shared = [tensors[n] for n in SHARED_TENSORS if n in tensors]
     _write(paths.shared, arch, [(t.name, t) for t in shared], {
         "split.no": (1, gguf.GGUFValueType.UINT16),
@@ -107,7 +107,7 @@ def split_model(
         KEY + "role": ("shared", gguf.GGUFValueType.STRING),
         KEY + "source": (source, gguf.GGUFValueType.STRING),
     }, reader=None)
-    shared_sha = header_sha256(paths.shared)
+    shared_sha = fingerprint(paths.shared)
     per_layer = _per_layer_arrays(reader, arch, n_layer)
     name = str(reader.fields["general.name"].contents()) if "general.name" in reader.fields else model.stem
     for role, lo, hi, path in (("draft", 0, k, paths.draft), ("tail", k, n_layer, paths.tail)):

@@ -13,6 +13,7 @@ A string is a u64 byte length followed by UTF-8 bytes.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -156,6 +157,26 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             f.seek(self.data_offset + t.offset)
             return f.read(t.n_bytes)
+
+    def fingerprint(self) -> str:
+        """What edgelm identifies a model by (caches key their entries by it, early-exit splits name their
+        source with it): sha256 of the header, metadata and tensor table, and of samples of every tensor's
+        data (its first, middle and last FINGERPRINT_SAMPLE bytes). The samples tell apart two files of one
+        layout with different weights (retrained, or quantized with another importance matrix), which the
+        header alone cannot; reading them costs milliseconds even for a large model."""
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            h.update(f.read(self.data_offset))
+            for t in self.tensors:
+                start = self.data_offset + t.offset
+                for at in sorted({0, max(0, t.n_bytes // 2 - FINGERPRINT_SAMPLE // 2),
+                                  max(0, t.n_bytes - FINGERPRINT_SAMPLE)}):
+                    f.seek(start + at)
+                    h.update(f.read(min(FINGERPRINT_SAMPLE, t.n_bytes - at)))
+        return h.hexdigest()
+
+
+FINGERPRINT_SAMPLE = 4096
 
 
 class _Cursor:

@@ -30,6 +30,21 @@ def save_random_checkpoint(model_class: str, config, out: Path, tokenizer_src: P
     return model
 
 
+def reweight_gguf(path: Path) -> None:
+    """Change the weights of a GGUF in place, keeping its header and tensor table byte for byte: flip the lowest
+    bit of the middle byte of its largest tensor (what a retrained or requantized model of one layout looks like
+    to anything that reads only the header)."""
+    from edgelm.gguf_reader import read_gguf
+
+    info = read_gguf(path)
+    t = max(info.tensors, key=lambda t: t.n_bytes)
+    with open(path, "r+b") as f:
+        f.seek(info.data_offset + t.offset + t.n_bytes // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x01]))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return MODELS / "tiny"

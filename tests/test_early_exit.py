@@ -33,6 +33,8 @@ from edgelm.runtime.context import Context, ContextOptions
 from edgelm.runtime.model import LlamaModel, default_model_path
 from edgelm.runtime.splits import choose_split
 
+from conftest import reweight_gguf
+
 ROOT = Path(__file__).resolve().parents[1]
 KS = (2, 4, 8, 12)  # exit layers of the 16-layer bundled model under test
 GEN = dict(n_threads=1, n_ctx=256)  # 256: llama.cpp's smallest context (it pads smaller ones)
@@ -453,6 +455,7 @@ DAMAGE = {
     "split_of_another_model": (lambda m, other: _copy(zip(astuple(other), astuple(split_paths(m, 4)))),
                                "split of another model than", True),
     "shared_rewritten": (_shared_rewritten, "was rewritten after", True),
+    "model_reweighted": (lambda m, other: reweight_gguf(m), "or of an earlier version of it", True),
 }
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,11 @@ import edgelm
 from edgelm import corpus
 from edgelm.cache.prefix import PrefixTree
 from edgelm.cache.prompt import FIXED, PromptCache
+from edgelm.gguf_reader import read_gguf
 from edgelm.runtime.generate import FA_TILE, ROW_GROUP, batch_plan
+from edgelm.runtime.model import default_model_path
+
+from conftest import reweight_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX = 1024
@@ -300,6 +305,25 @@ def test_foreign_model_entry_is_a_miss(tmp_path, tiny_gguf, doc, cold, caplog):
     foreign.rename(tmp_path / f"{r.stdout.split()[-1]}.kvc")
     out = _fresh_answer(tmp_path, prompt, caplog)
     assert out.timings.cached_tokens == 0 and out.text == cold(prompt).text
+    assert "made with model=" in caplog.text
+
+
+def test_entry_of_the_model_before_its_weights_changed_is_a_miss(tmp_path, doc, caplog):
+    """The same header and tensor table with other weights (a retrained or requantized model written over the
+    old file): the fingerprint samples the tensor data, so the old KV is never used."""
+    model, cache = tmp_path / "m.gguf", tmp_path / "cache"
+    shutil.copy(default_model_path(), model)
+    prompt = doc + " Years later"
+    options = dict(n_ctx=N_CTX, n_threads=2, prompt_cache=cache, prefix_cache_bytes=0)
+    with edgelm.load(model, **options) as m:
+        m.generate(prompt, **GEN)
+    assert len(entries(cache)) == 1
+    header = read_gguf(model).data_offset
+    before = model.read_bytes()[:header]
+    reweight_gguf(model)
+    assert model.read_bytes()[:header] == before
+    with caplog.at_level(logging.DEBUG, logger="edgelm.cache"), edgelm.load(model, **options) as m:
+        assert m.generate(prompt, **GEN).timings.cached_tokens == 0
     assert "made with model=" in caplog.text
 
 

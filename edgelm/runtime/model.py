@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -134,9 +133,8 @@ class LlamaModel:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 of the GGUF's header, metadata and tensor table: what caches key their entries by."""
-        with open(self.path, "rb") as f:
-            return hashlib.sha256(f.read(self.gguf.data_offset)).hexdigest()
+        """What caches key their entries by: see GGUFFile.fingerprint."""
+        return self.gguf.fingerprint()
 
     @property
     def chat_template(self) -> str | None:

@@ -6,7 +6,6 @@ no more memory than loading the model.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +52,9 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def header_sha256(path: Path) -> str:
-    """sha256 of a GGUF's header, metadata and tensor table (what edgelm fingerprints models by)."""
-    info = read_gguf(path, keep_arrays=False)
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(info.data_offset)).hexdigest()
+def fingerprint(path: Path) -> str:
+    """What the split's keys name a file by: GGUFFile.fingerprint (header, tensor table, sampled weights)."""
+    return read_gguf(path, keep_arrays=False).fingerprint()
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,7 @@ def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
         meta[role] = {k: info.get(KEY + k) for k in ("role", "source", "shared", "layer", "n_layer", "exit_norm")}
         meta[role]["block_count"] = info.get(f"{arch}.block_count")
         if role == "shared":
-            with open(path, "rb") as f:
-                shared_sha = hashlib.sha256(f.read(info.data_offset)).hexdigest()
+            shared_sha = info.fingerprint()
         del info
         if meta[role]["role"] != role:
             raise ModelLoadError(f"{path}: not an early-exit {role} split (role {meta[role]['role']!r})")
@@ -100,8 +96,9 @@ def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
                              "are parts of different splits")
     if d["block_count"] != k or t["block_count"] != n_layer - k:
         raise ModelLoadError(f"{paths.draft}: block counts do not add up to the {n_layer}-layer model")
-    if model is not None and header_sha256(Path(model)) != source:
-        raise ModelLoadError(f"{paths.draft}: split of another model than {model}")
+    if model is not None and fingerprint(Path(model)) != source:
+        raise ModelLoadError(f"{paths.draft}: split of another model than {model}, or of an earlier version of it "
+                             "(its weights changed since); write the split again")
     return SplitInfo(int(k), int(n_layer), str(d["exit_norm"] or "final"), paths)
 
 
