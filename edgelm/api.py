@@ -106,7 +106,7 @@ class Model:
         if self._pair is not None:
             verifier = drafter = self._pair
         else:
-            verifier = ContextVerifier(self.ctx)
+            verifier = ContextVerifier(self.ctx, self.prompt_cache, self.kv_reuse)
             drafter = DraftModel(self._draft_ctx, s.threshold) if self._draft_ctx is not None else Lookup()
         timings = Timings()
         timings.speculative = stats = SpecStats()

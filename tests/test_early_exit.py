@@ -700,3 +700,25 @@ def test_early_exit_reuses_an_earlier_requests_kv_exactly(small):
         assert cached[0] == 0 and cached[1] > 64 and cached[2] > cached[1] - 8
         ee.reset()
         assert ee.generate(turns[0], temperature=0, max_tokens=4).timings.cached_tokens == 0
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "draft"])
+def test_lookup_and_draft_model_use_the_prompt_cache(small, tiny_q8, tmp_path, drafter):
+    """A request sharing a long prefix with an earlier one (an unrelated request in between, so the live KV no
+    longer holds it) restores it from the prompt cache, in RAM and in a later process's folder; the output stays
+    the plain model's."""
+    head = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(15))
+    first, other, later = head + "def main():\n", "import sys\n", head + "class Point:\n"
+    spec = dict(lookup=True) if drafter == "lookup" else dict(draft=tiny_q8)
+    options = dict(GEN, n_ctx=512, prompt_cache=tmp_path / "cache")
+    with edgelm.load(small, **dict(GEN, n_ctx=512)) as plain:
+        want = plain.generate(later, temperature=0, max_tokens=12).tokens
+    with edgelm.load(small, **spec, **options) as m:
+        assert m.generate(first, temperature=0, max_tokens=12).timings.cached_tokens == 0
+        m.generate(other, temperature=0, max_tokens=4)
+        got = m.generate(later, temperature=0, max_tokens=12)
+        assert got.tokens == want and got.timings.cached_tokens > 64
+        assert got.timings.speculative.rounds > 0
+    with edgelm.load(small, **spec, **options, prefix_cache_bytes=0) as m:  # the folder, in a new model
+        got = m.generate(later, temperature=0, max_tokens=12)
+        assert got.tokens == want and got.timings.cached_tokens > 64

@@ -179,10 +179,15 @@ def generate_tokens(
         return "length"
     finally:
         sampler.close()
-        if reuse == "exact":  # what lies past the canonical prefix can never be reused exactly: free it now
-            ctx.remove(seq, ctx.exact_tokens(seq))
-        if cache is not None and reuse != "off":
-            cache.store(seq)
+        release(ctx, seq, cache, reuse)
+
+
+def release(ctx: Context, seq: int, cache=None, reuse: str = "exact") -> None:
+    """A generation in `seq` ended: keep what a later request may reuse, and offer it to the prompt cache."""
+    if reuse == "exact":  # what lies past the canonical prefix can never be reused exactly: free it now
+        ctx.remove(seq, ctx.exact_tokens(seq))
+    if cache is not None and reuse != "off":
+        cache.store(seq)
 
 
 class StopMatcher:

@@ -28,7 +28,7 @@ from edgelm import native
 from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context
-from .generate import Timings, common_prefix, prefill, prefill_batches, reusable
+from .generate import Timings, common_prefix, prefill, prefill_batches, release, reusable
 from .sampling import (Candidates, SamplerChain, SamplingParams, add_truncation_and_temperature,
                        logit_bias_sampler)
 
@@ -173,13 +173,19 @@ def next_draft(row: np.ndarray, threshold: float, dist: Distribution | None, rng
 
 
 class ContextVerifier(Verifier):
-    """A single-file model's context verifies by decoding the tokens in one batch."""
+    """A single-file model's context verifies by decoding the tokens in one batch. Its prompt goes through
+    the prompt cache (if any) under the same reuse rule as plain generation."""
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, cache=None, reuse: str = "exact"):
         self.ctx, self.model, self.n_ctx, self.max_batch = ctx, ctx.model, ctx.n_ctx, ctx.n_batch
+        self.cache, self.reuse = cache, reuse
 
     def prefill(self, tokens: list[int]) -> int:
-        return prefill(self.ctx, tokens)  # as plain generation does: the same batches, so the same KV bit for bit
+        # as plain generation does: the same batches, so the same KV bit for bit
+        return prefill(self.ctx, tokens, cache=self.cache, reuse=self.reuse)
+
+    def finish(self) -> None:
+        release(self.ctx, 0, self.cache, self.reuse)
 
     def verify(self, tokens: list[int], pos: int) -> np.ndarray:
         self.ctx.decode(tokens, pos, logits_from=0)
