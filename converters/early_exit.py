@@ -34,9 +34,12 @@ SHARED_TENSORS = ("token_embd.weight", "output.weight")
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def _copy_kv(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, skip: set[str], overrides: dict) -> None:
+def _copy_kv(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, skip: set[str], overrides: dict,
+             drop_prefix: str | None = None) -> None:
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in skip or key in overrides or key == "general.architecture":
+            continue
+        if drop_prefix is not None and key.startswith(drop_prefix):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -83,6 +86,7 @@ def split_model(
         raise ConversionError(f"{model}: no token_embd or output_norm tensor; not a decoder this split supports")
     final_norm = tensors["output_norm.weight"]
     n_embd = int(reader.fields[f"{arch}.embedding_length"].contents())
+    n_vocab = int(tensors["token_embd.weight"].shape[1])  # gguf-py shapes are ggml's: (n_embd, n_vocab)
     if exit_norm is not None:
         exit_norm = np.asarray(exit_norm, dtype=np.float32)
         if exit_norm.shape != (n_embd,) or not np.all(np.isfinite(exit_norm)):
@@ -133,15 +137,22 @@ def split_model(
         }
         for key, values in per_layer.items():
             overrides[key] = (values[lo:hi], gguf.GGUFValueType.ARRAY)
-        _write(path, arch, items, overrides, reader=reader)
+        if role == "tail":
+            # T never tokenizes: fed hidden states, its logits read by the draft's samplers. A vocabulary of
+            # n_vocab nameless tokens instead of the tokenizer spares llama.cpp's second copy of it (its tables
+            # take 26 MiB for a 151,936-token vocabulary)
+            overrides["tokenizer.ggml.model"] = ("none", gguf.GGUFValueType.STRING)
+            overrides[f"{arch}.vocab_size"] = (n_vocab, gguf.GGUFValueType.UINT32)
+        _write(path, arch, items, overrides, reader=reader, drop_prefix="tokenizer." if role == "tail" else None)
     return paths
 
 
-def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGUFReader | None) -> None:
+def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGUFReader | None,
+           drop_prefix: str | None = None) -> None:
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         if reader is not None:
-            _copy_kv(writer, reader, {"split.no", "split.count", "split.tensors.count"}, overrides)
+            _copy_kv(writer, reader, {"split.no", "split.count", "split.tensors.count"}, overrides, drop_prefix)
         else:
             for key, (value, vtype) in overrides.items():
                 writer.add_key_value(key, value, vtype)

@@ -172,6 +172,10 @@ def test_split_layout(small, k):
                 name = f"blk.{int(i) + lo}.{rest}"
             assert part.tensor_bytes(t) == src.tensor_bytes(src.tensor(name)), t.name
     assert shared.get("split.no") == 1
+    # the draft tokenizes; the tail has a vocabulary of nameless tokens, as many, and no tokenizer tables
+    assert draft.get("tokenizer.ggml.tokens") == src.get("tokenizer.ggml.tokens")
+    assert tail.get("tokenizer.ggml.model") == "none" and tail.get("llama.vocab_size") == len(src.get("tokenizer.ggml.tokens"))
+    assert not [key for key in tail.metadata if key.startswith("tokenizer.") and key != "tokenizer.ggml.model"]
     # no weight stored twice: only output_norm (the draft's exit norm, the tail's final norm) is in two files
     norm = src.tensor("output_norm.weight").n_bytes
     assert shared.n_tensor_bytes + draft.n_tensor_bytes + tail.n_tensor_bytes == src.n_tensor_bytes + norm

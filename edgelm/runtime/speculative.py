@@ -28,7 +28,7 @@ from edgelm import native
 from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context
-from .generate import Timings, common_prefix, prefill, prefill_batches, release, reusable
+from .generate import FA_TILE, Timings, common_prefix, prefill, prefill_batches, release, reusable
 from .sampling import (Candidates, SamplerChain, SamplingParams, add_truncation_and_temperature,
                        logit_bias_sampler)
 
@@ -36,9 +36,11 @@ import llama_cpp as lib
 
 DRAFT_MAX = 8  # drafts per round, at most
 THRESHOLD = 0.6  # draft while the drafter's max softmax probability is at least this
-# batch of an early-exit split's contexts: D's prefill computes logits for every position, so its output
-# buffer is n_batch x n_vocab floats; 128 keeps that small and still allows canonical batches (generate.batch_plan)
-EARLY_EXIT_BATCH = 128
+# batch of an early-exit split's contexts. D's last layer keeps only the rows whose logits are asked for, so
+# its prefill asks for every position's: n_batch x n_vocab floats in its compute buffer and again in its output
+# buffer (2 x 74 MiB for a 151,936-token vocabulary). 2 x FA_TILE is the least n_batch with which every prompt
+# splits into canonical batches (generate.batch_plan), so the KV stays bit for bit the full model's.
+EARLY_EXIT_BATCH = 2 * FA_TILE
 
 
 @dataclass
