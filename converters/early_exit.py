@@ -21,7 +21,7 @@ import numpy as np
 
 from edgelm.errors import ConversionError
 # the reading side lives with the runtime; re-exported here beside the writer
-from edgelm.runtime.splits import (KEY, SplitInfo, SplitPaths, available_splits, check_split,  # noqa: F401
+from edgelm.runtime.splits import (FORMAT, KEY, SplitInfo, SplitPaths, available_splits, check_split,  # noqa: F401
                                    fingerprint, split_paths)
 
 from .export import atomic_path
@@ -109,6 +109,7 @@ def split_model(
         "split.no": (1, gguf.GGUFValueType.UINT16),
         "split.count": (2, gguf.GGUFValueType.UINT16),
         KEY + "role": ("shared", gguf.GGUFValueType.STRING),
+        KEY + "format": (FORMAT, gguf.GGUFValueType.UINT32),
         KEY + "source": (source, gguf.GGUFValueType.STRING),
     }, reader=None)
     shared_sha = fingerprint(paths.shared)
@@ -129,6 +130,7 @@ def split_model(
             "split.count": (2, gguf.GGUFValueType.UINT16),
             "split.tensors.count": (len(items) + len(shared), gguf.GGUFValueType.INT32),
             KEY + "role": (role, gguf.GGUFValueType.STRING),
+            KEY + "format": (FORMAT, gguf.GGUFValueType.UINT32),
             KEY + "layer": (k, gguf.GGUFValueType.UINT32),
             KEY + "n_layer": (n_layer, gguf.GGUFValueType.UINT32),
             KEY + "source": (source, gguf.GGUFValueType.STRING),

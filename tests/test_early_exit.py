@@ -70,14 +70,15 @@ def check_stats(c) -> None:
         assert len(c.tokens) <= s.rounds + s.accepted
 
 
-def rewrite_gguf(src: Path, dst: Path, *, arch: str | None = None, extra: dict | None = None) -> Path:
-    """A copy of a GGUF under another architecture name and/or with extra float or string keys."""
+def rewrite_gguf(src: Path, dst: Path, *, arch: str | None = None, extra: dict | None = None,
+                 drop: tuple[str, ...] = ()) -> Path:
+    """A copy of a GGUF under another architecture name and/or with extra float or string keys, without `drop`."""
     reader = gguf.GGUFReader(src)
     old = str(reader.fields["general.architecture"].contents())
     arch = arch or old
     writer = gguf.GGUFWriter(dst, arch)
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -440,6 +441,12 @@ def _shared_rewritten(model, other):
     rewrite_gguf(p, p.with_suffix(".new"), extra={"general.comment": "rewritten"}).replace(p)
 
 
+def _older_draft(model, other):
+    """A draft as an edgelm before split format 2 wrote it (no format key)."""
+    p = split_paths(model, 4).draft
+    rewrite_gguf(p, p.with_suffix(".new"), drop=("edgelm.early_exit.format",)).replace(p)
+
+
 def _copy(pairs) -> None:
     for src, dst in pairs:
         shutil.copy(src, dst)
@@ -460,6 +467,7 @@ DAMAGE = {
                                "split of another model than", True),
     "shared_rewritten": (_shared_rewritten, "was rewritten after", True),
     "model_reweighted": (lambda m, other: reweight_gguf(m), "or of an earlier version of it", True),
+    "draft_of_an_older_edgelm": (_older_draft, "split of format 1, this edgelm reads format 2", False),
 }
 
 

@@ -14,6 +14,8 @@ from edgelm.errors import ModelLoadError
 from edgelm.gguf_reader import read_gguf
 
 KEY = "edgelm.early_exit."
+# 2: files are named by GGUFFile.fingerprint (header, tensor table and sampled weights), not a header hash
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
         info = read_gguf(path, keep_arrays=False)
         arch = info.get("general.architecture")
         meta[role] = {k: info.get(KEY + k) for k in ("role", "source", "shared", "layer", "n_layer", "exit_norm")}
+        if info.get(KEY + "format", 1) != FORMAT:
+            raise ModelLoadError(f"{path}: early-exit split of format {info.get(KEY + 'format', 1)}, this edgelm reads "
+                                 f"format {FORMAT}; write the split again (`edgelm exits MODEL --write K`)")
         meta[role]["block_count"] = info.get(f"{arch}.block_count")
         if role == "shared":
             shared_sha = info.fingerprint()
