@@ -5,7 +5,8 @@
 Alternates Model.generate (greedy, ignore_eos) with a bare llama_decode loop written the way llama-bench's
 tg test is (one token per call, nothing read back), so that a shared machine's noise falls on both alike,
 and prints the median paired ratio; then profiles one generation to split the time between llama_decode
-and Python. Default model: the 0.5B-shape Q4_K_M built by runtime_bench.py.
+and the rest, and times the loop with llama_decode a no-op (Python alone). Default model: the 0.5B-shape
+Q4_K_M built by runtime_bench.py.
 """
 from __future__ import annotations
 
@@ -81,6 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         k = out.timings.completion_tokens
         print(f"  one generation of {k} tokens: {total * 1000:.1f} ms, {spent * 1000:.1f} ms in llama_decode, "
               f"{(total - spent) / k * 1000:.3f} ms per token elsewhere (Python, sampling, text)")
+
+        # the generation loop with llama_decode a no-op (the logits stay those of the last real step): the
+        # Python side alone, without the ctypes call and what llama.cpp does around the graph
+        context_module.lib.llama_decode = lambda ctx, batch: 0
+        per_token = []
+        try:
+            for _ in range(5):
+                m.reset()
+                t0 = time.perf_counter()
+                out = m.generate([token[0]], max_tokens=2000, temperature=0, ignore_eos=True)
+                per_token.append((time.perf_counter() - t0) / out.timings.completion_tokens)
+        finally:
+            context_module.lib.llama_decode = real
+        print(f"  the loop with llama_decode a no-op: {statistics.median(per_token) * 1e6:.1f} µs per token "
+              f"(median of 5 generations of 2,000 tokens)")
     return 0
 
 
