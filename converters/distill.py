@@ -135,6 +135,13 @@ def kl(target_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (target_logp.exp() * (target_logp - logq)).sum(-1).mean()
 
 
+def exit_logits(model, hidden_states, exits, head_grad: bool = False) -> dict[int, torch.Tensor]:
+    """lm_head(exit_norm_k(h_k)) for each exit layer k; hidden_states[k] is the residual stream after layer k-1,
+    before any norm. head_grad=False keeps the exits' gradient out of the shared head."""
+    head = model.lm_head.weight if head_grad else model.lm_head.weight.detach()
+    return {int(k): F.linear(norm(hidden_states[int(k)]), head) for k, norm in exits.items()}
+
+
 def encode(student_dir: Path, text: str) -> np.ndarray:
     from tokenizers import Tokenizer
 
@@ -321,10 +328,8 @@ def _loss(model, teacher, exits, projection, ids, idx, o: DistillOptions):
             loss = loss + o.hidden_weight * hid
     if exits:
         target = torch.log_softmax(logits.detach(), dim=-1)  # agreement with the model the runtime serves
-        head = model.lm_head.weight.detach()
-        for k, norm in exits.items():
-            z = torch.log_softmax(F.linear(norm(res.hidden_states[int(k)]), head).float(), dim=-1)
-            ex = kl(target, z)
+        for k, z in exit_logits(model, res.hidden_states, exits).items():
+            ex = kl(target, torch.log_softmax(z.float(), dim=-1))
             parts[f"exit{k}"] = ex.item()
             loss = loss + o.exit_weight * ex
     return loss, parts
@@ -365,9 +370,8 @@ def exit_agreement(model, exits, stream: np.ndarray, device: str = "cpu", window
             chunk = torch.from_numpy(stream[start:start + window][None]).to(device)
             res = model(input_ids=chunk, output_hidden_states=True)
             full = res.logits.argmax(-1)
-            for k, norm in exits.items():
-                z = F.linear(norm(res.hidden_states[int(k)]), model.lm_head.weight)
-                hits[int(k)] += (z.argmax(-1) == full).sum().item()
+            for k, z in exit_logits(model, res.hidden_states, exits).items():
+                hits[k] += (z.argmax(-1) == full).sum().item()
             count += chunk.shape[1]
     model.train(was_training)
     return {k: round(h / count, 4) for k, h in hits.items()}

@@ -79,23 +79,13 @@ def make_exit_norms(model, layers: list[int]):
     return norms
 
 
-def exit_logits(model, hidden_states, norms: Mapping[str, object], head_grad: bool = True) -> dict[int, object]:
-    """lm_head(exit_norm_k(h_k)); hidden_states[k] is the residual after layer k-1, before any norm.
-
-    head_grad=False keeps the exits' gradient out of the shared head: only the final loss trains it.
-    """
-    import torch
-
-    head = model.lm_head.weight if head_grad else model.lm_head.weight.detach()
-    return {int(k): torch.nn.functional.linear(norm(hidden_states[int(k)]), head) for k, norm in norms.items()}
-
-
 def kl_to(target_logp, logits):
     """KL(target || softmax(logits)), mean over positions; target_logp carries no gradient."""
     import torch
 
-    logq = torch.log_softmax(logits.float(), dim=-1)
-    return (target_logp.exp() * (target_logp - logq)).sum(-1).mean()
+    from edgelm.converters.distill import kl
+
+    return kl(target_logp, torch.log_softmax(logits.float(), dim=-1))
 
 
 def sample_batch(rng: np.random.Generator, stream: np.ndarray, batch: int, seq_len: int):
@@ -151,6 +141,8 @@ def train_exit_norm(model_dir: Path, layers: list[int], *, steps: int = 150, bat
     """Freeze the model; fit one exit norm per layer to the model's own final distribution (KL)."""
     import torch
 
+    from edgelm.converters.distill import exit_logits
+
     model, _, train, heldout = _setup(model_dir, threads, seed)
     model.requires_grad_(False)
     norms = make_exit_norms(model, layers)
@@ -202,6 +194,8 @@ def train_layerskip(model_dir: Path, out: Path, exit_layers: list[int], *, steps
                     threads: int = 1, command: str = "") -> dict:
     """Continue training the whole model with, per exit k, exit_weight * (CE + KL(stop-grad final || exit))."""
     import torch
+
+    from edgelm.converters.distill import exit_logits
 
     model, tok, train, heldout = _setup(model_dir, threads, seed)
     vocab = model.config.vocab_size
