@@ -171,7 +171,8 @@ def generate_tokens(
                 return "stop"
             timings.completion_tokens = i + 1
             yield token
-            if pos >= ctx.n_ctx:
+            if pos >= ctx.n_ctx or i + 1 == params.max_tokens:  # no step whose logits nobody reads
+                timings.gen_s = time.perf_counter() - t_first
                 return "length"
             ctx.decode_one(token, pos, seq)
             pos += 1
