@@ -48,9 +48,6 @@ class Model:
                                      type_k=type_k, type_v=type_v)
         self._pair = self._draft_ctx = self.early_exit = None  # _pair: the early-exit draft and tail
         if self.speculative.early_exit not in (None, False):
-            if prompt_cache is not None:
-                raise UsageError("the prompt cache does not work with early exit yet: drop one of them")
-            prefix_cache_bytes = 0
             self._load_early_exit(path, load, ctx_options)
         else:
             self.llama = LlamaModel(path, load)
@@ -65,7 +62,15 @@ class Model:
         self.kv_reuse = kv_reuse  # how much of an earlier prompt's KV a request may take (generate.prefill)
         # KV states of earlier prompts: in RAM (prefix_cache_bytes, 0: none) and in a folder (prompt_cache)
         self.prompt_cache = None
-        if prefix_cache_bytes or prompt_cache is not None:
+        if (prefix_cache_bytes or prompt_cache is not None) and self._pair is not None:
+            # one cache per half of the split, each with its layers' share of the RAM budget; one folder
+            k, n_layer = self.early_exit.k, self.early_exit.n_layer
+            self._pair.caches = tuple(
+                PromptCache(ctx, ram_bytes=prefix_cache_bytes * layers // n_layer, path=prompt_cache,
+                            disk_bytes=prompt_cache_bytes)
+                for ctx, layers in ((self.ctx, k), (self._pair.t, n_layer - k)))
+            self.prompt_cache = self._pair.caches[0]
+        elif prefix_cache_bytes or prompt_cache is not None:
             self.prompt_cache = PromptCache(self.ctx, ram_bytes=prefix_cache_bytes, path=prompt_cache,
                                             disk_bytes=prompt_cache_bytes)
         # answers to deterministic requests (opt-in): True for the defaults, or a configured ResponseCache
@@ -196,8 +201,9 @@ class Model:
                     ctx.clear()
             if self._pair is not None:
                 self._pair.clear()
-            if self.prompt_cache is not None:
-                self.prompt_cache.clear()
+            for cache in self._pair.caches if self._pair is not None and self._pair.caches else (self.prompt_cache,):
+                if cache is not None:
+                    cache.clear()
 
     def _complete(self, tokens: list[int], params: SamplingParams) -> Completion:
         with self._lock:

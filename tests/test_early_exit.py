@@ -525,13 +525,12 @@ BAD_OPTIONS = {
     "early_exit_0": {"early_exit": 0},
     "early_exit_negative": {"early_exit": -2},
     "early_exit_str": {"early_exit": "4"},
-    "early_exit_and_prompt_cache": {"early_exit": 4, "prompt_cache": "cache"},  # not supported yet
 }
 
 
 @pytest.mark.parametrize("opts", BAD_OPTIONS.values(), ids=BAD_OPTIONS)
 def test_bad_speculative_options(small, tiny_q8, tmp_path, opts):
-    opts = {k: tiny_q8 if v == "tiny" else tmp_path / v if k == "prompt_cache" else v for k, v in opts.items()}
+    opts = {k: tiny_q8 if v == "tiny" else v for k, v in opts.items()}
     with pytest.raises(UsageError):
         edgelm.load(small, **GEN, **opts)
 
@@ -714,14 +713,14 @@ def test_early_exit_reuses_an_earlier_requests_kv_exactly(small):
         assert ee.generate(turns[0], temperature=0, max_tokens=4).timings.cached_tokens == 0
 
 
-@pytest.mark.parametrize("drafter", ["lookup", "draft"])
-def test_lookup_and_draft_model_use_the_prompt_cache(small, tiny_q8, tmp_path, drafter):
+@pytest.mark.parametrize("drafter", ["lookup", "draft", "early exit"])
+def test_speculative_decoding_uses_the_prompt_cache(small, tiny_q8, tmp_path, drafter):
     """A request sharing a long prefix with an earlier one (an unrelated request in between, so the live KV no
     longer holds it) restores it from the prompt cache, in RAM and in a later process's folder; the output stays
-    the plain model's."""
+    the plain model's. Early exit keeps one entry per half of the split."""
     head = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(15))
     first, other, later = head + "def main():\n", "import sys\n", head + "class Point:\n"
-    spec = dict(lookup=True) if drafter == "lookup" else dict(draft=tiny_q8)
+    spec = {"lookup": dict(lookup=True), "draft": dict(draft=tiny_q8), "early exit": dict(early_exit=4)}[drafter]
     options = dict(GEN, n_ctx=512, prompt_cache=tmp_path / "cache")
     with edgelm.load(small, **dict(GEN, n_ctx=512)) as plain:
         want = plain.generate(later, temperature=0, max_tokens=12).tokens
@@ -734,3 +733,14 @@ def test_lookup_and_draft_model_use_the_prompt_cache(small, tiny_q8, tmp_path, d
     with edgelm.load(small, **spec, **options, prefix_cache_bytes=0) as m:  # the folder, in a new model
         got = m.generate(later, temperature=0, max_tokens=12)
         assert got.tokens == want and got.timings.cached_tokens > 64
+    if drafter == "early exit":  # both halves wrote their entry; one without the other is a miss, not a crash
+        names = sorted((tmp_path / "cache").glob("*.kvc"))
+        assert len(names) >= 2
+        with edgelm.load(small, **spec, **options, prefix_cache_bytes=0) as m:
+            tail_cache = m._pair.caches[1]
+            tail_cache._refresh()
+            for entry in list(tail_cache._entries.values()):
+                (tmp_path / "cache" / f"{entry.key}.kvc").unlink()
+        with edgelm.load(small, **spec, **options, prefix_cache_bytes=0) as m:
+            got = m.generate(later, temperature=0, max_tokens=12)
+            assert got.tokens == want and got.timings.cached_tokens == 0

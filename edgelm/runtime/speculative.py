@@ -282,6 +282,7 @@ class EarlyExit(Drafter, Verifier):
         self.model, self.n_ctx = draft_ctx.model, min(draft_ctx.n_ctx, tail_ctx.n_ctx)
         self.max_batch = min(tail_ctx.n_batch, capture.capacity)
         self._t_held: list[int] = []  # the tokens whose hidden states T's KV holds
+        self.caches = None  # (D's PromptCache, T's PromptCache): an entry is used only when both halves have it
 
     def _eval_d(self, tokens: list[int], pos: int) -> np.ndarray:
         before = self.capture.head
@@ -300,6 +301,8 @@ class EarlyExit(Drafter, Verifier):
         shared = min(common_prefix(self.d.seq_tokens(0), tokens), common_prefix(self._t_held, tokens))
         source_exact = self.d.exact_tokens(0)
         n = reusable(shared, source_exact, len(tokens))
+        if self.caches is not None:
+            n, source_exact = self._restore(tokens, n, source_exact)
         if not (self.d.remove(0, n) and self.t.remove(0, n)):
             self.clear()
             n = 0
@@ -315,10 +318,32 @@ class EarlyExit(Drafter, Verifier):
         self.d.set_tokens(0, tokens, exact=exact)
         return n
 
+    def _restore(self, tokens: list[int], n: int, source_exact: int) -> tuple[int, int]:
+        """Both halves' states of the cached prompt sharing the most with `tokens`, if that beats the live KV's
+        `n` positions; returns the positions to keep and how many of them are canonical."""
+        (dc, tc) = self.caches
+        (sd, ed), (st, et) = dc.lookup(tokens), tc.lookup(tokens)
+        if ed is None or et is None:
+            return n, source_exact
+        exact = min(ed.exact, et.exact)
+        m = reusable(min(sd, st), exact, len(tokens))
+        if m <= n:
+            return n, source_exact
+        if not (dc.restore(0, ed) and tc.restore(0, et)):  # a restore replaces what the sequence held
+            self.clear()
+            return 0, 0
+        self._t_held = list(et.tokens)
+        return m, exact
+
     def finish(self) -> None:
-        """After a generation: what lies past the canonical prefix can never be reused exactly, so free it."""
+        """After a generation: what lies past the canonical prefix can never be reused exactly, so free it (and
+        offer both halves' states to the prompt cache)."""
         exact = self.d.exact_tokens(0)
         self.rollback(exact)
+        if self.caches is not None and exact:
+            self.t.set_tokens(0, self._t_held, exact=exact)
+            for cache in self.caches:
+                cache.store(0)
 
     def clear(self) -> None:
         self.d.clear()
