@@ -60,6 +60,8 @@ class Model:
             self._draft_ctx = Context(draft_model, ctx_options)
         self.seed, self.truncate = seed, truncate  # defaults for every call
         self.kv_reuse = kv_reuse  # how much of an earlier prompt's KV a request may take (generate.prefill)
+        if self._pair is not None:
+            self._pair.reuse = kv_reuse
         # KV states of earlier prompts: in RAM (prefix_cache_bytes, 0: none) and in a folder (prompt_cache)
         self.prompt_cache = None
         if (prefix_cache_bytes or prompt_cache is not None) and self._pair is not None:

@@ -713,6 +713,20 @@ def test_early_exit_reuses_an_earlier_requests_kv_exactly(small):
         assert ee.generate(turns[0], temperature=0, max_tokens=4).timings.cached_tokens == 0
 
 
+def test_early_exit_honours_kv_reuse(small):
+    """kv_reuse "off" keeps nothing between requests; "fast" keeps every shared position both halves hold (as
+    plain decoding does with it), more than "exact", whose output stays the plain model's."""
+    head = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(15))
+    first, later = head + "def main():\n", head + "def main():\n    return f3(2)\n"
+    cached = {}
+    for reuse in ("off", "exact", "fast"):
+        with edgelm.load(small, early_exit=4, kv_reuse=reuse, prefix_cache_bytes=0, **GEN) as ee:
+            ee.generate(first, temperature=0, max_tokens=6)
+            cached[reuse] = ee.generate(later, temperature=0, max_tokens=6).timings.cached_tokens
+    n_later = len(edgelm.load(small, n_threads=1, n_ctx=256).tokenize(later))  # fast may keep generated tokens too
+    assert cached["off"] == 0 and 0 < cached["exact"] < cached["fast"] < n_later
+
+
 @pytest.mark.parametrize("drafter", ["lookup", "draft", "early exit"])
 def test_speculative_decoding_uses_the_prompt_cache(small, tiny_q8, tmp_path, drafter):
     """A request sharing a long prefix with an earlier one (an unrelated request in between, so the live KV no

@@ -283,6 +283,7 @@ class EarlyExit(Drafter, Verifier):
         self.max_batch = min(tail_ctx.n_batch, capture.capacity)
         self._t_held: list[int] = []  # the tokens whose hidden states T's KV holds
         self.caches = None  # (D's PromptCache, T's PromptCache): an entry is used only when both halves have it
+        self.reuse = "exact"  # how much of an earlier prompt's KV a request may keep (generate.prefill)
 
     def _eval_d(self, tokens: list[int], pos: int) -> np.ndarray:
         before = self.capture.head
@@ -300,8 +301,8 @@ class EarlyExit(Drafter, Verifier):
         reproduce it bit for bit (generate.reusable: canonically evaluated positions, FA_TILE re-evaluated)."""
         shared = min(common_prefix(self.d.seq_tokens(0), tokens), common_prefix(self._t_held, tokens))
         source_exact = self.d.exact_tokens(0)
-        n = reusable(shared, source_exact, len(tokens))
-        if self.caches is not None:
+        n = reusable(shared, source_exact, len(tokens), self.reuse)
+        if self.caches is not None and self.reuse != "off":
             n, source_exact = self._restore(tokens, n, source_exact)
         if not (self.d.remove(0, n) and self.t.remove(0, n)):
             self.clear()
@@ -326,7 +327,7 @@ class EarlyExit(Drafter, Verifier):
         if ed is None or et is None:
             return n, source_exact
         exact = min(ed.exact, et.exact)
-        m = reusable(min(sd, st), exact, len(tokens))
+        m = reusable(min(sd, st), exact, len(tokens), self.reuse)
         if m <= n:
             return n, source_exact
         if not (dc.restore(0, ed) and tc.restore(0, et)):  # a restore replaces what the sequence held
@@ -336,12 +337,13 @@ class EarlyExit(Drafter, Verifier):
         return m, exact
 
     def finish(self) -> None:
-        """After a generation: what lies past the canonical prefix can never be reused exactly, so free it (and
-        offer both halves' states to the prompt cache)."""
+        """After a generation: keep what a later request may reuse (under reuse "exact" only the canonical prefix:
+        nothing past it can be reused exactly) and offer both halves' states to the prompt cache."""
         exact = self.d.exact_tokens(0)
-        self.rollback(exact)
-        if self.caches is not None and exact:
-            self.t.set_tokens(0, self._t_held, exact=exact)
+        keep = exact if self.reuse == "exact" else common_prefix(self.d.seq_tokens(0), self._t_held)
+        self.rollback(keep)
+        if self.caches is not None and self.reuse != "off" and keep:
+            self.t.set_tokens(0, self._t_held, exact=min(exact, keep))
             for cache in self.caches:
                 cache.store(0)
 
