@@ -75,6 +75,8 @@ class Model:
         elif prefix_cache_bytes or prompt_cache is not None:
             self.prompt_cache = PromptCache(self.ctx, ram_bytes=prefix_cache_bytes, path=prompt_cache,
                                             disk_bytes=prompt_cache_bytes)
+        self._prompt_caches = (() if self.prompt_cache is None
+                               else self._pair.caches if self._pair is not None else (self.prompt_cache,))
         # answers to deterministic requests (opt-in): True for the defaults, or a configured ResponseCache
         if response_cache is True:
             response_cache = ResponseCache()
@@ -203,9 +205,8 @@ class Model:
                     ctx.clear()
             if self._pair is not None:
                 self._pair.clear()
-            for cache in self._pair.caches if self._pair is not None and self._pair.caches else (self.prompt_cache,):
-                if cache is not None:
-                    cache.clear()
+            for cache in self._prompt_caches:
+                cache.clear()
 
     def _complete(self, tokens: list[int], params: SamplingParams) -> Completion:
         with self._lock:

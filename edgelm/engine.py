@@ -424,13 +424,17 @@ class Engine:
         for slot in decoding:
             slot.held.append(slot.pending)
             slot.pending = None
-        for slot, index in outputs:
-            self._sampled(slot, index)
-
-    def _sampled(self, slot: _Slot, index: int) -> None:
-        req, model = slot.req, self.model
-        token = slot.sampler.sample(self.ctx.ptr, index)
+        # plain greedy slots take their tokens from one argmax over every output row
+        argmax = self.ctx.output_argmax(len(outputs)) if sum(s.sampler.argmax_only for s, _ in outputs) > 1 else None
         now = time.perf_counter()
+        for row, (slot, index) in enumerate(outputs):
+            if argmax is not None and slot.sampler.argmax_only:
+                self._sampled(slot, int(argmax[row]), now)
+            else:
+                self._sampled(slot, slot.sampler.sample(self.ctx.ptr, index), now)
+
+    def _sampled(self, slot: _Slot, token: int | None, now: float) -> None:
+        req, model = slot.req, self.model
         if slot.n_out == 0:
             req.timings.prompt_s = now - slot.t0  # prefill, interleaved with the other streams
             req.timings.ttft_s = now - req.submitted  # queueing included

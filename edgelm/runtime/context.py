@@ -223,6 +223,11 @@ class Context:
         ptr = lib.llama_get_logits(self._ptr)
         return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.model.n_vocab)).copy()
 
+    def output_argmax(self, n_outputs: int) -> np.ndarray:
+        """The argmax of every output row of the last decode, in batch order (the rows read in place)."""
+        ptr = lib.llama_get_logits(self._ptr)
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.model.n_vocab)).argmax(axis=1)
+
     def logits(self, index: int = -1) -> np.ndarray:
         """A copy of the logits row of output `index` (-1: the last one)."""
         ptr = lib.llama_get_logits_ith(self._ptr, index)

@@ -89,6 +89,7 @@ class LlamaModel:
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
         self.add_eos = bool(lib.llama_vocab_get_add_eos(self.vocab))
         self._piece_cache: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         if self.options.use_mmap and not self.options.vocab_only:
             for p in (self.path, *self.parts):
                 populate_mapping(p)
@@ -184,7 +185,10 @@ class LlamaModel:
         return self.detokenize([token], special=True) if 0 <= token < self.n_vocab else ""
 
     def is_eog(self, token: int) -> bool:
-        return bool(lib.llama_vocab_is_eog(self.vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:  # asked once per token id: every generated token passes here
+            eog = self._eog[token] = bool(lib.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def check_tokens(self, tokens: list[int]) -> None:
         """llama.cpp indexes its tables with token ids unchecked: reject out-of-range ids here."""

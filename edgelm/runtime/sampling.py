@@ -247,6 +247,12 @@ class SamplerChain:
     def constrained(self) -> bool:
         return self._grammar is not None
 
+    @property
+    def argmax_only(self) -> bool:
+        """Plain greedy: the token is the argmax of the logits row, nothing else (no state, no bias), so a
+        caller holding many rows may take all their argmaxes at once."""
+        return self._argmax_row is not None and self._biased is None
+
     def accept_prompt(self, tokens: list[int]) -> None:
         """Feed the prompt to the penalties' window (never to the grammar), as llama.cpp does."""
         if self._penalties is not None:
