@@ -1,7 +1,8 @@
 """Memory of early-exit decoding vs plain decoding: peak RSS, and what the process holds physically (PSS).
 
-Each configuration runs in a fresh process: load the model (plain, or its early-exit split), generate 16 greedy
-tokens after a prompt, then read /proc/self/status (VmHWM: peak RSS; RssAnon, RssFile) and smaps_rollup (Pss).
+Each configuration runs in a fresh process: load the model (plain, or its early-exit split; no in-memory prompt
+cache, whose budget is its own), generate 16 greedy tokens after a prompt, then read /proc/self/status (VmHWM:
+peak RSS; RssAnon, RssFile) and smaps_rollup (Pss).
 
 RSS counts a file page once per mapping: both halves of a split map its shared file (token_embd and the head),
 so its pages count twice in RSS though they exist once. PSS divides each page among its mappings, so it
@@ -31,7 +32,8 @@ def worker(model: str, k: int, n_prompt: int) -> dict:
     import edgelm
     from edgelm import corpus
 
-    m = edgelm.load(model, n_threads=2, n_ctx=N_CTX, **({"early_exit": k} if k else {}))
+    # no in-memory prompt cache: its states would count too, and its budget is set apart from either mode
+    m = edgelm.load(model, n_threads=2, n_ctx=N_CTX, prefix_cache_bytes=0, **({"early_exit": k} if k else {}))
     ids = m.tokenize(corpus.text("heldout", max_chars=8000))[:n_prompt]
     m.generate(ids, max_tokens=16, temperature=0, ignore_eos=True)
     status = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in open("/proc/self/status")
