@@ -143,7 +143,11 @@ def test_ctrl_c_stops_the_reply_not_the_program():
     # ended before the signal came would leave nothing to interrupt
     p = subprocess.Popen([sys.executable, "-m", "edgelm", "run", "-i", "-n", "100000", "--threads", "1",
                           "--ignore-eos", "--ctx", "4096"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # the child must not inherit an ignored SIGINT: a shell starts background jobs (`cmd &`)
+                         # with SIGINT and SIGQUIT ignored, a test run launched that way passes that on, and a
+                         # program started with SIGINT ignored rightly keeps ignoring it
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     p.stdin.write("go on forever\n")
     p.stdin.flush()
     os.set_blocking(p.stdout.fileno(), False)
