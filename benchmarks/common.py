@@ -5,6 +5,7 @@ pinned llama-cpp-python sdist, so the two sides always come from the same llama.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -118,6 +119,43 @@ def run_measured(cmd: list[str | Path], *, env: dict[str, str] | None = None, cw
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def alternate(a, b, rounds: int) -> list[tuple[float, float]]:
+    """(a(), b()) for each of `rounds` rounds after one warm-up call of each, the order alternating between rounds so
+    that a shared machine's drift falls on both sides alike."""
+    a(), b()
+    pairs = []
+    for r in range(rounds):
+        if r % 2:
+            y = b()
+            pairs.append((a(), y))
+        else:
+            x = a()
+            pairs.append((x, b()))
+    return pairs
+
+
+@contextlib.contextmanager
+def decode_seconds(replacement=None):
+    """Time spent in llama_decode while the block runs (a one-element list, read it after the block), every caller
+    of llama_cpp.llama_decode included; with `replacement`, that function runs instead of llama.cpp's."""
+    import llama_cpp as lib
+
+    real, spent = lib.llama_decode, [0.0]
+    call = replacement or real
+
+    def timed(ctx, batch):
+        t = time.perf_counter()
+        rc = call(ctx, batch)
+        spent[0] += time.perf_counter() - t
+        return rc
+
+    lib.llama_decode = timed
+    try:
+        yield spent
+    finally:
+        lib.llama_decode = real
 
 
 def spread(values: list[float]) -> str:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH  # noqa: E402
+from common import BENCH, alternate, decode_seconds  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,54 +47,31 @@ def main(argv: list[str] | None = None) -> int:
             m.reset()
             return m.generate([token[0]], max_tokens=n + 1, temperature=0, ignore_eos=True).timings.gen_tps
 
-        bare(), edgelm_tg()  # warm-up
-        pairs = []
-        for r in range(args.rounds):
-            first, second = (bare, edgelm_tg) if r % 2 else (edgelm_tg, bare)
-            a, b = first(), second()
-            pairs.append((b, a) if r % 2 else (a, b))  # (edgelm, bare)
+        pairs = alternate(edgelm_tg, bare, args.rounds)  # (edgelm, bare)
         ratio = statistics.median(e / b for e, b in pairs)
         print(f"{Path(args.model).name}, {args.threads} threads, {n} tokens, {args.rounds} alternating rounds")
         print(f"  edgelm t/s: {[round(e, 1) for e, _ in pairs]}")
         print(f"  bare   t/s: {[round(b, 1) for _, b in pairs]}")
         print(f"  median paired ratio edgelm / bare: {ratio:.3f}")
 
-        spent = 0.0
-        real = lib.llama_decode
-
-        def timed(ctx, batch):
-            nonlocal spent
-            t = time.perf_counter()
-            rc = real(ctx, batch)
-            spent += time.perf_counter() - t
-            return rc
-
-        import edgelm.runtime.context as context_module
-
-        context_module.lib.llama_decode = timed
-        try:
+        with decode_seconds() as spent:
             m.reset()
             t0 = time.perf_counter()
             out = m.generate([token[0]], max_tokens=n + 1, temperature=0, ignore_eos=True)
             total = time.perf_counter() - t0
-        finally:
-            context_module.lib.llama_decode = real
         k = out.timings.completion_tokens
-        print(f"  one generation of {k} tokens: {total * 1000:.1f} ms, {spent * 1000:.1f} ms in llama_decode, "
-              f"{(total - spent) / k * 1000:.3f} ms per token elsewhere (Python, sampling, text)")
+        print(f"  one generation of {k} tokens: {total * 1000:.1f} ms, {spent[0] * 1000:.1f} ms in llama_decode, "
+              f"{(total - spent[0]) / k * 1000:.3f} ms per token elsewhere (Python, sampling, text)")
 
         # the generation loop with llama_decode a no-op (the logits stay those of the last real step): the
         # Python side alone, without the ctypes call and what llama.cpp does around the graph
-        context_module.lib.llama_decode = lambda ctx, batch: 0
         per_token = []
-        try:
+        with decode_seconds(lambda ctx, batch: 0):
             for _ in range(5):
                 m.reset()
                 t0 = time.perf_counter()
                 out = m.generate([token[0]], max_tokens=2000, temperature=0, ignore_eos=True)
                 per_token.append((time.perf_counter() - t0) / out.timings.completion_tokens)
-        finally:
-            context_module.lib.llama_decode = real
         print(f"  the loop with llama_decode a no-op: {statistics.median(per_token) * 1e6:.1f} µs per token "
               f"(median of 5 generations of 2,000 tokens)")
     return 0

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate, decode_seconds  # noqa: E402
+
 PROMPTS = ("Once upon a time", "The weather today", "def parse(line):", "In the beginning", "The recipe calls for",
            "She opened the door and", "import numpy as np", "The meeting started")
 
@@ -32,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp as lib
 
     import edgelm
-    import edgelm.engine as engine_module
     from edgelm.engine import Engine, EngineOptions
     from edgelm.runtime.sampling import SamplingParams
 
@@ -75,38 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         lib.llama_synchronize(ctx.ptr)
         return streams * n / (time.perf_counter() - t0)
 
-    engine(), bare()  # warm-up
-    pairs = []
-    for r in range(args.rounds):
-        first, second = (bare, engine) if r % 2 else (engine, bare)
-        x, y = first(), second()
-        pairs.append((y, x) if r % 2 else (x, y))  # (engine, bare)
+    pairs = alternate(engine, bare, args.rounds)  # (engine, bare)
     print(f"{Path(m.llama.path).name}, {args.threads} threads, {streams} streams x {n} tokens, {args.rounds} rounds")
     print(f"  engine t/s: {[round(e) for e, _ in pairs]}")
     print(f"  bare   t/s: {[round(x) for _, x in pairs]}")
     print(f"  median paired ratio engine / bare: {statistics.median(e / x for e, x in pairs):.3f}")
 
-    real = lib.llama_decode
-    spent = 0.0
-
-    def timed(c, batch):
-        nonlocal spent
-        t = time.perf_counter()
-        rc = real(c, batch)
-        spent += time.perf_counter() - t
-        return rc
-
-    engine_module.lib.llama_decode = timed  # the llama_cpp module: the bare loop's calls are timed too
-    try:
-        for run in (engine, bare):
-            spent = 0.0
+    for run in (engine, bare):
+        with decode_seconds() as spent:  # every llama_decode call, the engine's and the bare loop's
             t0 = time.perf_counter()
             run()
             total = time.perf_counter() - t0
-            print(f"  {run.__name__}: {total * 1000:.1f} ms, {spent * 1000:.1f} ms in llama_decode, "
-                  f"{(total - spent) / (streams * n) * 1e6:.1f} µs per generated token outside it")
-    finally:
-        engine_module.lib.llama_decode = real
+        print(f"  {run.__name__}: {total * 1000:.1f} ms, {spent[0] * 1000:.1f} ms in llama_decode, "
+              f"{(total - spent[0]) / (streams * n) * 1e6:.1f} µs per generated token outside it")
     eng.close()
     return 0
 
