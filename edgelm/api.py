@@ -15,8 +15,9 @@ from .runtime.context import Context, ContextOptions
 from .runtime.generate import REUSE, Chunk, Completion, Timings, collect, generate, stream, text_stream
 from .runtime.model import LlamaModel, LoadOptions
 from .runtime.sampling import SamplingParams
-from .runtime.speculative import (DRAFT_MAX, EARLY_EXIT_BATCH, THRESHOLD, ContextVerifier, DraftModel, EarlyExit, Lookup,
-                                  SpecStats, SpeculativeOptions, same_vocabulary, speculative_tokens)
+from .runtime.early_exit import EARLY_EXIT_BATCH, EarlyExit
+from .runtime.speculative import (DRAFT_MAX, THRESHOLD, ContextVerifier, DraftModel, Lookup, SpecStats,
+                                  SpeculativeOptions, same_vocabulary, speculative_tokens)
 from .runtime.splits import choose_split
 
 TRUNCATE = ("error", "left")  # what a prompt longer than the context does
