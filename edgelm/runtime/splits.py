@@ -67,9 +67,10 @@ class SplitInfo:
     paths: SplitPaths
 
 
-def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
+def check_split(model: str | Path | None, paths: SplitPaths, model_fingerprint: str | None = None) -> SplitInfo:
     """Check that the three files are one split (and of `model`, if given) before llama.cpp loads them.
-    Each file's metadata is parsed once and dropped (tokenizer arrays included) before the next."""
+    Each file's metadata is parsed once and dropped (tokenizer arrays included) before the next.
+    `model_fingerprint`: the model's, when the caller has it already (it reads samples of every tensor)."""
     files = {"shared": paths.shared, "draft": paths.draft, "tail": paths.tail}
     meta = {}
     for role, path in files.items():
@@ -101,7 +102,7 @@ def check_split(model: str | Path | None, paths: SplitPaths) -> SplitInfo:
                              "are parts of different splits")
     if d["block_count"] != k or t["block_count"] != n_layer - k:
         raise ModelLoadError(f"{paths.draft}: block counts do not add up to the {n_layer}-layer model")
-    if model is not None and fingerprint(Path(model)) != source:
+    if model is not None and (model_fingerprint or fingerprint(Path(model))) != source:
         raise ModelLoadError(f"{paths.draft}: split of another model than {model}, or of an earlier version of it "
                              "(its weights changed since); write the split again")
     return SplitInfo(int(k), int(n_layer), str(d["exit_norm"] or "final"), paths)
@@ -115,7 +116,8 @@ def choose_split(model_path, early_exit: bool | int):
         if not found:
             raise ModelLoadError(f"{model_path}: no early-exit split beside it; write one with "
                                  "`edgelm exits MODEL --write K` or `edgelm convert ... --early-exit K`")
-        infos = [check_split(model_path, split_paths(model_path, k)) for k in found]
+        source = fingerprint(Path(model_path))  # once for every split beside it
+        infos = [check_split(model_path, split_paths(model_path, k), source) for k in found]
         trained = [i for i in infos if i.exit_norm != "final"]
         return (trained or infos)[-1]
     if early_exit not in found:
