@@ -46,14 +46,16 @@ def worker(model: str, k: int, n_prompt: int) -> dict:
 def models() -> dict[str, tuple[Path, int]]:
     from runtime_bench import models as runtime_models  # builds the 0.5B-shape files once into .bench/
 
-    from edgelm.converters.early_exit import split_model, split_paths
+    from edgelm.converters.early_exit import FORMAT, KEY, split_model, split_paths
+    from edgelm.gguf_reader import read_gguf
     from edgelm.runtime.model import default_model_path
 
     q05 = BENCH / "early-exit" / "q05-q4_k_m.gguf"
     if not q05.exists():
         q05.parent.mkdir(parents=True, exist_ok=True)
         q05.symlink_to(runtime_models(quick=False)["0.5B-shape Q4_K_M"])
-    if not split_paths(q05, 6).exists():
+    split = split_paths(q05, 6)
+    if not split.exists() or read_gguf(split.draft, keep_arrays=False).get(KEY + "format") != FORMAT:
         split_model(q05, 6)
     return {"small Q8_0, k=4": (default_model_path(), 4), "0.5B-shape Q4_K_M, k=6": (q05, 6)}
 

@@ -33,13 +33,30 @@ SPLIT_ARCHS = ("llama", "qwen2", "qwen3")
 SHARED_TENSORS = ("token_embd.weight", "output.weight")
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
+# The draft's passthrough layer. llama.cpp's last layer keeps only the rows whose logits are asked for, so a
+# draft ending at layer k-1 computes l_out-{k-1} (what the tail needs for every position) only for those rows.
+# A llama draft is therefore written as llama.cpp's "deci" architecture (Llama with per-layer head and FFN
+# counts; its blocks compute exactly what llama's do, which tests/test_early_exit.py checks bit for bit) with
+# one more layer: no attention and an all-zero FFN, so it adds exactly zero and prunes the rows after
+# l_out-{k-1} has all of them. Prefill then asks for one row of logits instead of n_batch x n_vocab floats.
+PASSTHROUGH_ARCH = {"llama": "deci"}
+# block tensors deci computes as llama does; a model with others (biases, MoE, scales) keeps a plain draft
+PASSTHROUGH_BLOCK = {"attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                     "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"}
+PASSTHROUGH_FF = 1  # the passthrough layer's FFN width (all zero)
+
 
 def _copy_kv(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, skip: set[str], overrides: dict,
-             drop_prefix: str | None = None) -> None:
+             drop_prefix: str | None = None, rename: tuple[str, str] | None = None) -> None:
+    """Copy the reader's keys, except `skip`, `overrides` and `drop_prefix`; `rename` = (old arch, new arch)."""
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip or key in overrides or key == "general.architecture":
+        if key.startswith("GGUF.") or key in skip or key == "general.architecture":
             continue
         if drop_prefix is not None and key.startswith(drop_prefix):
+            continue
+        if rename is not None and key.startswith(rename[0] + "."):
+            key = rename[1] + key[len(rename[0]):]
+        if key in overrides:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -61,11 +78,14 @@ def _per_layer_arrays(reader: gguf.GGUFReader, arch: str, n_layer: int) -> dict[
 
 def split_model(
     model: str | Path, k: int, *, exit_norm: np.ndarray | None = None, exit_norm_name: str = "final",
+    passthrough: bool = True,
 ) -> SplitPaths:
     """Write the early-exit split of a single-file GGUF at exit layer k (1 <= k < n_layer) beside it.
 
     `exit_norm` (hidden,) is D's exit norm weight, for instance one trained for exits at layer k;
     None reuses the model's final norm (works, but a model not trained for early exit accepts less).
+    `passthrough`: end a llama draft in the passthrough layer (PASSTHROUGH_ARCH); False writes the plain
+    draft of split format 2, whose prefill asks for every row's logits.
     """
     from edgelm.gguf_reader import read_gguf
 
@@ -73,10 +93,10 @@ def split_model(
     read_gguf(model)  # edgelm's strict checks first
     reader = gguf.GGUFReader(model)
     arch = str(reader.fields["general.architecture"].contents())
-    if arch not in SPLIT_ARCHS:
-        raise ConversionError(f"{model}: early-exit splits support {', '.join(SPLIT_ARCHS)}, not {arch}")
     if "split.count" in reader.fields and int(reader.fields["split.count"].contents()) > 1:
         raise ConversionError(f"{model}: is itself one part of a split model; merge it first")
+    if arch not in SPLIT_ARCHS:
+        raise ConversionError(f"{model}: early-exit splits support {', '.join(SPLIT_ARCHS)}, not {arch}")
     n_layer = int(reader.fields[f"{arch}.block_count"].contents())
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n_layer:
         raise ConversionError(f"exit layer must be an integer in [1, {n_layer - 1}] for this {n_layer}-layer model, "
@@ -114,6 +134,8 @@ def split_model(
     }, reader=None)
     shared_sha = fingerprint(paths.shared)
     per_layer = _per_layer_arrays(reader, arch, n_layer)
+    passthrough = (passthrough and arch in PASSTHROUGH_ARCH and not per_layer
+                   and all(rest in PASSTHROUGH_BLOCK for il in range(k) for rest, _ in blocks[il]))
     name = str(reader.fields["general.name"].contents()) if "general.name" in reader.fields else model.stem
     for role, lo, hi, path in (("draft", 0, k, paths.draft), ("tail", k, n_layer, paths.tail)):
         items = [(t.name, t) for t in globals_]
@@ -123,8 +145,14 @@ def split_model(
             items.append(("output_norm.weight", exit_norm))
         else:
             items.append(("output_norm.weight", final_norm))
-        overrides = {
-            f"{arch}.block_count": (hi - lo, gguf.GGUFValueType.UINT32),
+        out_arch, n_blocks = arch, hi - lo
+        overrides = {}
+        if role == "draft" and passthrough:
+            out_arch, n_blocks = PASSTHROUGH_ARCH[arch], k + 1
+            items += _passthrough_block(k, n_embd)
+            overrides.update(_passthrough_arrays(reader, arch, out_arch, k))
+        overrides |= {
+            f"{out_arch}.block_count": (n_blocks, gguf.GGUFValueType.UINT32),
             "general.name": (f"{name} (early exit {role}, layers {lo}-{hi - 1})", gguf.GGUFValueType.STRING),
             "split.no": (0, gguf.GGUFValueType.UINT16),
             "split.count": (2, gguf.GGUFValueType.UINT16),
@@ -136,6 +164,7 @@ def split_model(
             KEY + "source": (source, gguf.GGUFValueType.STRING),
             KEY + "shared": (shared_sha, gguf.GGUFValueType.STRING),
             KEY + "exit_norm": (exit_norm_name if role == "draft" else "final", gguf.GGUFValueType.STRING),
+            KEY + "passthrough": (int(role == "draft" and passthrough), gguf.GGUFValueType.UINT32),
         }
         for key, values in per_layer.items():
             overrides[key] = (values[lo:hi], gguf.GGUFValueType.ARRAY)
@@ -145,16 +174,36 @@ def split_model(
             # take 26 MiB for a 151,936-token vocabulary)
             overrides["tokenizer.ggml.model"] = ("none", gguf.GGUFValueType.STRING)
             overrides[f"{arch}.vocab_size"] = (n_vocab, gguf.GGUFValueType.UINT32)
-        _write(path, arch, items, overrides, reader=reader, drop_prefix="tokenizer." if role == "tail" else None)
+        _write(path, out_arch, items, overrides, reader=reader, drop_prefix="tokenizer." if role == "tail" else None,
+               rename=(arch, out_arch) if out_arch != arch else None)
     return paths
 
 
+def _passthrough_block(k: int, n_embd: int) -> list[tuple[str, np.ndarray]]:
+    """Layer k of the draft: attention-free (no tensors), an FFN whose output is exactly zero."""
+    zeros = np.zeros((PASSTHROUGH_FF, n_embd), np.float32)  # gguf-py takes numpy's (rows, columns)
+    return [(f"blk.{k}.ffn_norm.weight", np.ones(n_embd, np.float32)), (f"blk.{k}.ffn_gate.weight", zeros),
+            (f"blk.{k}.ffn_up.weight", zeros), (f"blk.{k}.ffn_down.weight", zeros.T.copy())]
+
+
+def _passthrough_arrays(reader: gguf.GGUFReader, arch: str, out_arch: str, k: int) -> dict:
+    """Per-layer head and FFN counts: the model's for layers 0..k-1, none (and a width-1 FFN) for layer k."""
+    out = {}
+    for key, last in (("attention.head_count", 0), ("attention.head_count_kv", 0),
+                      ("feed_forward_length", PASSTHROUGH_FF)):
+        field = reader.fields.get(f"{arch}.{key}", reader.fields.get(f"{arch}.attention.head_count"))
+        value = int(field.contents())  # head_count_kv defaults to head_count
+        out[f"{out_arch}.{key}"] = ([value] * k + [last], gguf.GGUFValueType.ARRAY)
+    return out
+
+
 def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGUFReader | None,
-           drop_prefix: str | None = None) -> None:
+           drop_prefix: str | None = None, rename: tuple[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         if reader is not None:
-            _copy_kv(writer, reader, {"split.no", "split.count", "split.tensors.count"}, overrides, drop_prefix)
+            _copy_kv(writer, reader, {"split.no", "split.count", "split.tensors.count"}, overrides, drop_prefix,
+                     rename)
         else:
             for key, (value, vtype) in overrides.items():
                 writer.add_key_value(key, value, vtype)

@@ -109,7 +109,7 @@ class Model:
         self.ctx = Context(self.llama, ctx_options, eval_callback=capture.callback, eval_user_data=capture.user_data)
         # one for the model's life, so a request reuses the KV an earlier one left (a chat's history)
         self._pair = EarlyExit(self.ctx, Context(tail, ctx_options, embd_input=True), capture,
-                               self.speculative.threshold)
+                               self.speculative.threshold, passthrough=split.passthrough)
 
     def _speculative_stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Chunk]:
         s = self.speculative

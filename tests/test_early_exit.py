@@ -157,21 +157,31 @@ def test_split_layout(small, k):
     shared, draft, tail = read_gguf(p.shared), read_gguf(p.draft), read_gguf(p.tail)  # edgelm's strict reader
     n_layer = src.get("llama.block_count")
     per_block = sorted(t.name[len("blk.0."):] for t in src.tensors if t.name.startswith("blk.0."))
-    # shared holds the two big matrices only; the heads hold their blocks, renumbered, and a norm
+    # shared holds the two big matrices only; the heads hold their blocks, renumbered, and a norm; the draft
+    # (llama.cpp's "deci") ends in the passthrough layer k: no attention and an FFN of zeros, width 1
     assert sorted(t.name for t in shared.tensors) == ["output.weight", "token_embd.weight"]
-    for part, lo, hi in ((draft, 0, k), (tail, k, n_layer)):
+    passthrough = {f"blk.{k}.{n}.weight" for n in ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+    for part, lo, hi, arch in ((draft, 0, k, "deci"), (tail, k, n_layer, "llama")):
         want = {f"blk.{i - lo}.{rest}" for i in range(lo, hi) for rest in per_block} | {"output_norm.weight"}
-        assert {t.name for t in part.tensors} == want
-        assert part.get("llama.block_count") == hi - lo
+        assert {t.name for t in part.tensors} == want | (passthrough if part is draft else set())
+        assert part.get("general.architecture") == arch
+        assert part.get(f"{arch}.block_count") == hi - lo + (part is draft)
         assert part.get("split.no") == 0 and part.get("split.count") == 2
         assert part.get("split.tensors.count") == len(part.tensors) + len(shared.tensors)
         assert part.get("edgelm.early_exit.layer") == k and part.get("edgelm.early_exit.n_layer") == n_layer
+        assert part.get("edgelm.early_exit.passthrough") == (part is draft)
         for t in part.tensors:  # the bytes of the source tensor the name maps back to
             name = t.name
+            if part is draft and name in passthrough:
+                values = np.frombuffer(part.tensor_bytes(t), np.float32)
+                assert np.all(values == (1.0 if "ffn_norm" in name else 0.0)), name
+                continue
             if name.startswith("blk."):
                 i, rest = name[4:].split(".", 1)
                 name = f"blk.{int(i) + lo}.{rest}"
             assert part.tensor_bytes(t) == src.tensor_bytes(src.tensor(name)), t.name
+    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
+        assert draft.get(f"deci.{key}") == [src.get(f"llama.{key}")] * k + [1 if key == "feed_forward_length" else 0]
     assert shared.get("split.no") == 1
     # the draft tokenizes; the tail has a vocabulary of nameless tokens, as many, and no tokenizer tables
     assert draft.get("tokenizer.ggml.tokens") == src.get("tokenizer.ggml.tokens")
@@ -179,8 +189,9 @@ def test_split_layout(small, k):
     assert not [key for key in tail.metadata if key.startswith("tokenizer.") and key != "tokenizer.ggml.model"]
     # no weight stored twice: only output_norm (the draft's exit norm, the tail's final norm) is in two files
     norm = src.tensor("output_norm.weight").n_bytes
-    assert shared.n_tensor_bytes + draft.n_tensor_bytes + tail.n_tensor_bytes == src.n_tensor_bytes + norm
-    assert check_split(small, p).k == k
+    zeros = sum(draft.tensor(name).n_bytes for name in passthrough)
+    assert shared.n_tensor_bytes + draft.n_tensor_bytes + tail.n_tensor_bytes == src.n_tensor_bytes + norm + zeros
+    assert check_split(small, p).k == k and check_split(small, p).passthrough
 
 
 def test_available_splits_and_choice(small, tmp_path):
@@ -279,17 +290,19 @@ N_SAMPLES = 3000
 P_VALUE = 1e-3
 
 
-def random_checkpoint(out: Path, n_layer: int, seed: int) -> Path:
-    """A random Llama over a 16-token byte-level vocabulary, tied embeddings; initializer_range 0.5
+def random_checkpoint(out: Path, n_layer: int, seed: int, arch: str = "llama") -> Path:
+    """A random Llama (or Qwen2) over a 16-token byte-level vocabulary, tied embeddings; initializer_range 0.5
     makes next-token distributions peaked but not one-hot, and its early exits disagree."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                      bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.5,
-                                      tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    config = config_class(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.5,
+                          tie_word_embeddings=True)
+    model_class(config).save_pretrained(out, safe_serialization=True)
     tj = json.loads((ROOT / "models" / "tiny" / "tokenizer.json").read_text())
     specials = tj["added_tokens"][:3]  # BOS, EOS, PAD
     vocab = {t["content"]: t["id"] for t in specials} | {chr(ord("a") + i): 3 + i for i in range(V - 4)}
@@ -467,7 +480,7 @@ DAMAGE = {
                                "split of another model than", True),
     "shared_rewritten": (_shared_rewritten, "was rewritten after", True),
     "model_reweighted": (lambda m, other: reweight_gguf(m), "or of an earlier version of it", True),
-    "draft_of_an_older_edgelm": (_older_draft, "split of format 1, this edgelm reads format 2", False),
+    "draft_of_an_older_edgelm": (_older_draft, "split of format 1, this edgelm reads formats 2 and 3", False),
 }
 
 
@@ -614,9 +627,38 @@ def test_draft_split_hands_over_the_full_models_hidden_states(small):
         capture = native.Capture(target, draft.n_embd, 64)
         with contextlib.closing(Context(draft, ContextOptions(n_ctx=64, n_threads=1), eval_callback=capture.callback,
                                         eval_user_data=capture.user_data)) as ctx:
-            ctx.decode(tokens, 0, logits_from=0)  # every row: the draft's last layer keeps output rows only
+            # logits for the last row only: the passthrough layer after l_out-3 is the one that drops the others
+            ctx.decode(tokens, 0)
         capture.check()
     np.testing.assert_array_equal(capture.take(len(tokens)), np.concatenate(seen))  # the same kernels, bit for bit
+
+
+def test_plain_draft_without_the_passthrough_layer(small, prompts, reference, tmp_path):
+    """A split of format 2, as edgelm wrote it before the passthrough layer (and still writes for qwen2 and
+    qwen3): a llama draft of k layers whose prefill asks for every row's logits. It loads, and the output
+    is the full model's."""
+    model = tmp_path / "plain.gguf"
+    shutil.copy(small, model)
+    p = split_model(model, 4, passthrough=False)
+    draft = read_gguf(p.draft)
+    assert draft.get("general.architecture") == "llama" and draft.get("llama.block_count") == 4
+    assert not check_split(model, p).passthrough
+    with edgelm.load(model, early_exit=4, draft_threshold=0.0, **GEN) as m:
+        for name in ("code", "long", "near_end"):
+            assert m.generate(prompts[name], temperature=0, max_tokens=N_GEN).tokens == reference[name].tokens, name
+
+
+def test_qwen2_split_keeps_a_plain_draft(tmp_path):
+    """qwen2 (biased QKV, NeoX RoPE) has no passthrough draft; its split still decodes the full model's output."""
+    ckpt = random_checkpoint(tmp_path / "ckpt", 4, seed=3, arch="qwen2")
+    model = convert(ckpt, tmp_path / "q.gguf", outtype="f32").path
+    p = split_model(model, 2)
+    assert read_gguf(p.draft).get("general.architecture") == "qwen2" and not check_split(model, p).passthrough
+    prompt = [0, 3, 4, 5, 6, 7, 3, 4, 5]
+    with edgelm.load(model, **GEN) as plain, edgelm.load(model, early_exit=2, draft_threshold=0.0, **GEN) as m:
+        want = plain.generate(prompt, temperature=0, max_tokens=20, ignore_eos=True).tokens
+        got = m.generate(prompt, temperature=0, max_tokens=20, ignore_eos=True)
+    assert got.tokens == want and got.timings.speculative.drafted > 0
 
 
 def test_capture_errors_raise_native_error(small):

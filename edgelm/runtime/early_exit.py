@@ -14,10 +14,11 @@ from .context import Context
 from .generate import FA_TILE, common_prefix, prefill_batches, reusable
 from .speculative import THRESHOLD, Drafter, Verifier, next_draft
 
-# batch of an early-exit split's contexts. D's last layer keeps only the rows whose logits are asked for, so
-# its prefill asks for every position's: n_batch x n_vocab floats in its compute buffer and again in its output
-# buffer (2 x 74 MiB for a 151,936-token vocabulary). 2 x FA_TILE is the least n_batch with which every prompt
-# splits into canonical batches (generate.batch_plan), so the KV stays bit for bit the full model's.
+# batch of an early-exit split's contexts: 2 x FA_TILE is the least n_batch with which every prompt splits into
+# canonical batches (generate.batch_plan), so the KV stays bit for bit the full model's. A draft without the
+# passthrough layer (a split of format 2, or of an architecture without one: see converters.early_exit) asks for
+# every prefill position's logits, since its last layer keeps only output rows: n_batch x n_vocab floats in its
+# compute buffer and again in its output buffer (2 x 74 MiB for a 151,936-token vocabulary at this n_batch).
 EARLY_EXIT_BATCH = 2 * FA_TILE
 
 
@@ -25,8 +26,11 @@ class EarlyExit(Drafter, Verifier):
     """Both halves of an early-exit split: D (layers 0..k-1 + exit head) drafts and hands the boundary
     hidden states it computed to T (layers k..L-1 + the final head), which verifies them."""
 
-    def __init__(self, draft_ctx: Context, tail_ctx: Context, capture: native.Capture, threshold: float = THRESHOLD):
+    def __init__(self, draft_ctx: Context, tail_ctx: Context, capture: native.Capture, threshold: float = THRESHOLD,
+                 *, passthrough: bool = False):
         self.d, self.t, self.capture, self.threshold = draft_ctx, tail_ctx, capture, threshold
+        # the draft ends in a passthrough layer: the captured boundary has every row without their logits
+        self._logits_from = None if passthrough else 0
         self.model, self.n_ctx = draft_ctx.model, min(draft_ctx.n_ctx, tail_ctx.n_ctx)
         self.max_batch = min(tail_ctx.n_batch, capture.capacity)
         self._t_held: list[int] = []  # the tokens whose hidden states T's KV holds
@@ -35,7 +39,7 @@ class EarlyExit(Drafter, Verifier):
 
     def _eval_d(self, tokens: list[int], pos: int) -> np.ndarray:
         before = self.capture.head
-        self.d.decode(tokens, pos, logits_last=True, logits_from=0)
+        self.d.decode(tokens, pos, logits_last=True, logits_from=self._logits_from)
         self.capture.check()
         if self.capture.head - before != len(tokens):
             raise UsageError(f"early exit: captured {self.capture.head - before} hidden states for {len(tokens)} "
@@ -56,8 +60,7 @@ class EarlyExit(Drafter, Verifier):
             self.clear()
             n = 0
         del self._t_held[n:]
-        # D returns every position's logits (its last layer keeps only output rows), so its batches are short
-        # (EARLY_EXIT_BATCH); canonical batches keep the KV bit for bit what the full model's prefill makes
+        # canonical batches (EARLY_EXIT_BATCH) keep the KV bit for bit what the full model's prefill makes
         step = min(self.d.n_batch, self.t.n_batch, self.capture.capacity)
         batches, exact = prefill_batches(n, len(tokens), step, source_exact)
         for lo, hi in batches:

@@ -216,7 +216,7 @@ def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_ma
                 try:
                     for lo in range(0, len(prompt), options.n_batch):
                         chunk = prompt[lo:lo + options.n_batch]
-                        dc.decode(chunk, lo, logits_from=0)
+                        dc.decode(chunk, lo, logits_from=None if d.n_layer > k else 0)  # passthrough or not
                         tc.decode_embd(cap.take(len(chunk)), lo)
 
                     def rounds_of(n: int) -> float:

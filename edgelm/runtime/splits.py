@@ -15,7 +15,9 @@ from edgelm.gguf_reader import read_gguf
 
 KEY = "edgelm.early_exit."
 # 2: files are named by GGUFFile.fingerprint (header, tensor table and sampled weights), not a header hash
-FORMAT = 2
+# 3: a llama draft may end in a passthrough layer (edgelm.converters.early_exit); format 2 splits still load
+FORMAT = 3
+READS = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class SplitInfo:
     n_layer: int
     exit_norm: str
     paths: SplitPaths
+    passthrough: bool = False  # the draft's layer k keeps every row of l_out-{k-1}: prefill needs one logits row
 
 
 def check_split(model: str | Path | None, paths: SplitPaths, model_fingerprint: str | None = None) -> SplitInfo:
@@ -79,10 +82,12 @@ def check_split(model: str | Path | None, paths: SplitPaths, model_fingerprint: 
                                  "`edgelm convert ... --early-exit K` or `edgelm exits MODEL --write K`)")
         info = read_gguf(path, keep_arrays=False)
         arch = info.get("general.architecture")
-        meta[role] = {k: info.get(KEY + k) for k in ("role", "source", "shared", "layer", "n_layer", "exit_norm")}
-        if info.get(KEY + "format", 1) != FORMAT:
+        meta[role] = {k: info.get(KEY + k) for k in ("role", "source", "shared", "layer", "n_layer", "exit_norm",
+                                                      "passthrough")}
+        if info.get(KEY + "format", 1) not in READS:
             raise ModelLoadError(f"{path}: early-exit split of format {info.get(KEY + 'format', 1)}, this edgelm reads "
-                                 f"format {FORMAT}; write the split again (`edgelm exits MODEL --write K`)")
+                                 f"formats {' and '.join(map(str, READS))}; write the split again "
+                                 "(`edgelm exits MODEL --write K`)")
         meta[role]["block_count"] = info.get(f"{arch}.block_count")
         if role == "shared":
             shared_sha = info.fingerprint()
@@ -100,12 +105,13 @@ def check_split(model: str | Path | None, paths: SplitPaths, model_fingerprint: 
     if (k, n_layer) != (t["layer"], t["n_layer"]):
         raise ModelLoadError(f"{paths.draft} (exit layer {k}) and {paths.tail} (exit layer {t['layer']}) "
                              "are parts of different splits")
-    if d["block_count"] != k or t["block_count"] != n_layer - k:
+    passthrough = d["passthrough"] or 0
+    if passthrough not in (0, 1) or d["block_count"] != k + passthrough or t["block_count"] != n_layer - k:
         raise ModelLoadError(f"{paths.draft}: block counts do not add up to the {n_layer}-layer model")
     if model is not None and (model_fingerprint or fingerprint(Path(model))) != source:
         raise ModelLoadError(f"{paths.draft}: split of another model than {model}, or of an earlier version of it "
                              "(its weights changed since); write the split again")
-    return SplitInfo(int(k), int(n_layer), str(d["exit_norm"] or "final"), paths)
+    return SplitInfo(int(k), int(n_layer), str(d["exit_norm"] or "final"), paths, bool(passthrough))
 
 
 def choose_split(model_path, early_exit: bool | int):
