@@ -65,7 +65,8 @@ def prepare(threads: int) -> list[tuple[str, Path, int | None]]:
     """(label, single-file GGUF with its split beside it, exit layer) for each benchmarked model."""
     sys.path.insert(0, str(ROOT))
     from edgelm.converters import convert
-    from edgelm.converters.early_exit import available_splits, write_early_exit
+    from edgelm.converters.early_exit import FORMAT, KEY, available_splits, split_paths, write_early_exit
+    from edgelm.gguf_reader import read_gguf
     from edgelm.runtime.model import default_model_path
 
     out = []
@@ -77,6 +78,8 @@ def prepare(threads: int) -> list[tuple[str, Path, int | None]]:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.is_file() or not available_splits(target):
             convert(ee_dir, target, outtype="q8_0")
+        draft = split_paths(target, EXIT_LAYER).draft
+        if not draft.is_file() or read_gguf(draft, keep_arrays=False).get(KEY + "format") != FORMAT:
             write_early_exit(target, EXIT_LAYER, hf_dir=ee_dir, n_threads=threads)
         out.append(("small-ee (early-exit trained)", target, None))
     return out

@@ -125,9 +125,10 @@ def atomic_folder(out: Path, allowed: tuple[str, ...] = ()) -> Iterator[Path]:
     if the block succeeds, so a checkpoint folder appears complete or not at all."""
     out = Path(out)
     check_new_folder(out, allowed)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=fsutil.TMP_SUFFIX))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=fsutil.TMP_SUFFIX))  # 0700
     try:
         yield tmp
+        tmp.chmod(fsutil.public_mode(0o777))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -129,6 +129,19 @@ def test_failed_write_leaves_no_output(tiny_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_output_permissions_follow_the_umask(tiny_dir, tmp_path, mask):
+    """A converted model gets what open() would give it (0666 less the umask), not the 0600 of its temporary."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.gguf"
+    code = (f"import os; os.umask({mask})\nfrom edgelm.converters import convert\n"
+            f"convert({str(tiny_dir)!r}, {str(out)!r}, outtype='q8_0')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_output_folder_not_writable(tiny_dir, tmp_path):
     with pytest.raises(ConversionError, match="does not exist"):
         convert(tiny_dir, tmp_path / "no" / "such" / "dir" / "out.gguf")

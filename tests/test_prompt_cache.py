@@ -236,6 +236,7 @@ def entries(path: Path) -> list[Path]:
 def test_a_later_process_reuses_the_prompt_cache(tmp_path, doc, cold):
     first = write_entry(tmp_path, doc + " The moral of the story")
     assert first["cached"] == 0 and len(entries(tmp_path)) == 1
+    assert entries(tmp_path)[0].stat().st_mode & 0o777 == 0o600  # what prompts said stays the owner's
     prompt = doc + " Meanwhile, far away"
     later = write_entry(tmp_path, prompt)
     assert later["cached"] > 300

@@ -167,6 +167,8 @@ def test_prune_writes_a_checkpoint_and_a_report_per_step(tiny_dir, tmp_path, cal
     assert json.loads((out / "prune_report.json").read_text())["steps"][-1]["n_params"] == params[-1]
     assert "| hidden |" in (out / "prune_report.md").read_text()
     assert Weights.load(out).n_params == params[-1]
+    from edgelm.fsutil import umask
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask()  # a folder as mkdir() makes it, not mkdtemp()'s 0700
 
 
 def test_depth_drops_the_lowest_influence_layers(tiny_dir, tiny_gguf, tmp_path, calib_text):

@@ -258,7 +258,7 @@ class PromptCache:
                              "payload_bytes": len(payload), "sha256": digest.hexdigest()}, sort_keys=True).encode()
         try:
             atomic_write(self._path(entry.key), [FIXED.pack(MAGIC, FORMAT_VERSION, len(header)), header, tokens,
-                                                  payload])
+                                                  payload], private=True)
         except OSError as e:
             log.debug("prompt cache: cannot write %s (%s)", entry.key, e.strerror or e)
             return
