@@ -94,8 +94,9 @@ def edgelm_cli(model: Path, prompt_text: str) -> dict[str, float]:
                            capture_output=True, text=True, check=True)
         return json.loads(r.stdout)
 
-    pp = run("-p", prompt_text, "-n", "1")["prompt_tps"]
-    tg = run("-p", "", "-n", str(N_GEN + 1), "--ignore-eos")["gen_tps"]
+    # three runs of each, as llama-bench -r 3 and edgelm_api average three
+    pp = statistics.mean(run("-p", prompt_text, "-n", "1")["prompt_tps"] for _ in range(3))
+    tg = statistics.mean(run("-p", "", "-n", str(N_GEN + 1), "--ignore-eos")["gen_tps"] for _ in range(3))
     return {"pp": pp, "tg": tg}
 
 
