@@ -247,7 +247,7 @@ def read_gguf(
     path_s = os.fspath(path)
     try:
         file_size = os.stat(path_s).st_size
-        f = open(path_s, "rb", buffering=1 << 20)
+        f = open(path_s, "rb", buffering=1 << 16)
     except FileNotFoundError:
         raise ModelNotFoundError(f"{path_s}: no such file") from None
     except OSError as e:

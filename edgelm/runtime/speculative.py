@@ -280,7 +280,7 @@ def speculative_tokens(verifier: Verifier, drafter: Drafter, prompt: list[int], 
     mode = speculative_mode(params)
     chain = SamplerChain(params, model, verifier.n_ctx)
     dist = Distribution(params, model) if mode == "sample" else None
-    rng = np.random.default_rng(params.seed)
+    rng = np.random.default_rng(params.seed) if mode == "sample" else None  # greedy never draws (nor loads numpy.random)
     t0 = time.perf_counter()
     try:
         chain.accept_prompt(prompt)
