@@ -291,17 +291,21 @@ P_VALUE = 1e-3
 
 
 def random_checkpoint(out: Path, n_layer: int, seed: int, arch: str = "llama") -> Path:
-    """A random Llama (or Qwen2) over a 16-token byte-level vocabulary, tied embeddings; initializer_range 0.5
-    makes next-token distributions peaked but not one-hot, and its early exits disagree."""
+    """A random Llama (Llama 3 RoPE scaling with arch "llama3", or Qwen2) over a 16-token byte-level vocabulary,
+    tied embeddings; initializer_range 0.5 makes next-token distributions peaked but not one-hot, and its early
+    exits disagree."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                                  "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    scaling = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 32}} if arch == "llama3" else {}
     config = config_class(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                           bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.5,
-                          tie_word_embeddings=True)
+                          tie_word_embeddings=True, **scaling)
     model_class(config).save_pretrained(out, safe_serialization=True)
     tj = json.loads((ROOT / "models" / "tiny" / "tokenizer.json").read_text())
     specials = tj["added_tokens"][:3]  # BOS, EOS, PAD
@@ -648,13 +652,18 @@ def test_plain_draft_without_the_passthrough_layer(small, prompts, reference, tm
             assert m.generate(prompts[name], temperature=0, max_tokens=N_GEN).tokens == reference[name].tokens, name
 
 
-def test_qwen2_split_keeps_a_plain_draft(tmp_path):
-    """qwen2 (biased QKV, NeoX RoPE) has no passthrough draft; its split still decodes the full model's output."""
-    ckpt = random_checkpoint(tmp_path / "ckpt", 4, seed=3, arch="qwen2")
+@pytest.mark.parametrize("arch, draft_arch", [("qwen2", "qwen2"), ("llama3", "deci")])
+def test_other_architectures_decode_the_full_models_output(tmp_path, arch, draft_arch):
+    """qwen2 (biased QKV, NeoX RoPE) keeps a plain draft; a Llama 3 with RoPE scaling (a rope_freqs tensor every
+    layer reads) gets the passthrough one. Both decode the full model's output."""
+    ckpt = random_checkpoint(tmp_path / "ckpt", 4, seed=3, arch=arch)
     model = convert(ckpt, tmp_path / "q.gguf", outtype="f32").path
     p = split_model(model, 2)
-    assert read_gguf(p.draft).get("general.architecture") == "qwen2" and not check_split(model, p).passthrough
-    prompt = [0, 3, 4, 5, 6, 7, 3, 4, 5]
+    assert read_gguf(p.draft).get("general.architecture") == draft_arch
+    assert check_split(model, p).passthrough == (draft_arch == "deci")
+    if arch == "llama3":
+        assert "rope_freqs.weight" in {t.name for t in read_gguf(p.draft).tensors}
+    prompt = [0, 3, 4, 5, 6, 7, 3, 4, 5] * 8  # past original_max_position_embeddings, where the scaling bites
     with edgelm.load(model, **GEN) as plain, edgelm.load(model, early_exit=2, draft_threshold=0.0, **GEN) as m:
         want = plain.generate(prompt, temperature=0, max_tokens=20, ignore_eos=True).tokens
         got = m.generate(prompt, temperature=0, max_tokens=20, ignore_eos=True)
