@@ -188,13 +188,15 @@ def _passthrough_block(k: int, n_embd: int) -> list[tuple[str, np.ndarray]]:
 
 def _passthrough_arrays(reader: gguf.GGUFReader, arch: str, out_arch: str, k: int) -> dict:
     """Per-layer head and FFN counts: the model's for layers 0..k-1, none (and a width-1 FFN) for layer k."""
-    out = {}
-    for key, last in (("attention.head_count", 0), ("attention.head_count_kv", 0),
-                      ("feed_forward_length", PASSTHROUGH_FF)):
-        field = reader.fields.get(f"{arch}.{key}", reader.fields.get(f"{arch}.attention.head_count"))
-        value = int(field.contents())  # head_count_kv defaults to head_count
-        out[f"{out_arch}.{key}"] = ([value] * k + [last], gguf.GGUFValueType.ARRAY)
-    return out
+    def value(key: str) -> int | None:
+        field = reader.fields.get(f"{arch}.{key}")
+        return None if field is None else int(field.contents())
+
+    heads, n_ff = value("attention.head_count"), value("feed_forward_length")
+    kv_heads = value("attention.head_count_kv") or heads  # absent: one KV head per query head
+    return {f"{out_arch}.{key}": ([n] * k + [last], gguf.GGUFValueType.ARRAY)
+            for key, n, last in (("attention.head_count", heads, 0), ("attention.head_count_kv", kv_heads, 0),
+                                 ("feed_forward_length", n_ff, PASSTHROUGH_FF))}
 
 
 def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGUFReader | None,
