@@ -14,6 +14,7 @@ splits or models are refused by edgelm before llama.cpp loads them (see `check_s
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -35,12 +36,15 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 # The draft's passthrough layer. llama.cpp's last layer keeps only the rows whose logits are asked for, so a
 # draft ending at layer k-1 computes l_out-{k-1} (what the tail needs for every position) only for those rows.
-# A llama draft is therefore written as llama.cpp's "deci" architecture (Llama with per-layer head and FFN
-# counts; its blocks compute exactly what llama's do, which tests/test_early_exit.py checks bit for bit) with
-# one more layer: no attention and an all-zero FFN, so it adds exactly zero and prunes the rows after
-# l_out-{k-1} has all of them. Prefill then asks for one row of logits instead of n_batch x n_vocab floats.
+# The draft therefore gets one more layer, k, that adds exactly zero, and drops the rows after l_out-{k-1} has
+# all of them: prefill then asks for one row of logits instead of n_batch x n_vocab floats. A llama draft is
+# written as llama.cpp's "deci" architecture (Llama with per-layer head and FFN counts; its blocks compute exactly
+# what llama's do, which tests/test_early_exit.py checks bit for bit), whose layer k has no attention and an FFN
+# of width 1 with zero weights: next to nothing to compute or store. Other drafts (qwen2, qwen3, a llama with
+# biases) keep their architecture and get a copy of layer 0's tensors with every byte zero (every ggml type
+# decodes zero bytes to 0.0): attention and FFN then add exactly 0, at the price of one layer's compute and bytes.
 PASSTHROUGH_ARCH = {"llama": "deci"}
-# block tensors deci computes as llama does; a model with others (biases, MoE, scales) keeps a plain draft
+# block tensors deci computes as llama does; a llama with others (biases, MoE, scales) gets the zero layer
 PASSTHROUGH_BLOCK = {"attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                      "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"}
 PASSTHROUGH_FF = 1  # the passthrough layer's FFN width (all zero)
@@ -84,7 +88,7 @@ def split_model(
 
     `exit_norm` (hidden,) is D's exit norm weight, for instance one trained for exits at layer k;
     None reuses the model's final norm (works, but a model not trained for early exit accepts less).
-    `passthrough`: end a llama draft in the passthrough layer (PASSTHROUGH_ARCH); False writes the plain
+    `passthrough`: end the draft in a passthrough layer (see PASSTHROUGH_ARCH); False writes the plain
     draft of split format 2, whose prefill asks for every row's logits.
     """
     from edgelm.gguf_reader import read_gguf
@@ -134,8 +138,8 @@ def split_model(
     }, reader=None)
     shared_sha = fingerprint(paths.shared)
     per_layer = _per_layer_arrays(reader, arch, n_layer)
-    passthrough = (passthrough and arch in PASSTHROUGH_ARCH and not per_layer
-                   and all(rest in PASSTHROUGH_BLOCK for il in range(k) for rest, _ in blocks[il]))
+    deci = (passthrough and arch in PASSTHROUGH_ARCH and not per_layer
+            and all(rest in PASSTHROUGH_BLOCK for il in range(k) for rest, _ in blocks[il]))
     name = str(reader.fields["general.name"].contents()) if "general.name" in reader.fields else model.stem
     for role, lo, hi, path in (("draft", 0, k, paths.draft), ("tail", k, n_layer, paths.tail)):
         items = [(t.name, t) for t in globals_]
@@ -147,10 +151,13 @@ def split_model(
             items.append(("output_norm.weight", final_norm))
         out_arch, n_blocks = arch, hi - lo
         overrides = {}
-        if role == "draft" and passthrough:
+        if role == "draft" and deci:
             out_arch, n_blocks = PASSTHROUGH_ARCH[arch], k + 1
             items += _passthrough_block(k, n_embd)
             overrides.update(_passthrough_arrays(reader, arch, out_arch, k))
+        elif role == "draft" and passthrough:
+            n_blocks = k + 1
+            items += [(f"blk.{k}.{rest}", _Zeros(np.zeros_like(t.data), t.tensor_type)) for rest, t in blocks[0]]
         overrides |= {
             f"{out_arch}.block_count": (n_blocks, gguf.GGUFValueType.UINT32),
             "general.name": (f"{name} (early exit {role}, layers {lo}-{hi - 1})", gguf.GGUFValueType.STRING),
@@ -166,8 +173,9 @@ def split_model(
             KEY + "exit_norm": (exit_norm_name if role == "draft" else "final", gguf.GGUFValueType.STRING),
             KEY + "passthrough": (int(role == "draft" and passthrough), gguf.GGUFValueType.UINT32),
         }
-        for key, values in per_layer.items():
-            overrides[key] = (values[lo:hi], gguf.GGUFValueType.ARRAY)
+        for key, values in per_layer.items():  # the zero layer has layer 0's shapes
+            extra = [values[0]] if role == "draft" and passthrough and not deci else []
+            overrides[key] = (values[lo:hi] + extra, gguf.GGUFValueType.ARRAY)
         if role == "tail":
             # T never tokenizes: fed hidden states, its logits read by the draft's samplers. A vocabulary of
             # n_vocab nameless tokens instead of the tokenizer spares llama.cpp's second copy of it (its tables
@@ -177,6 +185,13 @@ def split_model(
         _write(path, out_arch, items, overrides, reader=reader, drop_prefix="tokenizer." if role == "tail" else None,
                rename=(arch, out_arch) if out_arch != arch else None)
     return paths
+
+
+@dataclass(frozen=True)
+class _Zeros:
+    """A zero-layer tensor: layer 0's array shape and ggml type, every byte zero."""
+    data: np.ndarray
+    ggml_type: gguf.GGMLQuantizationType
 
 
 def _passthrough_block(k: int, n_embd: int) -> list[tuple[str, np.ndarray]]:
@@ -212,6 +227,8 @@ def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGU
         for name, t in items:
             if isinstance(t, np.ndarray):
                 writer.add_tensor(name, t)
+            elif isinstance(t, _Zeros):
+                writer.add_tensor(name, t.data, raw_dtype=t.ggml_type)
             else:
                 writer.add_tensor(name, t.data, raw_dtype=t.tensor_type)  # byte rows for quantized types
         try:
