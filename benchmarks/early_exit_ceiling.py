@@ -47,8 +47,7 @@ def build() -> Path:
     source = BENCH / "ckpt-qwen2.5-0.5b"
     ckpt = WORK / "ckpt"
     if not (ckpt / "model.safetensors").is_file():
-        import torch
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save_file  # torch: the checkpoint is bf16
 
         ckpt.mkdir(parents=True, exist_ok=True)
         for f in source.iterdir():
@@ -61,7 +60,7 @@ def build() -> Path:
                 weights[name] = (weights[name].float() * EPS).to(weights[name].dtype)
         save_file({k: v.contiguous() for k, v in weights.items()}, ckpt / "model.safetensors",
                   metadata={"format": "pt"})
-        del weights, torch
+        del weights
     f16 = WORK / "f16.gguf"
     convert(ckpt, f16, outtype="f16")
     quantize(f16, out, "q4_k_m")
