@@ -1,14 +1,14 @@
-"""Early exit where it is meant to pay: a memory-bound model whose exit agrees with the full model.
+"""Early exit at its ceiling: models whose exit agrees with the full model by construction.
 
-The models the project trains are too small for this machine's memory bandwidth to matter: the small model's
-decoding is bound by compute and per-call overhead, and its exits agree with the full model on 42% of tokens at
-best (docs/early-exit.md). This benchmark measures the other regime, by construction. It takes the random
-0.5B-shape checkpoint of runtime_bench.py (Llama layout, 24 layers, tied 151,936-token vocabulary) and scales the
-residual writes of layers k..L-1 (attention output and FFN down projections) by EPS, so that an exit at layer k
-agrees with the full model almost always. It is not a trained model and says nothing about what acceptance
-training reaches; it measures what early exit gains per accepted draft on a memory-bound model on this machine:
-plain decoding vs early exit at k with every draft proposed (threshold 0), greedy, Q4_K_M, outputs compared
-token for token, each configuration in a fresh process, rounds alternating.
+The exits of the models the project trains agree with the full model on 42% of tokens at best
+(docs/early-exit.md), too little to gain. This benchmark asks what early exit would gain on this machine if the
+exit agreed. It takes a checkpoint and scales the residual writes of layers k..L-1 (attention output and FFN
+down projections) by EPS, so that an exit at layer k agrees with the full model almost always. The checkpoints
+are the small reference model (16 layers, 8,192-token vocabulary, Q8_0, k = 4) and the random 0.5B-shape
+checkpoint of runtime_bench.py (Llama layout, 24 layers, tied 151,936-token vocabulary, Q4_K_M, k = 6). These are
+not trained models and say nothing about what acceptance training reaches; they measure what early exit gains
+per accepted draft on this machine: plain decoding vs early exit at k with every draft proposed (threshold 0),
+greedy, outputs compared token for token, each configuration in a fresh process, rounds alternating.
 
     .venv/bin/python benchmarks/early_exit_ceiling.py [--rounds 3] [--tokens 64] [--out docs/early-exit-ceiling.md]
 """
@@ -24,15 +24,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, DOCS, ROOT, log, machine, markdown_table, median, python, today  # noqa: E402
 
-K = 6  # exit layer, of 24
-EPS = 1e-3  # scale of the residual writes of layers K..23
+EPS = 1e-3  # scale of the residual writes of layers k..L-1
 DRAFT_MAX = (4, 8)
 N_PROMPTS = 4
 WORK = BENCH / "early-exit-ceiling"
+ANALYSIS = "<!-- written by hand below this line; the benchmark keeps it -->"
+# name: (checkpoint, exit layer k, GGUF type)
+MODELS = {"small": (ROOT / "models" / "small", 4, "q8_0"), "0.5B shape": (BENCH / "ckpt-qwen2.5-0.5b", 6, "q4_k_m")}
 
 
-def build() -> Path:
-    """The scaled checkpoint, converted to Q4_K_M, with its split at K beside it (built once)."""
+def build(name: str) -> tuple[Path, int]:
+    """The scaled checkpoint, converted, with its split at k beside it (built once); returns (GGUF, k)."""
     sys.path.insert(0, str(ROOT))
     from runtime_bench import models  # makes the random 0.5B-shape checkpoint once into .bench/
 
@@ -40,14 +42,16 @@ def build() -> Path:
     from edgelm.converters.early_exit import split_model, split_paths
     from edgelm.converters.quantize import quantize
 
-    out = WORK / f"q05-exit{K}-q4_k_m.gguf"
-    if out.is_file() and split_paths(out, K).exists():
-        return out
-    models(quick=False)
-    source = BENCH / "ckpt-qwen2.5-0.5b"
-    ckpt = WORK / "ckpt"
+    source, k, qtype = MODELS[name]
+    tag = name.split()[0].replace(".", "")
+    out = WORK / f"{tag}-exit{k}-{qtype}.gguf"
+    if out.is_file() and split_paths(out, k).exists():
+        return out, k
+    if not source.is_dir():
+        models(quick=False)
+    ckpt = WORK / f"ckpt-{tag}"
     if not (ckpt / "model.safetensors").is_file():
-        from safetensors.torch import load_file, save_file  # torch: the checkpoint is bf16
+        from safetensors.torch import load_file, save_file  # torch: bf16 checkpoints stay bf16
 
         ckpt.mkdir(parents=True, exist_ok=True)
         for f in source.iterdir():
@@ -55,18 +59,21 @@ def build() -> Path:
                 shutil.copy(f, ckpt / f.name)
         weights = load_file(source / "model.safetensors")
         n_layer = json.loads((source / "config.json").read_text())["num_hidden_layers"]
-        for i in range(K, n_layer):
-            for name in (f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"):
-                weights[name] = (weights[name].float() * EPS).to(weights[name].dtype)
-        save_file({k: v.contiguous() for k, v in weights.items()}, ckpt / "model.safetensors",
+        for i in range(k, n_layer):
+            for key in (f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"):
+                weights[key] = (weights[key].float() * EPS).to(weights[key].dtype)
+        save_file({key: v.contiguous() for key, v in weights.items()}, ckpt / "model.safetensors",
                   metadata={"format": "pt"})
         del weights
-    f16 = WORK / "f16.gguf"
-    convert(ckpt, f16, outtype="f16")
-    quantize(f16, out, "q4_k_m")
-    f16.unlink()
-    split_model(out, K)
-    return out
+    if qtype in ("f16", "q8_0"):
+        convert(ckpt, out, outtype=qtype)
+    else:
+        f16 = WORK / f"{tag}-f16.gguf"
+        convert(ckpt, f16, outtype="f16")
+        quantize(f16, out, qtype)
+        f16.unlink()
+    split_model(out, k)
+    return out, k
 
 
 def prompts(n: int) -> list[str]:
@@ -77,10 +84,10 @@ def prompts(n: int) -> list[str]:
     return [d[:200] for d in docs[:n]]
 
 
-def worker(model: str, draft_max: int, tokens: int) -> dict:
+def worker(model: str, k: int, draft_max: int, tokens: int) -> dict:
     import edgelm
 
-    options = {"early_exit": K, "draft_threshold": 0.0, "draft_max": draft_max} if draft_max else {}
+    options = {"early_exit": k, "draft_threshold": 0.0, "draft_max": draft_max} if draft_max else {}
     m = edgelm.load(model, n_threads=2, n_ctx=512, prefix_cache_bytes=0, **options)
     m.generate("warm-up", max_tokens=4, temperature=0, ignore_eos=True)
     out, gen_s, n, drafted, accepted, rounds = [], 0.0, 0, 0, 0, 0
@@ -94,8 +101,8 @@ def worker(model: str, draft_max: int, tokens: int) -> dict:
     return {"tokens": out, "tps": n / gen_s, "drafted": drafted, "accepted": accepted, "rounds": rounds}
 
 
-def measure(model: Path, draft_max: int, tokens: int) -> dict:
-    r = subprocess.run([python(), __file__, "--worker", str(model), str(draft_max), str(tokens)],
+def measure(model: Path, k: int, draft_max: int, tokens: int) -> dict:
+    r = subprocess.run([python(), __file__, "--worker", str(model), str(k), str(draft_max), str(tokens)],
                        capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(r.stdout.splitlines()[-1])
 
@@ -105,40 +112,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--out", type=Path, default=DOCS / "early-exit-ceiling.md")
-    p.add_argument("--worker", nargs=3, metavar=("MODEL", "DRAFT_MAX", "TOKENS"), help=argparse.SUPPRESS)
+    p.add_argument("--models", type=lambda v: v.split(","), default=list(MODELS), help=",".join(MODELS))
+    p.add_argument("--worker", nargs=4, metavar=("MODEL", "K", "DRAFT_MAX", "TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))))
+        model, k, draft_max, tokens = args.worker
+        print(json.dumps(worker(model, int(k), int(draft_max), int(tokens))))
         return 0
     WORK.mkdir(parents=True, exist_ok=True)
-    model = build()
-    configs = (0, *DRAFT_MAX)  # 0: plain decoding
-    runs: dict[int, list[dict]] = {c: [] for c in configs}
-    for r in range(args.rounds):
-        order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate who goes first
-        for c in order:
-            runs[c].append(measure(model, c, args.tokens))
-            log(f"round {r + 1}, {'plain' if not c else f'early exit, <= {c} drafts'}: {runs[c][-1]['tps']:.1f} tok/s")
-    plain = runs[0]
-    rows = []
-    for c in configs:
-        rs = runs[c]
-        speedup = median([x["tps"] / b["tps"] for x, b in zip(rs, plain)])
-        same = sum(a == b for a, b in zip(rs[0]["tokens"], plain[0]["tokens"]))
-        drafted, accepted, rounds = (sum(x[key] for x in rs) for key in ("drafted", "accepted", "rounds"))
-        rows.append(["plain" if not c else f"early exit k={K}, at most {c} drafts", f"{median([x['tps'] for x in rs]):.1f}",
-                     f"{speedup:.2f}x", f"{accepted / drafted:.1%}" if drafted else "-",
-                     f"{(accepted + rounds) / rounds:.2f}" if rounds else "-", f"{same}/{len(plain[0]['tokens'])}"])
-    table = markdown_table(["decoding", "tok/s", "speedup", "acceptance", "tokens/round", "identical outputs"], rows)
+    rows, described = [], []
+    for name in args.models:
+        model, k = build(name)
+        configs = (0, *DRAFT_MAX)  # 0: plain decoding
+        runs: dict[int, list[dict]] = {c: [] for c in configs}
+        for r in range(args.rounds):
+            order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate who goes first
+            for c in order:
+                runs[c].append(measure(model, k, c, args.tokens))
+                log(f"{name}, round {r + 1}, {'plain' if not c else f'early exit, <= {c} drafts'}: "
+                    f"{runs[c][-1]['tps']:.1f} tok/s")
+        plain = runs[0]
+        for c in configs:
+            rs = runs[c]
+            speedup = median([x["tps"] / b["tps"] for x, b in zip(rs, plain)])
+            same = sum(a == b for a, b in zip(rs[0]["tokens"], plain[0]["tokens"]))
+            drafted, accepted, rounds = (sum(x[key] for x in rs) for key in ("drafted", "accepted", "rounds"))
+            rows.append([name, "plain" if not c else f"early exit k={k}, at most {c} drafts",
+                         f"{median([x['tps'] for x in rs]):.1f}", f"{speedup:.2f}x",
+                         f"{accepted / drafted:.1%}" if drafted else "-",
+                         f"{(accepted + rounds) / rounds:.2f}" if rounds else "-", f"{same}/{len(plain[0]['tokens'])}"])
+        described.append(f"{name}: layers {k}.. scaled, {model.stat().st_size / 2**20:.0f} MiB, split at k = {k} "
+                         "(exit norm: the final norm)")
+    table = markdown_table(["model", "decoding", "tok/s", "speedup", "acceptance", "tokens/round", "identical outputs"],
+                           rows)
     doc = __doc__.split("\n\n")
+    kept = args.out.read_text().partition(ANALYSIS)[2] if args.out.is_file() else ""
     args.out.write_text(
-        f"# Early exit on a memory-bound model whose exit agrees (a ceiling, not a trained model)\n\n"
+        f"# Early exit at its ceiling: exits that agree by construction (not trained models)\n\n"
         f"Measured {today()} by `benchmarks/early_exit_ceiling.py --rounds {args.rounds} --tokens {args.tokens}` on "
         f"{machine()}.\n\n" + doc[1].strip() + "\n\n"
-        f"Model: the random 0.5B shape, layers {K}..23's attention output and FFN down projections scaled by {EPS:g}, "
-        f"Q4_K_M ({model.stat().st_size / 2**20:.0f} MiB), its split at k = {K} (exit norm: the final norm). "
-        f"{N_PROMPTS} held-out prompts, {args.tokens} greedy tokens each, 2 threads; tok/s over every prompt's "
-        f"generation; speedup is the median of each round's ratio to plain decoding in the same round.\n\n{table}\n")
+        f"Models ({EPS:g} the scale): " + "; ".join(described) + f". {N_PROMPTS} held-out prompts, {args.tokens} "
+        "greedy tokens each, 2 threads; tok/s over every prompt's generation; speedup is the median of each round's "
+        f"ratio to plain decoding in the same round.\n\n{table}\n\n{ANALYSIS}{kept}")
     print(args.out.read_text())
     return 0
 
