@@ -216,3 +216,26 @@ def python() -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_worker(script: str | Path, *args: object):
+    """Run `script --worker ARGS` in a fresh process (from the repository root); the JSON of its last stdout line."""
+    import json
+
+    r = subprocess.run([python(), str(script), "--worker", *map(str, args)], capture_output=True, text=True,
+                       check=True, cwd=ROOT)
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def split_is_current(model: Path, k: int, passthrough: bool = True) -> bool:
+    """Whether the early-exit split of `model` at k exists, in this edgelm's format, with (or without) the draft's
+    passthrough layer: a benchmark writes it again otherwise, since an older split measures an older design."""
+    sys.path.insert(0, str(ROOT))
+    from edgelm.converters.early_exit import FORMAT, KEY, split_paths
+    from edgelm.gguf_reader import read_gguf
+
+    paths = split_paths(model, k)
+    if not paths.exists():
+        return False
+    draft = read_gguf(paths.draft, keep_arrays=False)
+    return draft.get(KEY + "format") == FORMAT and bool(draft.get(KEY + "passthrough")) == passthrough

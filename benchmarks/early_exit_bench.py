@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BENCH, DOCS, ROOT, have_tool, log, machine, markdown_table, median, python,  # noqa: E402
-                    run_measured, today, tool)
+                    run_measured, split_is_current, today, tool)
 
 CONFIGS = ("plain", "early exit", "draft model", "lookup")
 ANALYSIS = "<!-- written by hand below this line; the benchmark keeps it -->"
@@ -65,8 +65,7 @@ def prepare(threads: int) -> list[tuple[str, Path, int | None]]:
     """(label, single-file GGUF with its split beside it, exit layer) for each benchmarked model."""
     sys.path.insert(0, str(ROOT))
     from edgelm.converters import convert
-    from edgelm.converters.early_exit import FORMAT, KEY, available_splits, split_paths, write_early_exit
-    from edgelm.gguf_reader import read_gguf
+    from edgelm.converters.early_exit import available_splits, write_early_exit
     from edgelm.runtime.model import default_model_path
 
     out = []
@@ -78,8 +77,7 @@ def prepare(threads: int) -> list[tuple[str, Path, int | None]]:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.is_file() or not available_splits(target):
             convert(ee_dir, target, outtype="q8_0")
-        draft = split_paths(target, EXIT_LAYER).draft
-        if not draft.is_file() or read_gguf(draft, keep_arrays=False).get(KEY + "format") != FORMAT:
+        if not split_is_current(target, EXIT_LAYER):
             write_early_exit(target, EXIT_LAYER, hf_dir=ee_dir, n_threads=threads)
         out.append(("small-ee (early-exit trained)", target, None))
     return out

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, DOCS, ROOT, log, machine, markdown_table, median, python, today  # noqa: E402
+from common import (BENCH, DOCS, ROOT, log, machine, markdown_table, median, run_worker,  # noqa: E402
+                    split_is_current, today)
 
 EPS = 1e-3  # scale of the residual writes of layers k..L-1
 DRAFT_MAX = (4, 8)
@@ -39,13 +39,15 @@ def build(name: str) -> tuple[Path, int]:
     from runtime_bench import models  # makes the random 0.5B-shape checkpoint once into .bench/
 
     from edgelm.converters import convert
-    from edgelm.converters.early_exit import split_model, split_paths
+    from edgelm.converters.early_exit import split_model
     from edgelm.converters.quantize import quantize
 
     source, k, qtype = MODELS[name]
     tag = name.split()[0].replace(".", "")
     out = WORK / f"{tag}-exit{k}-{qtype}.gguf"
-    if out.is_file() and split_paths(out, k).exists():
+    if out.is_file():
+        if not split_is_current(out, k):
+            split_model(out, k)
         return out, k
     if not source.is_dir():
         models(quick=False)
@@ -102,9 +104,7 @@ def worker(model: str, k: int, draft_max: int, tokens: int) -> dict:
 
 
 def measure(model: Path, k: int, draft_max: int, tokens: int) -> dict:
-    r = subprocess.run([python(), __file__, "--worker", str(model), str(k), str(draft_max), str(tokens)],
-                       capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(r.stdout.splitlines()[-1])
+    return run_worker(__file__, model, k, draft_max, tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, DOCS, log, machine, markdown_table, python, today  # noqa: E402
+from common import BENCH, DOCS, log, machine, markdown_table, run_worker, split_is_current, today  # noqa: E402
 
 PROMPTS = {"short (60 tokens)": 60, "long (500 tokens)": 500}
 N_CTX = 1024
@@ -46,24 +45,20 @@ def worker(model: str, k: int, n_prompt: int) -> dict:
 def models() -> dict[str, tuple[Path, int]]:
     from runtime_bench import models as runtime_models  # builds the 0.5B-shape files once into .bench/
 
-    from edgelm.converters.early_exit import FORMAT, KEY, split_model, split_paths
-    from edgelm.gguf_reader import read_gguf
+    from edgelm.converters.early_exit import split_model
     from edgelm.runtime.model import default_model_path
 
     q05 = BENCH / "early-exit" / "q05-q4_k_m.gguf"
     if not q05.exists():
         q05.parent.mkdir(parents=True, exist_ok=True)
         q05.symlink_to(runtime_models(quick=False)["0.5B-shape Q4_K_M"])
-    split = split_paths(q05, 6)
-    if not split.exists() or read_gguf(split.draft, keep_arrays=False).get(KEY + "format") != FORMAT:
+    if not split_is_current(q05, 6):
         split_model(q05, 6)
     return {"small Q8_0, k=4": (default_model_path(), 4), "0.5B-shape Q4_K_M, k=6": (q05, 6)}
 
 
 def measure(model: Path, k: int, n_prompt: int) -> dict:
-    r = subprocess.run([python(), __file__, "--worker", str(model), str(k), str(n_prompt)],
-                       capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.splitlines()[-1])
+    return run_worker(__file__, model, k, n_prompt)
 
 
 def main(argv: list[str] | None = None) -> int:

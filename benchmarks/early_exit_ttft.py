@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, DOCS, ROOT, log, machine, markdown_table, python, today  # noqa: E402
+from common import BENCH, DOCS, log, machine, markdown_table, run_worker, split_is_current, today  # noqa: E402
 
 N_PROMPT = 500
 WORK = BENCH / "early-exit-ttft"
@@ -46,8 +45,7 @@ def models() -> dict[str, tuple[Path, Path, int]]:
     """name: (model with its passthrough split, a link to it with a plain-draft split, k)."""
     from runtime_bench import models as runtime_models  # builds the 0.5B-shape files once into .bench/
 
-    from edgelm.converters.early_exit import FORMAT, KEY, split_model, split_paths
-    from edgelm.gguf_reader import read_gguf
+    from edgelm.converters.early_exit import split_model
     from edgelm.runtime.model import default_model_path
 
     out = {}
@@ -59,9 +57,7 @@ def models() -> dict[str, tuple[Path, Path, int]]:
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.exists():
                 link.symlink_to(source.resolve())
-            draft = split_paths(link, k).draft
-            info = read_gguf(draft, keep_arrays=False) if draft.is_file() else None
-            if info is None or info.get(KEY + "format") != FORMAT or bool(info.get(KEY + "passthrough")) != passthrough:
+            if not split_is_current(link, k, passthrough):
                 split_model(link, k, passthrough=passthrough)
             pair.append(link)
         out[name] = (pair[0], pair[1], k)
@@ -69,9 +65,7 @@ def models() -> dict[str, tuple[Path, Path, int]]:
 
 
 def measure(model: Path, k: int) -> float:
-    r = subprocess.run([python(), __file__, "--worker", str(model), str(k)], capture_output=True, text=True,
-                       check=True, cwd=ROOT)
-    return float(r.stdout.splitlines()[-1])
+    return run_worker(__file__, model, k)
 
 
 def main(argv: list[str] | None = None) -> int:
