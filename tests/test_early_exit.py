@@ -194,6 +194,48 @@ def test_split_layout(small, k):
     assert check_split(small, p).k == k and check_split(small, p).passthrough
 
 
+def test_plain_draft_without_the_passthrough_layer(small, prompts, reference, tmp_path):
+    """A split of format 2, as edgelm wrote it before the passthrough layer (split_model(passthrough=False)
+    writes it still): a llama draft of k layers whose prefill asks for every row's logits. It loads, and the
+    output is the full model's."""
+    model = tmp_path / "plain.gguf"
+    shutil.copy(small, model)
+    p = split_model(model, 4, passthrough=False)
+    draft = read_gguf(p.draft)
+    assert draft.get("general.architecture") == "llama" and draft.get("llama.block_count") == 4
+    assert not check_split(model, p).passthrough
+    with edgelm.load(model, early_exit=4, draft_threshold=0.0, **GEN) as m:
+        for name in ("code", "long", "near_end"):
+            assert m.generate(prompts[name], temperature=0, max_tokens=N_GEN).tokens == reference[name].tokens, name
+
+
+@pytest.mark.parametrize("arch, draft_arch, outtype", [("qwen2", "qwen2", "f32"), ("qwen2", "qwen2", "q8_0"),
+                                                       ("llama3", "deci", "f32")])
+def test_other_architectures_decode_the_full_models_output(tmp_path, arch, draft_arch, outtype):
+    """qwen2 (biased QKV, NeoX RoPE: no deci draft) ends its draft in a copy of layer 0 whose bytes are all zero
+    (at f32 and at q8_0); a Llama 3 with RoPE scaling (a rope_freqs tensor every layer reads) gets the deci draft.
+    Both decode the full model's output."""
+    ckpt = random_checkpoint(tmp_path / "ckpt", 4, seed=3, arch=arch)
+    model = convert(ckpt, tmp_path / "q.gguf", outtype=outtype).path
+    p = split_model(model, 2)
+    draft, src = read_gguf(p.draft), read_gguf(model)
+    assert draft.get("general.architecture") == draft_arch and check_split(model, p).passthrough
+    assert draft.get(f"{draft_arch}.block_count") == 3
+    if arch == "qwen2":  # the zero layer: layer 0's names, types and shapes, zero bytes
+        zero = sorted(t.name[len("blk.2."):] for t in draft.tensors if t.name.startswith("blk.2."))
+        assert zero == sorted(t.name[len("blk.0."):] for t in src.tensors if t.name.startswith("blk.0."))
+        for rest in zero:
+            t, t0 = draft.tensor(f"blk.2.{rest}"), src.tensor(f"blk.0.{rest}")
+            assert (t.type_name, t.shape) == (t0.type_name, t0.shape) and not any(draft.tensor_bytes(t))
+    if arch == "llama3":
+        assert "rope_freqs.weight" in {t.name for t in draft.tensors}
+    prompt = [0, 3, 4, 5, 6, 7, 3, 4, 5] * 8  # past original_max_position_embeddings, where the scaling bites
+    with edgelm.load(model, **GEN) as plain, edgelm.load(model, early_exit=2, draft_threshold=0.0, **GEN) as m:
+        want = plain.generate(prompt, temperature=0, max_tokens=20, ignore_eos=True).tokens
+        got = m.generate(prompt, temperature=0, max_tokens=20, ignore_eos=True)
+    assert got.tokens == want and got.timings.speculative.drafted > 0
+
+
 def test_available_splits_and_choice(small, tmp_path):
     assert available_splits(small) == list(KS)
     assert choose_split(small, True).k == max(KS)  # no trained exit norm: the deepest exit
@@ -635,48 +677,6 @@ def test_draft_split_hands_over_the_full_models_hidden_states(small):
             ctx.decode(tokens, 0)
         capture.check()
     np.testing.assert_array_equal(capture.take(len(tokens)), np.concatenate(seen))  # the same kernels, bit for bit
-
-
-def test_plain_draft_without_the_passthrough_layer(small, prompts, reference, tmp_path):
-    """A split of format 2, as edgelm wrote it before the passthrough layer (split_model(passthrough=False)
-    writes it still): a llama draft of k layers whose prefill asks for every row's logits. It loads, and the
-    output is the full model's."""
-    model = tmp_path / "plain.gguf"
-    shutil.copy(small, model)
-    p = split_model(model, 4, passthrough=False)
-    draft = read_gguf(p.draft)
-    assert draft.get("general.architecture") == "llama" and draft.get("llama.block_count") == 4
-    assert not check_split(model, p).passthrough
-    with edgelm.load(model, early_exit=4, draft_threshold=0.0, **GEN) as m:
-        for name in ("code", "long", "near_end"):
-            assert m.generate(prompts[name], temperature=0, max_tokens=N_GEN).tokens == reference[name].tokens, name
-
-
-@pytest.mark.parametrize("arch, draft_arch, outtype", [("qwen2", "qwen2", "f32"), ("qwen2", "qwen2", "q8_0"),
-                                                       ("llama3", "deci", "f32")])
-def test_other_architectures_decode_the_full_models_output(tmp_path, arch, draft_arch, outtype):
-    """qwen2 (biased QKV, NeoX RoPE: no deci draft) ends its draft in a copy of layer 0 whose bytes are all zero
-    (at f32 and at q8_0); a Llama 3 with RoPE scaling (a rope_freqs tensor every layer reads) gets the deci draft.
-    Both decode the full model's output."""
-    ckpt = random_checkpoint(tmp_path / "ckpt", 4, seed=3, arch=arch)
-    model = convert(ckpt, tmp_path / "q.gguf", outtype=outtype).path
-    p = split_model(model, 2)
-    draft, src = read_gguf(p.draft), read_gguf(model)
-    assert draft.get("general.architecture") == draft_arch and check_split(model, p).passthrough
-    assert draft.get(f"{draft_arch}.block_count") == 3
-    if arch == "qwen2":  # the zero layer: layer 0's names, types and shapes, zero bytes
-        zero = sorted(t.name[len("blk.2."):] for t in draft.tensors if t.name.startswith("blk.2."))
-        assert zero == sorted(t.name[len("blk.0."):] for t in src.tensors if t.name.startswith("blk.0."))
-        for rest in zero:
-            t, t0 = draft.tensor(f"blk.2.{rest}"), src.tensor(f"blk.0.{rest}")
-            assert (t.type_name, t.shape) == (t0.type_name, t0.shape) and not any(draft.tensor_bytes(t))
-    if arch == "llama3":
-        assert "rope_freqs.weight" in {t.name for t in draft.tensors}
-    prompt = [0, 3, 4, 5, 6, 7, 3, 4, 5] * 8  # past original_max_position_embeddings, where the scaling bites
-    with edgelm.load(model, **GEN) as plain, edgelm.load(model, early_exit=2, draft_threshold=0.0, **GEN) as m:
-        want = plain.generate(prompt, temperature=0, max_tokens=20, ignore_eos=True).tokens
-        got = m.generate(prompt, temperature=0, max_tokens=20, ignore_eos=True)
-    assert got.tokens == want and got.timings.speculative.drafted > 0
 
 
 def test_capture_errors_raise_native_error(small):
