@@ -34,6 +34,7 @@ N_CTX = 2048
 QUESTIONS = (" Question: what happened after that?", " Question: who was there at the time?",
              " Describe the weather on the coast in one sentence.")
 GREEDY = dict(temperature=0)
+TAGS = {None: "", False: ", no flash attention"}  # flash_attn setting -> row label (None: llama.cpp's choice, on)
 
 
 def models(quick: bool) -> dict[str, Path]:
@@ -66,22 +67,26 @@ def ttft(stream_factory) -> float:
     return dt
 
 
-def edgelm_rows(path: Path, doc: str, rounds: int) -> tuple[dict[str, list[float]], dict[str, bool]]:
+def edgelm_rows(path: Path, doc: str, rounds: int, flash_attn: bool | None = None,
+                ) -> tuple[dict[str, list[float]], dict[str, bool]]:
     import edgelm
 
     a, b, c = (doc + QUESTIONS[0], doc + QUESTIONS[1], QUESTIONS[2] * 3)
-    times: dict[str, list[float]] = {"cold": []}
+    tag = TAGS[flash_attn]
+    options = dict(n_ctx=N_CTX, n_threads=THREADS, flash_attn=flash_attn)
+    times: dict[str, list[float]] = {f"cold{tag}": []}
     same = {}
-    with edgelm.load(path, n_ctx=N_CTX, n_threads=THREADS, prefix_cache_bytes=0) as cold:
+    with edgelm.load(path, prefix_cache_bytes=0, **options) as cold:
         cold.generate("warm-up", max_tokens=2, **GREEDY)
         reference = cold.generate(b, max_tokens=32, **GREEDY).text
         for _ in range(rounds):
             cold.reset()
-            times["cold"].append(ttft(lambda: cold.stream(b, max_tokens=2, **GREEDY)))
-    for reuse, suffix in (("exact", ""), ("fast", ", fast")):
-        live, ram = f"live KV{suffix}", f"RAM entry{suffix}"
+            times[f"cold{tag}"].append(ttft(lambda: cold.stream(b, max_tokens=2, **GREEDY)))
+    # without flash attention, exact reuse is as short as fast reuse (see Context.canonical_rows)
+    for reuse, suffix in (("exact", ""), ("fast", ", fast"))[:1 if flash_attn is False else 2]:
+        live, ram = f"live KV{tag}{suffix}", f"RAM entry{tag}{suffix}"
         times[live], times[ram] = [], []
-        with edgelm.load(path, n_ctx=N_CTX, n_threads=THREADS, kv_reuse=reuse) as warm:
+        with edgelm.load(path, kv_reuse=reuse, **options) as warm:
             warm.generate("warm-up", max_tokens=2, **GREEDY)
             for _ in range(rounds):
                 warm.reset()
@@ -104,8 +109,9 @@ CHILD = """
 import json, sys, time
 import edgelm
 path, prompt, cache = sys.argv[1], sys.argv[2], sys.argv[3] or None
+flash_attn = {"auto": None, "off": False}[sys.argv[6]]
 with edgelm.load(path, n_ctx=int(sys.argv[4]), n_threads=int(sys.argv[5]), prompt_cache=cache,
-                 prefix_cache_bytes=0) as m:
+                 prefix_cache_bytes=0, flash_attn=flash_attn) as m:
     m.generate("warm-up", max_tokens=2, temperature=0)
     m.reset()
     t0 = time.perf_counter()
@@ -117,22 +123,25 @@ print(json.dumps({"ttft": dt, "text": "".join(parts)}))
 """
 
 
-def child(path: Path, prompt: str, cache: Path | None) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD, str(path), prompt, str(cache or ""), str(N_CTX), str(THREADS)],
-                       capture_output=True, text=True, check=True, cwd=ROOT)
+def child(path: Path, prompt: str, cache: Path | None, flash_attn: bool | None) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, str(path), prompt, str(cache or ""), str(N_CTX), str(THREADS),
+                        "auto" if flash_attn is None else "off"], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(r.stdout.splitlines()[-1])
 
 
-def disk_rows(path: Path, doc: str, rounds: int, reference: str) -> tuple[dict[str, list[float]], bool]:
+def disk_rows(path: Path, doc: str, rounds: int, reference: str, flash_attn: bool | None = None,
+              ) -> tuple[dict[str, list[float]], bool]:
     a, b = doc + QUESTIONS[0], doc + QUESTIONS[1]
-    times = {"cold, new process": [], "disk, new process": []}
+    tag = TAGS[flash_attn]
+    cold, disk = f"cold, new process{tag}", f"disk, new process{tag}"
+    times = {cold: [], disk: []}
     same = True
     for _ in range(rounds):
-        times["cold, new process"].append(child(path, b, None)["ttft"])
+        times[cold].append(child(path, b, None, flash_attn)["ttft"])
         with tempfile.TemporaryDirectory(dir=BENCH) as d:
-            child(path, a, Path(d))
-            hit = child(path, b, Path(d))
-        times["disk, new process"].append(hit["ttft"])
+            child(path, a, Path(d), flash_attn)
+            hit = child(path, b, Path(d), flash_attn)
+        times[disk].append(hit["ttft"])
         same &= hit["text"] == reference
     return times, same
 
@@ -168,10 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, path in models(args.quick).items():
         doc = prefix_text(path)
-        times, same = edgelm_rows(path, doc, args.rounds)
-        disk, disk_same = disk_rows(path, doc, args.rounds, same.pop("reference"))
-        same["disk, new process"] = disk_same
-        times.update(disk)
+        times, same = {}, {}
+        for flash_attn, tag in TAGS.items():
+            t, ok = edgelm_rows(path, doc, args.rounds, flash_attn)
+            disk, ok[f"disk, new process{tag}"] = disk_rows(path, doc, args.rounds, ok.pop("reference"), flash_attn)
+            times.update(t)
+            times.update(disk)
+            same.update(ok)
         times.update(llama_cpp_python_rows(path, doc, args.rounds))
         results[name] = (times, same)
         print(name, {k: round(median(v) * 1000, 1) for k, v in times.items()}, same, file=sys.stderr)
@@ -182,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(results: dict, out: Path) -> None:
     rows, plot = [], {}
     pairs = (("live KV", "cold"), ("RAM entry", "cold"), ("disk, new process", "cold, new process"),
-             ("live KV, fast", "cold"), ("RAM entry, fast", "cold"),
-             ("llama-cpp-python cached", "llama-cpp-python cold"))
+             ("live KV, fast", "cold"), ("RAM entry, fast", "cold"))
+    tag = TAGS[False]
+    pairs += tuple((f"{hit}{tag}", f"{cold}{tag}") for hit, cold in pairs[:3])
+    pairs += (("llama-cpp-python cached", "llama-cpp-python cold"),)
     for name, (times, same) in results.items():
         for hit, cold in pairs:
             t_hit, t_cold = median(times[hit]), median(times[cold])
@@ -204,7 +218,10 @@ def write_report(results: dict, out: Path) -> None:
         "prefix stops early enough that the rest is evaluated in a batch of at least 64 tokens, as in a cold run, "
         "so the output is bit for bit a cold run's (llama.cpp's CPU flash attention switches kernels at 64 queries "
         "per batch, and the two round differently); *fast* (`kv_reuse=\"fast\"`) reuses every shared token, "
-        "as llama-server does, and the output may drift in the last bits. *live KV*: the context still holds the earlier request; "
+        "as llama-server does, and the output may drift in the last bits. *no flash attention* rows load the model "
+        "with `flash_attn=False` (`--no-flash-attn`), cold rows included: without the tiled kernel, exact reuse "
+        "re-evaluates only 8 positions (`Context.canonical_rows`; repacked K-quant kernels round differently below "
+        "8 rows), so it costs what fast reuse costs and its output is still bit for bit a cold run's. *live KV*: the context still holds the earlier request; "
         "*RAM entry*: an unrelated request came in between, and the earlier KV was restored from the in-memory "
         "prompt cache (`llama_state_seq_set_data`); *disk, new process*: the earlier request ran in another "
         "process with `--prompt-cache DIR`, and this one is a fresh process reading DIR (its cold row is a fresh "

@@ -77,6 +77,22 @@ def test_bad_sampling_value_is_one_line():
     assert r.returncode == 2 and "temperature" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_run_attention_and_kv_cache_flags(tiny_gguf):
+    """llama.cpp's -fa / -ctk / -ctv: the model runs with them, and a combination llama.cpp would refuse with a
+    bare 'could not create a context' is named in one line before it sees it."""
+    model = str(tiny_gguf["q8_0"])
+    outputs = set()
+    for flags in (["-fa", "off"], ["--flash-attn", "on", "-ctk", "q8_0", "-ctv", "q8_0"], ["-fa", "off", "-ctk", "q8_0"]):
+        r = edgelm("run", model, "-p", "import os", "-n", "8", "--temp", "0", "--json", "--ignore-eos", *flags)
+        assert r.returncode == 0, (flags, r.stderr)
+        outputs.add(json.loads(r.stdout)["completion_tokens"])
+    assert outputs == {8}
+    for flags, phrase in ((["-fa", "off", "-ctv", "q4_0"], "needs flash attention"),
+                          (["-ctk", "q9_0"], "type_k must be one of"), (["-fa", "maybe"], "invalid choice")):
+        r = edgelm("run", model, "-p", "x", "-n", "1", *flags)
+        assert r.returncode == 2 and phrase in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
+
+
 def test_unknown_command():
     r = edgelm("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr

@@ -24,7 +24,8 @@ from edgelm import corpus
 from edgelm.cache.prefix import PrefixTree
 from edgelm.cache.prompt import FIXED, PromptCache
 from edgelm.gguf_reader import read_gguf
-from edgelm.runtime.generate import FA_TILE, ROW_GROUP, batch_plan
+from edgelm.runtime.context import FA_TILE, ROW_GROUP, SHORT_ROWS
+from edgelm.runtime.generate import batch_plan
 from edgelm.runtime.model import default_model_path
 
 from conftest import reweight_gguf
@@ -106,6 +107,26 @@ def test_shared_prefix_is_reused_and_output_is_unchanged(doc, cold):
     assert first.text == cold(a).text and second.text == cold(b).text
 
 
+@pytest.mark.parametrize("model", ["small", "small q4_k_m"])
+def test_without_flash_attention_exact_reuse_leaves_only_a_short_batch(model, small_q4_k_m, doc):
+    """No tiled attention kernel to match: a hit re-evaluates SHORT_ROWS positions, not FA_TILE, and the output
+    is still exactly a cold run's, from the live KV and from a RAM entry."""
+    path = small_q4_k_m if model == "small q4_k_m" else None
+    a, b = doc + "\nThe end of the story is", doc + "\nAnd then the dragon"
+    options = dict(n_ctx=N_CTX, n_threads=2, flash_attn=False)
+    with edgelm.load(path, prefix_cache_bytes=0, **options) as m:
+        want = m.generate(b, **GEN).text
+    with edgelm.load(path, **options) as m:
+        m.generate(a, **GEN)
+        live = m.generate(b, **GEN)
+        m.generate("Something entirely different, about ships and the sea and sailors.", **GEN)
+        restored = m.generate(b, **GEN)
+        assert m.prompt_cache.stats["hits"] == 1
+    for hit in (live, restored):
+        assert hit.timings.prompt_tokens - SHORT_ROWS - ROW_GROUP < hit.timings.cached_tokens, hit.timings
+        assert hit.text == want
+
+
 def test_cached_sequence_is_restored_after_other_requests(doc, cold):
     a, b = doc + " Later that day", doc + " Early next morning"
     with edgelm.load(n_ctx=N_CTX, n_threads=2) as m:
@@ -149,33 +170,50 @@ def test_fast_reuse_takes_every_shared_token_and_off_takes_none(doc):
         edgelm.load(n_ctx=256, kv_reuse="always")
 
 
-@pytest.mark.parametrize("model", ["small", "tiny q8_0", "tiny f16"])
-def test_canonical_batches_reproduce_a_cold_prefill_bit_for_bit(model, tiny_gguf, doc):
+@pytest.fixture(scope="module")
+def small_q4_k_m(tmp_path_factory) -> Path:
+    """The small model at Q4_K_M, whose K-quant weights llama.cpp repacks for the CPU's wide kernels."""
+    from edgelm.converters import convert
+    from edgelm.converters.quantize import quantize
+
+    out = tmp_path_factory.mktemp("small")
+    quantize(convert(ROOT / "models" / "small", out / "f16.gguf", outtype="f16").path, out / "q4_k_m.gguf", "q4_k_m")
+    return out / "q4_k_m.gguf"
+
+
+@pytest.mark.parametrize("model, flash_attn", [("small", None), ("tiny q8_0", None), ("tiny f16", None),
+                                               ("small", False), ("small q4_k_m", False), ("small q4_k_m", None)])
+def test_canonical_batches_reproduce_a_cold_prefill_bit_for_bit(model, flash_attn, tiny_gguf, small_q4_k_m, doc):
     """What exact reuse rests on: llama.cpp's logits do not depend on how a prompt is cut into
-    canonical batches (each at least FA_TILE long, starting at a multiple of ROW_GROUP)."""
+    canonical batches (each at least Context.canonical_rows long, starting at a multiple of ROW_GROUP):
+    FA_TILE rows where the tiled flash attention kernel may run, SHORT_ROWS without flash attention."""
     import numpy as np
 
-    path = None if model == "small" else tiny_gguf[model.split()[1]]
-    with edgelm.load(path, n_ctx=N_CTX, n_threads=2, n_batch=256, kv_reuse="off", prefix_cache_bytes=0) as m:
+    path = {"small": None, "small q4_k_m": small_q4_k_m}[model] if model.startswith("small") else tiny_gguf[model[5:]]
+    with edgelm.load(path, n_ctx=N_CTX, n_threads=2, n_batch=256, kv_reuse="off", prefix_cache_bytes=0,
+                     flash_attn=flash_attn) as m:
         ids = m.tokenize(doc + doc)[:700]
         ctx = m.ctx
+        rows = ctx.canonical_rows
+        assert rows == (SHORT_ROWS if flash_attn is False else FA_TILE)
 
         def logits(start_points):
             ctx.clear()
-            for n in start_points:
-                for lo, hi in batch_plan(n, len(ids) if n == start_points[-1] else start_points[
-                        start_points.index(n) + 1], ctx.n_batch):
+            for i, n in enumerate(start_points):
+                end = start_points[i + 1] if i + 1 < len(start_points) else len(ids)
+                for lo, hi in batch_plan(n, end, ctx.n_batch, rows):
                     ctx.decode(ids[lo:hi], lo, logits_last=hi == len(ids))
             return ctx.logits()
 
         cold = logits([0])
-        for points in ([0, 300], [0, 64, 400], [0, 636], [0, 128, 256, 512]):
+        last = len(ids) - rows - len(ids) % ROW_GROUP  # the latest start with a canonical batch after it
+        for points in ([0, 300], [0, 64, 400], [0, last], [0, 128, 256, 512], [0, 256, last - rows]):
             assert np.array_equal(logits(points), cold), points
         ctx.clear()
         ctx.decode(ids[:-8], 0)
         ctx.decode(ids[-8:], len(ids) - 8)  # a short batch: llama.cpp's other kernels round differently
         short = ctx.logits()
-    if model == "small":
+    if model == "small" and flash_attn is None:
         assert not np.array_equal(short, cold), "if this starts to hold, exact reuse could take more"
 
 

@@ -33,6 +33,7 @@ class EarlyExit(Drafter, Verifier):
         self._logits_from = None if passthrough else 0
         self.model, self.n_ctx = draft_ctx.model, min(draft_ctx.n_ctx, tail_ctx.n_ctx)
         self.max_batch = min(tail_ctx.n_batch, capture.capacity)
+        self.rows = max(draft_ctx.canonical_rows, tail_ctx.canonical_rows)  # a canonical batch's least length
         self._t_held: list[int] = []  # the tokens whose hidden states T's KV holds
         self.caches = None  # (D's PromptCache, T's PromptCache): an entry is used only when both halves have it
         self.reuse = "exact"  # how much of an earlier prompt's KV a request may keep (generate.prefill)
@@ -50,10 +51,10 @@ class EarlyExit(Drafter, Verifier):
 
     def prefill(self, tokens: list[int]) -> int:
         """Hold `tokens` in both halves, keeping what an earlier request left only where a cold prefill would
-        reproduce it bit for bit (generate.reusable: canonically evaluated positions, FA_TILE re-evaluated)."""
+        reproduce it bit for bit (generate.reusable: canonically evaluated positions, `rows` re-evaluated)."""
         shared = min(common_prefix(self.d.seq_tokens(0), tokens), common_prefix(self._t_held, tokens))
         source_exact = self.d.exact_tokens(0)
-        n = reusable(shared, source_exact, len(tokens), self.reuse)
+        n = reusable(shared, source_exact, len(tokens), self.reuse, self.rows)
         if self.caches is not None and self.reuse != "off":
             n, source_exact = self._restore(tokens, n, source_exact)
         if not (self.d.remove(0, n) and self.t.remove(0, n)):
@@ -62,7 +63,7 @@ class EarlyExit(Drafter, Verifier):
         del self._t_held[n:]
         # canonical batches (EARLY_EXIT_BATCH) keep the KV bit for bit what the full model's prefill makes
         step = min(self.d.n_batch, self.t.n_batch, self.capture.capacity)
-        batches, exact = prefill_batches(n, len(tokens), step, source_exact)
+        batches, exact = prefill_batches(n, len(tokens), step, source_exact, self.rows)
         for lo, hi in batches:
             chunk = tokens[lo:hi]
             self.t.decode_embd(self._eval_d(chunk, lo), lo)
@@ -78,7 +79,7 @@ class EarlyExit(Drafter, Verifier):
         if ed is None or et is None:
             return n, source_exact
         exact = min(ed.exact, et.exact)
-        m = reusable(min(sd, st), exact, len(tokens), self.reuse)
+        m = reusable(min(sd, st), exact, len(tokens), self.reuse, self.rows)
         if m <= n:
             return n, source_exact
         if not (dc.restore(0, ed) and tc.restore(0, et)):  # a restore replaces what the sequence held

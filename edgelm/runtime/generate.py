@@ -9,7 +9,7 @@ from typing import Iterator
 from edgelm.cache.prefix import common_prefix
 from edgelm.errors import ContextOverflowError, UsageError
 
-from .context import Context
+from .context import FA_TILE, ROW_GROUP, Context
 from .sampling import SamplerChain, SamplingParams
 
 
@@ -51,40 +51,33 @@ class Completion:
     timings: Timings = field(default_factory=Timings)
 
 
-# llama.cpp's CPU kernels round differently depending on how a prompt is split into batches:
-# flash attention switches to a tiled kernel at 64 queries per batch (GGML_FA_TILE_Q), and repacked
-# quantized weights multiply activation rows in groups of 4, the remainder one by one. A *canonical*
-# evaluation puts every position in a batch of at least FA_TILE tokens that starts at a multiple of
-# ROW_GROUP; positions evaluated that way come out bit for bit the same however the prompt is split
-# (tests/test_prompt_cache.py checks it), so a reused prefix gives exactly the cold output.
-FA_TILE = 64
-ROW_GROUP = 4
 REUSE = ("exact", "fast", "off")
 
 
-def reusable(shared: int, exact: int, n_tokens: int, reuse: str = "exact") -> int:
+def reusable(shared: int, exact: int, n_tokens: int, reuse: str = "exact", rows: int = FA_TILE) -> int:
     """How many leading positions of an `n_tokens` prompt to keep, of `shared` held ones of which `exact`
-    were evaluated canonically. The last token is always evaluated again: sampling needs its logits."""
+    were evaluated canonically (in batches of at least `rows`: Context.canonical_rows). The last token is
+    always evaluated again: sampling needs its logits."""
     if reuse == "off":
         return 0
     if reuse == "fast":
         return min(shared, n_tokens - 1)
-    n = min(shared, exact, n_tokens - FA_TILE)
+    n = min(shared, exact, n_tokens - rows)
     return max(0, n - n % ROW_GROUP)
 
 
-def batch_plan(start: int, end: int, n_batch: int) -> list[tuple[int, int]] | None:
-    """Canonical batches for positions [start, end) (start a multiple of ROW_GROUP), or None if there
-    are none: fewer than FA_TILE positions, or an n_batch too small to keep every batch that long."""
+def batch_plan(start: int, end: int, n_batch: int, rows: int = FA_TILE) -> list[tuple[int, int]] | None:
+    """Canonical batches for positions [start, end) (start a multiple of ROW_GROUP, each batch at least
+    `rows` long), or None if there are none: fewer than `rows` positions, or an n_batch too small."""
     size = n_batch - n_batch % ROW_GROUP
-    if end - start < FA_TILE or start % ROW_GROUP or (end - start > n_batch and size < 2 * FA_TILE):
+    if end - start < rows or start % ROW_GROUP or (end - start > n_batch and size < 2 * rows):
         return None
     plan, pos = [], start
     while end - pos > n_batch:
         step = size
         rest = end - pos - size
-        if 0 < rest < FA_TILE:  # leave the last batch FA_TILE long
-            short = FA_TILE - rest
+        if 0 < rest < rows:  # leave the last batch `rows` long
+            short = rows - rest
             step -= short + (-short) % ROW_GROUP
         plan.append((pos, pos + step))
         pos += step
@@ -95,16 +88,18 @@ def batch_plan(start: int, end: int, n_batch: int) -> list[tuple[int, int]] | No
 def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: str = "exact") -> int:
     """Make `seq` hold `tokens`, evaluating only what neither it nor the prompt cache already holds.
 
-    reuse "exact" takes only canonically evaluated positions and leaves at least FA_TILE positions
-    to evaluate canonically, so the output is exactly a cold run's; "fast" takes every shared
+    reuse "exact" takes only canonically evaluated positions and leaves at least ctx.canonical_rows
+    positions to evaluate canonically, so the output is exactly a cold run's; "fast" takes every shared
     position (llama-server's behaviour: logits may differ in the last bits); "off" evaluates all.
     Returns how many leading tokens were reused.
     """
     if reuse not in REUSE:
         raise UsageError(f"kv_reuse must be one of {', '.join(REUSE)}, not {reuse!r}")
 
+    rows = ctx.canonical_rows
+
     def usable(shared: int, exact: int) -> int:
-        return reusable(shared, exact, len(tokens), reuse)
+        return reusable(shared, exact, len(tokens), reuse, rows)
 
     n = usable(common_prefix(ctx.seq_tokens(seq), tokens), ctx.exact_tokens(seq))
     source_exact = ctx.exact_tokens(seq)
@@ -118,17 +113,18 @@ def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: st
     if not ctx.remove(seq, n):  # a memory that cannot cut a sequence short: start over
         ctx.remove(seq)
         n = 0
-    batches, exact = prefill_batches(n, len(tokens), ctx.n_batch, source_exact)
+    batches, exact = prefill_batches(n, len(tokens), ctx.n_batch, source_exact, rows)
     for lo, hi in batches:
         ctx.decode(tokens[lo:hi], lo, seq, logits_last=hi == len(tokens))
     ctx.set_tokens(seq, tokens, exact=exact)
     return n
 
 
-def prefill_batches(n: int, n_tokens: int, n_batch: int, source_exact: int) -> tuple[list[tuple[int, int]], int]:
+def prefill_batches(n: int, n_tokens: int, n_batch: int, source_exact: int,
+                    rows: int = FA_TILE) -> tuple[list[tuple[int, int]], int]:
     """The batches that evaluate positions [n, n_tokens) after n reused ones (canonical where batch_plan can
     make them, else plain n_batch chunks), and how many leading positions are canonical afterwards."""
-    plan = batch_plan(n, n_tokens, n_batch)
+    plan = batch_plan(n, n_tokens, n_batch, rows)
     if plan is None:
         return [(lo, min(lo + n_batch, n_tokens)) for lo in range(n, n_tokens, n_batch)], min(n, source_exact)
     canonical = n == 0 or source_exact >= n
