@@ -68,6 +68,9 @@ class ServerOptions:
     prompt_cache: str | None = None
     prompt_cache_bytes: int = DEFAULT_DISK_BYTES
     n_gpu_layers: int = 0
+    flash_attn: bool | None = None  # None: llama.cpp decides
+    type_k: str = "f16"
+    type_v: str = "f16"
 
 
 class Server:
@@ -80,7 +83,8 @@ class Server:
         self.created = int(time.time())
         self.engine = Engine(self.llama, EngineOptions(
             n_parallel=options.n_parallel, n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
-            max_queue=options.max_queue, max_tokens_cap=options.max_tokens_cap))
+            max_queue=options.max_queue, max_tokens_cap=options.max_tokens_cap, flash_attn=options.flash_attn,
+            type_k=options.type_k, type_v=options.type_v))
         if options.prompt_cache is not None:
             self.engine.prompt_cache = PromptCache(self.engine.ctx, ram_bytes=0, path=options.prompt_cache,
                                                    disk_bytes=options.prompt_cache_bytes)

@@ -1,6 +1,8 @@
 """Shared fixtures: the reference models, converted once per test session."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,6 @@ STORIES = ROOT.parent / "shared" / "models" / "stories260K.gguf"
 def save_random_checkpoint(model_class: str, config, out: Path, tokenizer_src: Path):
     """A transformers model of `config` with random weights, biases and norms (so every tensor matters), saved
     with the reference tokenizer; returns the model."""
-    import shutil
-
     import torch
     import transformers
 
@@ -72,3 +72,63 @@ def tiny_model(tiny_gguf):
 
     with edgelm.load(tiny_gguf["f32"], n_ctx=512, n_threads=2) as m:
         yield m
+
+
+# ---------------------------------------------------------------------------- a 16-token random model
+
+RAND_VOCAB = 16  # BOS, EOS, PAD, "a".."l", "ab"
+
+
+def random_byte_checkpoint(out: Path, n_layer: int, seed: int, arch: str = "llama") -> Path:
+    """A random Llama (Llama 3 RoPE scaling with arch "llama3", or Qwen2) over a 16-token byte-level vocabulary,
+    tied embeddings; initializer_range 0.5 makes next-token distributions peaked but not one-hot, and its early
+    exits disagree."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    scaling = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 32}} if arch == "llama3" else {}
+    config = config_class(vocab_size=RAND_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.5,
+                          tie_word_embeddings=True, **scaling)
+    model_class(config).save_pretrained(out, safe_serialization=True)
+    tj = json.loads((ROOT / "models" / "tiny" / "tokenizer.json").read_text())
+    specials = tj["added_tokens"][:3]  # BOS, EOS, PAD
+    vocab = {t["content"]: t["id"] for t in specials} | {chr(ord("a") + i): 3 + i for i in range(RAND_VOCAB - 4)}
+    tj["added_tokens"] = specials
+    tj["model"] = {**tj["model"], "vocab": vocab | {"ab": RAND_VOCAB - 1}, "merges": ["a b"]}  # llama.cpp needs a merge
+    (out / "tokenizer.json").write_text(json.dumps(tj))
+    shutil.copy(ROOT / "models" / "tiny" / "tokenizer_config.json", out / "tokenizer_config.json")
+    return out
+
+
+@pytest.fixture(scope="session")
+def rand(tmp_path_factory) -> dict[str, Path]:
+    """The 4-layer random model split at layers 2 and 3, and a 1-layer random draft model."""
+    from edgelm.converters import convert
+    from edgelm.converters.early_exit import split_model
+
+    d = tmp_path_factory.mktemp("rand")
+    model = convert(random_byte_checkpoint(d / "ckpt", 4, seed=0), d / "rand.gguf", outtype="f32").path
+    draft = convert(random_byte_checkpoint(d / "ckpt-draft", 1, seed=1), d / "rand-draft.gguf", outtype="f32").path
+    for k in (2, 3):
+        split_model(model, k)
+    return {"model": model, "draft": draft}
+
+
+# ---------------------------------------------------------------------------- speculative decoding
+
+
+def check_stats(c) -> None:
+    """SpecStats of one greedy completion add up: each token is the first one, an accepted draft or a
+    round's own token, of which the last may go unused; an EOS is not output, nor what was accepted after it."""
+    s = c.timings.speculative
+    assert 0 <= s.accepted <= s.drafted
+    if c.finish_reason == "length":
+        assert s.rounds + s.accepted <= len(c.tokens) <= s.rounds + s.accepted + 1
+    else:
+        assert len(c.tokens) <= s.rounds + s.accepted

@@ -1,7 +1,7 @@
 """Early exit and speculative decoding on real models: the split's files and the checks that refuse
 mismatched ones, greedy output token for token the full model's (early exit, prompt lookup, a draft
-model), sampling that keeps the full model's distribution (chi-square on a 16-token random model), and
-the native capture of the boundary hidden state against a Python eval callback.
+model), and the native capture of the boundary hidden state against a Python eval callback. Sampling
+that keeps the full model's distribution is in test_speculative_sampling.py.
 
 Every llama.cpp context runs on one thread (n_threads=1): the test machine shares its cores. The last
 tests pin bugs this file found: verify batches larger than n_batch, and granite's embedding scale.
@@ -11,11 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections import Counter
 from dataclasses import astuple
-from math import sqrt
 from pathlib import Path
-from statistics import NormalDist
 
 import gguf
 import llama_cpp
@@ -33,7 +30,7 @@ from edgelm.runtime.context import Context, ContextOptions
 from edgelm.runtime.model import LlamaModel, default_model_path
 from edgelm.runtime.splits import choose_split
 
-from conftest import reweight_gguf
+from conftest import check_stats, random_byte_checkpoint, reweight_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (2, 4, 8, 12)  # exit layers of the 16-layer bundled model under test
@@ -57,17 +54,6 @@ def options(drafter: str, draft_path: Path) -> dict:
     if "draft" in opts:
         opts["draft"] = draft_path
     return opts
-
-
-def check_stats(c) -> None:
-    """SpecStats of one greedy completion add up: each token is the first one, an accepted draft or a
-    round's own token, of which the last may go unused; an EOS is not output, nor what was accepted after it."""
-    s = c.timings.speculative
-    assert 0 <= s.accepted <= s.drafted
-    if c.finish_reason == "length":
-        assert s.rounds + s.accepted <= len(c.tokens) <= s.rounds + s.accepted + 1
-    else:
-        assert len(c.tokens) <= s.rounds + s.accepted
 
 
 def rewrite_gguf(src: Path, dst: Path, *, arch: str | None = None, extra: dict | None = None,
@@ -215,7 +201,7 @@ def test_other_architectures_decode_the_full_models_output(tmp_path, arch, draft
     """qwen2 (biased QKV, NeoX RoPE: no deci draft) ends its draft in a copy of layer 0 whose bytes are all zero
     (at f32 and at q8_0); a Llama 3 with RoPE scaling (a rope_freqs tensor every layer reads) gets the deci draft.
     Both decode the full model's output."""
-    ckpt = random_checkpoint(tmp_path / "ckpt", 4, seed=3, arch=arch)
+    ckpt = random_byte_checkpoint(tmp_path / "ckpt", 4, seed=3, arch=arch)
     model = convert(ckpt, tmp_path / "q.gguf", outtype=outtype).path
     p = split_model(model, 2)
     draft, src = read_gguf(p.draft), read_gguf(model)
@@ -322,155 +308,6 @@ def test_output_does_not_depend_on_earlier_requests(small, tiny_q8, prompts, ref
     with edgelm.load(small, **GEN, **options(drafter, tiny_q8)) as m:
         m.generate(prompts["long"], temperature=0, max_tokens=N_GEN)
         assert m.generate(prompts["near_end"], temperature=0, max_tokens=N_GEN).tokens == reference["near_end"].tokens
-
-
-# ---------------------------------------------------------------------------- a 16-token random model: EOS, sampling
-
-V = 16  # vocabulary: BOS, EOS, PAD, "a".."l", "ab"
-RAND_PROMPT = [0, *(t for x in range(3, V) for t in (5, x)), 5]  # "c x" for every x: lookup drafts each round
-N_SAMPLES = 3000
-P_VALUE = 1e-3
-
-
-def random_checkpoint(out: Path, n_layer: int, seed: int, arch: str = "llama") -> Path:
-    """A random Llama (Llama 3 RoPE scaling with arch "llama3", or Qwen2) over a 16-token byte-level vocabulary,
-    tied embeddings; initializer_range 0.5 makes next-token distributions peaked but not one-hot, and its early
-    exits disagree."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                                 "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
-    scaling = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 32}} if arch == "llama3" else {}
-    config = config_class(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
-                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.5,
-                          tie_word_embeddings=True, **scaling)
-    model_class(config).save_pretrained(out, safe_serialization=True)
-    tj = json.loads((ROOT / "models" / "tiny" / "tokenizer.json").read_text())
-    specials = tj["added_tokens"][:3]  # BOS, EOS, PAD
-    vocab = {t["content"]: t["id"] for t in specials} | {chr(ord("a") + i): 3 + i for i in range(V - 4)}
-    tj["added_tokens"] = specials
-    tj["model"] = {**tj["model"], "vocab": vocab | {"ab": V - 1}, "merges": ["a b"]}  # llama.cpp needs a merge
-    (out / "tokenizer.json").write_text(json.dumps(tj))
-    shutil.copy(ROOT / "models" / "tiny" / "tokenizer_config.json", out / "tokenizer_config.json")
-    return out
-
-
-@pytest.fixture(scope="module")
-def rand(tmp_path_factory) -> dict[str, Path]:
-    """The 4-layer random model split at layers 2 and 3, and a 1-layer random draft model."""
-    d = tmp_path_factory.mktemp("rand")
-    model = convert(random_checkpoint(d / "ckpt", 4, seed=0), d / "rand.gguf", outtype="f32").path
-    draft = convert(random_checkpoint(d / "ckpt-draft", 1, seed=1), d / "rand-draft.gguf", outtype="f32").path
-    for k in (2, 3):
-        split_model(model, k)
-    return {"model": model, "draft": draft}
-
-
-def exact_joint(path: Path, prompt: list[int], n: int, parts: list[Path] | None = None) -> dict[tuple, float]:
-    """P(first n generated tokens) at temperature 1 without truncation, from the model's logits."""
-    with LlamaModel(path, parts=parts) as model, contextlib.closing(
-            Context(model, ContextOptions(n_ctx=64, n_threads=1))) as ctx:
-        def probs(tokens):
-            ctx.clear()
-            ctx.decode(tokens, 0)
-            z = ctx.logits().astype(np.float64)
-            e = np.exp(z - z.max())
-            return e / e.sum()
-
-        joint = {(): 1.0}
-        for _ in range(n):
-            joint = {seq + (t,): pr * p for seq, pr in joint.items() for t, p in enumerate(probs(prompt + list(seq)))}
-    return joint
-
-
-def chi_square(samples: list[tuple], probs: dict[tuple, float]) -> tuple[float, float]:
-    """Pearson's statistic of `samples` against exact cell probabilities, and its critical value at
-    P_VALUE (Wilson-Hilferty). Cells expected fewer than 5 times are pooled into one."""
-    n, counts = len(samples), Counter(samples)
-    cells = sorted(probs, key=probs.get)
-    pooled, i = 0.0, 0
-    while i < len(cells) and (n * probs[cells[i]] < 5 or n * pooled < 5):
-        pooled += probs[cells[i]]
-        i += 1
-    kept = cells[i:]
-    stat = sum((counts[c] - n * probs[c]) ** 2 / (n * probs[c]) for c in kept)
-    if pooled:  # samples outside the kept cells, impossible ones included
-        rest = n - sum(counts[c] for c in kept)
-        stat += (rest - n * pooled) ** 2 / (n * pooled)
-    df = len(kept) + (1 if pooled else 0) - 1
-    z = NormalDist().inv_cdf(1 - P_VALUE)
-    return stat, df * (1 - 2 / (9 * df) + z * sqrt(2 / (9 * df))) ** 3
-
-
-def sample(m, n: int = N_SAMPLES) -> list[tuple]:
-    out = [m.generate(RAND_PROMPT, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=3, seed=s,
-                      ignore_eos=True) for s in range(n)]
-    assert all(len(c.tokens) == 3 for c in out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def rand_joint(rand) -> dict[tuple, float]:
-    return exact_joint(rand["model"], RAND_PROMPT, 3)
-
-
-
-
-@pytest.mark.parametrize("drafter", ["ee2", "ee3", "lookup", "draft"])
-def test_greedy_eos_like_the_full_model(rand, drafter):
-    opts = {"ee2": {"early_exit": 2, "draft_threshold": 0.0}, "ee3": {"early_exit": 3, "draft_threshold": 0.0},
-            "lookup": {"lookup": True}, "draft": {"draft": rand["draft"], "draft_threshold": 0.0}}[drafter]
-    rng = np.random.default_rng(0)
-    prompts = [[0, *rng.integers(3, V, size=n).tolist()] for n in range(1, 9) for _ in range(5)]
-    with edgelm.load(rand["model"], **GEN) as m:
-        want = [m.generate(p, temperature=0, max_tokens=12) for p in prompts]
-    with edgelm.load(rand["model"], **GEN, **opts) as m:
-        got = [m.generate(p, temperature=0, max_tokens=12) for p in prompts]
-    for p, w, c in zip(prompts, want, got):
-        assert (c.tokens, c.finish_reason) == (w.tokens, w.finish_reason), p
-        check_stats(c)
-    assert sum(w.finish_reason == "stop" and len(w.tokens) >= 2 for w in want) >= 2  # EOS after some output
-    if drafter in ("ee3", "draft"):  # an EOS among accepted drafts ends the run there
-        assert any(len(c.tokens) < c.timings.speculative.rounds + c.timings.speculative.accepted for c in got)
-
-
-# ---------------------------------------------------------------------------- sampling
-
-
-@pytest.mark.parametrize("sampler", ["plain", "early_exit", "lookup", "draft"])
-def test_sampling_keeps_the_full_models_distribution(rand, rand_joint, sampler):
-    """Joint distribution of the first three tokens at temperature 1: the first comes from the full
-    model, the second and third through the drafter's accept / residual steps (draft_threshold 0)."""
-    opts = {"plain": {}, "early_exit": {"early_exit": 2, "draft_threshold": 0.0}, "lookup": {"lookup": True},
-            "draft": {"draft": rand["draft"], "draft_threshold": 0.0}}[sampler]
-    with edgelm.load(rand["model"], **GEN, **opts) as m:
-        out = sample(m)
-    samples = [tuple(c.tokens) for c in out]
-    stat, limit = chi_square(samples, rand_joint)
-    assert stat < limit
-    if sampler != "plain":
-        drafted = sum(c.timings.speculative.drafted for c in out)
-        accepted = sum(c.timings.speculative.accepted for c in out)
-        assert 0 < accepted < drafted
-    if sampler == "early_exit":
-        # the same check rejects the draft's own distribution (what keeping every draft would give)
-        p = split_paths(rand["model"], 2)
-        stat, limit = chi_square(samples, exact_joint(p.draft, RAND_PROMPT, 3, parts=[p.shared]))
-        assert stat > limit
-
-
-def test_chi_square_rejects_a_wrong_residual(rand, rand_joint, monkeypatch):
-    """Power check: on a rejection, drawing from p instead of normalize(max(0, p - q)) favours the drafts."""
-    right = native.residual_sample
-    monkeypatch.setattr(native, "residual_sample", lambda p, q, u: right(p, np.zeros_like(q), u))
-    with edgelm.load(rand["model"], lookup=True, **GEN) as m:
-        samples = [tuple(c.tokens) for c in sample(m, 3000)]
-    stat, limit = chi_square(samples, rand_joint)
-    assert stat > limit
 
 
 # ---------------------------------------------------------------------------- errors

@@ -188,6 +188,20 @@ def test_disconnect_cancels_the_sequence(server):
     assert_cancelled_since(server, before)
 
 
+def test_serve_attention_and_kv_cache_flags():
+    """-fa / -ctk / -ctv reach the engine's context; a combination llama.cpp refuses is one line, exit 2."""
+    s = ServerProcess("-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0", "--parallel", "2")
+    try:
+        r = httpx.post(s.base + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8,
+                                                         "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and 0 < r.json()["usage"]["completion_tokens"] <= 8
+    finally:
+        s.stop()
+    bad = subprocess.run([sys.executable, "-m", "edgelm", "serve", "-fa", "off", "-ctv", "q8_0", "--port",
+                          str(free_port())], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "needs flash attention" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_metrics_are_prometheus_text(server, client):
     client.completions.create(model="x", prompt="hi", max_tokens=2)
     m = server.metrics()

@@ -95,12 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
     m.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     m.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
-    m.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto",
-                   help="flash attention (default auto: llama.cpp's choice). Off lets a prompt-cache hit reuse all "
-                        "but 8 positions exactly instead of all but 64")
-    m.add_argument("-ctk", "--cache-type-k", default="f16", help="KV cache type of keys: f16 (default), f32, bf16, "
-                                                                  "q8_0, q5_1, q5_0, q4_1 or q4_0")
-    m.add_argument("-ctv", "--cache-type-v", default="f16", help="KV cache type of values (the same types)")
+    add_attention_arguments(m)
     m.add_argument("--truncate", choices=("error", "left"), default="error",
                    help="a prompt longer than the context: fail, or keep its end")
     c = p.add_argument_group("caching")
@@ -112,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     return p
+
+
+def add_attention_arguments(p) -> None:
+    """llama.cpp's -fa / -ctk / -ctv."""
+    p.add_argument("-fa", "--flash-attn", choices=tuple(FLASH_ATTN), default="auto",
+                   help="flash attention (default auto: llama.cpp's choice). Off lets a prompt-cache hit reuse all "
+                        "but 8 positions exactly instead of all but 64")
+    p.add_argument("-ctk", "--cache-type-k", default="f16", help="KV cache type of keys: f16 (default), f32, bf16, "
+                                                                  "q8_0, q5_1, q5_0, q4_1 or q4_0")
+    p.add_argument("-ctv", "--cache-type-v", default="f16", help="KV cache type of values (the same types)")
+
+
+def attention_from_args(args) -> dict:
+    return {"flash_attn": FLASH_ATTN[args.flash_attn], "type_k": args.cache_type_k, "type_v": args.cache_type_v}
 
 
 def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
@@ -189,8 +198,8 @@ def main(argv: list[str]) -> int:
     if not interactive:  # one request: an in-memory copy of its KV would never be read
         caching["prefix_cache_bytes"] = 0
     with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     flash_attn=FLASH_ATTN[args.flash_attn], type_k=args.cache_type_k, type_v=args.cache_type_v,
-                     truncate=args.truncate, **caching, **speculative_from_args(args)) as model:
+                     truncate=args.truncate, **attention_from_args(args), **caching,
+                     **speculative_from_args(args)) as model:
         if interactive:
             from edgelm.repl import ChatSession, repl
 
