@@ -186,6 +186,7 @@ def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_ma
     from edgelm.converters.early_exit import split_model
 
     from ..native import Capture
+    from .splits import check_split
 
     prompt = [1 + i % 200 for i in range(200)]
     options = ContextOptions(n_ctx=len(prompt) + repeat + draft_max + 8, n_batch=128, n_threads=n_threads)
@@ -208,6 +209,7 @@ def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_ma
         try:
             for k in layers:
                 paths = split_model(copy, k)
+                passthrough = check_split(copy, paths).passthrough  # as the runtime reads it (api._load_early_exit)
                 d = LlamaModel(paths.draft, parts=[paths.shared])
                 t = LlamaModel(paths.tail, parts=[paths.shared])
                 cap = Capture(f"l_out-{k - 1}", d.n_embd, options.n_batch)
@@ -216,7 +218,7 @@ def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_ma
                 try:
                     for lo in range(0, len(prompt), options.n_batch):
                         chunk = prompt[lo:lo + options.n_batch]
-                        dc.decode(chunk, lo, logits_from=None if d.n_layer > k else 0)  # passthrough or not
+                        dc.decode(chunk, lo, logits_from=None if passthrough else 0)
                         tc.decode_embd(cap.take(len(chunk)), lo)
 
                     def rounds_of(n: int) -> float:
