@@ -33,7 +33,8 @@ class Model:
                  prefix_cache_bytes: int = DEFAULT_RAM_BYTES, prompt_cache: str | os.PathLike | None = None,
                  prompt_cache_bytes: int = DEFAULT_DISK_BYTES, response_cache: "bool | ResponseCache" = False,
                  kv_reuse: str = "exact", early_exit: bool | int | None = None, draft: str | os.PathLike | None = None,
-                 lookup: bool = False, draft_max: int = DRAFT_MAX, draft_threshold: float = THRESHOLD):
+                 lookup: bool = False, draft_max: int = DRAFT_MAX, draft_threshold: float = THRESHOLD,
+                 warmup: bool = True):
         if truncate not in TRUNCATE:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
         if kv_reuse not in REUSE:
@@ -59,6 +60,10 @@ class Model:
                 raise UsageError(f"{draft_model.path}: its vocabulary differs from {self.llama.path}'s; "
                                  "a draft model must share the target's tokenizer")
             self._draft_ctx = Context(draft_model, ctx_options)
+        if warmup:  # one throw-away decode per context, as llama.cpp's tools do: the first request runs at full speed
+            for warm in (self._pair or self.ctx, self._draft_ctx):
+                if warm is not None:
+                    warm.warm_up()
         self.seed, self.truncate = seed, truncate  # defaults for every call
         self.kv_reuse = kv_reuse  # how much of an earlier prompt's KV a request may take (generate.prefill)
         if self._pair is not None:

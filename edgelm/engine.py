@@ -54,6 +54,7 @@ class EngineOptions:
     flash_attn: bool | None = None
     type_k: str = "f16"
     type_v: str = "f16"
+    warmup: bool = True  # one throw-away decode at start (Context.warm_up), as llama-server does
 
     def validate(self) -> None:
         for name in ("n_parallel", "n_ctx", "n_batch", "max_queue", "max_tokens_cap"):
@@ -180,6 +181,8 @@ class Engine:
             n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch, n_threads=options.n_threads,
             n_seq_max=options.n_parallel, flash_attn=options.flash_attn, type_k=options.type_k,
             type_v=options.type_v, kv_unified=False))
+        if options.warmup:
+            self.ctx.warm_up()
         self.prompt_cache = prompt_cache
         self._slots = [_Slot(i) for i in range(options.n_parallel)]
         self._queue: deque[Request] = deque()

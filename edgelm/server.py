@@ -71,6 +71,7 @@ class ServerOptions:
     flash_attn: bool | None = None  # None: llama.cpp decides
     type_k: str = "f16"
     type_v: str = "f16"
+    warmup: bool = True
 
 
 class Server:
@@ -84,7 +85,7 @@ class Server:
         self.engine = Engine(self.llama, EngineOptions(
             n_parallel=options.n_parallel, n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
             max_queue=options.max_queue, max_tokens_cap=options.max_tokens_cap, flash_attn=options.flash_attn,
-            type_k=options.type_k, type_v=options.type_v))
+            type_k=options.type_k, type_v=options.type_v, warmup=options.warmup))
         if options.prompt_cache is not None:
             self.engine.prompt_cache = PromptCache(self.engine.ctx, ram_bytes=0, path=options.prompt_cache,
                                                    disk_bytes=options.prompt_cache_bytes)

@@ -110,3 +110,19 @@ def test_one_model_serves_many_threads(tiny_model):
         t.join()
     assert not errors and got == alone
 
+
+
+@pytest.mark.parametrize("options", [{}, {"early_exit": 4}, {"draft": "tiny"}], ids=["plain", "early exit", "draft"])
+def test_warm_up_leaves_the_kv_empty_and_the_output_unchanged(tiny_gguf, options):
+    """The load-time throw-away decode (llama.cpp tools' warm-up) runs in every context and leaves nothing behind."""
+    import llama_cpp as lib
+
+    if "draft" in options:
+        options = {"draft": tiny_gguf["q8_0"]}
+    outputs = []
+    for warmup in (False, True):
+        with edgelm.load(n_ctx=256, n_threads=2, prefix_cache_bytes=0, warmup=warmup, **options) as m:
+            contexts = [m.ctx, *(c for c in (m._draft_ctx, m._pair and m._pair.t) if c)]
+            assert all(lib.llama_memory_seq_pos_max(c.memory, 0) == -1 and not c.seq_tokens(0) for c in contexts)
+            outputs.append(m.generate("The little dog", max_tokens=16, temperature=0).tokens)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 16

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
     m.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     m.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
-    add_attention_arguments(m)
+    add_context_arguments(m)
     m.add_argument("--truncate", choices=("error", "left"), default="error",
                    help="a prompt longer than the context: fail, or keep its end")
     c = p.add_argument_group("caching")
@@ -109,18 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_attention_arguments(p) -> None:
-    """llama.cpp's -fa / -ctk / -ctv."""
+def add_context_arguments(p) -> None:
+    """llama.cpp's -fa / -ctk / -ctv / --no-warmup."""
     p.add_argument("-fa", "--flash-attn", choices=tuple(FLASH_ATTN), default="auto",
                    help="flash attention (default auto: llama.cpp's choice). Off lets a prompt-cache hit reuse all "
                         "but 8 positions exactly instead of all but 64")
     p.add_argument("-ctk", "--cache-type-k", default="f16", help="KV cache type of keys: f16 (default), f32, bf16, "
                                                                   "q8_0, q5_1, q5_0, q4_1 or q4_0")
     p.add_argument("-ctv", "--cache-type-v", default="f16", help="KV cache type of values (the same types)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the throw-away decode at load that lets the first request run at full speed")
 
 
-def attention_from_args(args) -> dict:
-    return {"flash_attn": FLASH_ATTN[args.flash_attn], "type_k": args.cache_type_k, "type_v": args.cache_type_v}
+def context_from_args(args) -> dict:
+    return {"flash_attn": FLASH_ATTN[args.flash_attn], "type_k": args.cache_type_k, "type_v": args.cache_type_v,
+            "warmup": not args.no_warmup}
 
 
 def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,7 +201,7 @@ def main(argv: list[str]) -> int:
     if not interactive:  # one request: an in-memory copy of its KV would never be read
         caching["prefix_cache_bytes"] = 0
     with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     truncate=args.truncate, **attention_from_args(args), **caching,
+                     truncate=args.truncate, **context_from_args(args), **caching,
                      **speculative_from_args(args)) as model:
         if interactive:
             from edgelm.repl import ChatSession, repl

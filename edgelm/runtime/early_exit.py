@@ -10,7 +10,7 @@ import numpy as np
 from edgelm import native
 from edgelm.errors import ContextOverflowError, UsageError
 
-from .context import Context
+from .context import Context, warmup_tokens
 from .generate import FA_TILE, common_prefix, prefill_batches, reusable
 from .speculative import THRESHOLD, Drafter, Verifier, next_draft
 
@@ -98,6 +98,13 @@ class EarlyExit(Drafter, Verifier):
             self.t.set_tokens(0, self._t_held, exact=min(exact, keep))
             for cache in self.caches:
                 cache.store(0)
+
+    def warm_up(self) -> None:
+        """Context.warm_up for both halves: D's throw-away step on BOS and EOS, T's on the hidden states D hands
+        over. Both caches are empty afterwards."""
+        rows = self._eval_d(warmup_tokens(self.model), 0)
+        self.t.warm_up(rows)
+        self.clear()
 
     def clear(self) -> None:
         self.d.clear()
