@@ -163,6 +163,15 @@ def spread(values: list[float]) -> str:
     return f"{median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+NOTES = "<!-- written by hand below this line; the benchmark keeps it -->"
+
+
+def write_doc(path: Path, text: str) -> None:
+    """Write a generated report, keeping what was written by hand below the NOTES marker of the one it replaces."""
+    kept = path.read_text().partition(NOTES)[2] if path.is_file() else ""
+    path.write_text(text.rstrip("\n") + "\n\n" + NOTES + kept if kept else text)
+
+
 def markdown_table(headers: list[str], rows: list[list[object]], align: str | None = None) -> str:
     """align: one of 'l'/'r' per column (default: first column left, the rest right)."""
     align = align or "l" + "r" * (len(headers) - 1)

@@ -22,10 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BENCH, DOCS, ROOT, have_tool, log, machine, markdown_table, median, python,  # noqa: E402
-                    run_measured, split_is_current, today, tool)
+                    run_measured, split_is_current, today, tool, write_doc)
 
 CONFIGS = ("plain", "early exit", "draft model", "lookup")
-ANALYSIS = "<!-- written by hand below this line; the benchmark keeps it -->"
 EXIT_LAYER = 4  # of 16: the shallowest exit trained in models/small-ee (the bundled model's split is at 4 too)
 
 
@@ -187,8 +186,7 @@ round; every configuration runs in a fresh process (peak RSS is its own, file-ba
 ![speedups](img/early-exit.png)
 """
     doc = DOCS / "early-exit.md"
-    kept = doc.read_text().partition(ANALYSIS)[2] if doc.is_file() else ""
-    doc.write_text(text + "\n" + ANALYSIS + kept)
+    write_doc(doc, text)
     print(table)
 
 

@@ -21,14 +21,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BENCH, DOCS, ROOT, log, machine, markdown_table, median, run_worker,  # noqa: E402
+from common import (BENCH, DOCS, ROOT, log, machine, markdown_table, median, run_worker, write_doc,  # noqa: E402
                     split_is_current, today)
 
 EPS = 1e-3  # scale of the residual writes of layers k..L-1
 DRAFT_MAX = (4, 8)
 N_PROMPTS = 4
 WORK = BENCH / "early-exit-ceiling"
-ANALYSIS = "<!-- written by hand below this line; the benchmark keeps it -->"
 # name: (checkpoint, exit layer k, GGUF type)
 MODELS = {"small": (ROOT / "models" / "small", 4, "q8_0"), "0.5B shape": (BENCH / "ckpt-qwen2.5-0.5b", 6, "q4_k_m")}
 
@@ -146,14 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["model", "decoding", "tok/s", "speedup", "acceptance", "tokens/round", "identical outputs"],
                            rows)
     doc = __doc__.split("\n\n")
-    kept = args.out.read_text().partition(ANALYSIS)[2] if args.out.is_file() else ""
-    args.out.write_text(
+    write_doc(args.out, (
         f"# Early exit at its ceiling: exits that agree by construction (not trained models)\n\n"
         f"Measured {today()} by `benchmarks/early_exit_ceiling.py --rounds {args.rounds} --tokens {args.tokens}` on "
         f"{machine()}.\n\n" + doc[1].strip() + "\n\n"
         f"Models ({EPS:g} the scale): " + "; ".join(described) + f". {N_PROMPTS} held-out prompts, {args.tokens} "
         "greedy tokens each, 2 threads; tok/s over every prompt's generation; speedup is the median of each round's "
-        f"ratio to plain decoding in the same round.\n\n{table}\n\n{ANALYSIS}{kept}")
+        f"ratio to plain decoding in the same round.\n\n{table}\n"))
     print(args.out.read_text())
     return 0
 
