@@ -1,7 +1,7 @@
 """Continuous batching: many concurrent requests decoded together, one `llama_decode` per step.
 
-One worker thread owns a context with one KV sequence per slot (a unified KV cache, so every slot
-can use its full context). Each step it admits queued requests into free slots, then builds one
+One worker thread owns a context with one KV sequence per slot, each in a KV stream of its own (so
+attention never scans another slot's cells). Each step it admits queued requests into free slots, then builds one
 batch: prompt chunks of requests being prefilled first (bounded so running streams keep flowing),
 then the pending token of every decoding request. After the decode each request samples from its
 own logits row with its own sampler chain and streams text chunks to its consumer. Finished or
@@ -25,12 +25,36 @@ import llama_cpp as lib
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.context import Context, ContextOptions
 from .cache.prefix import common_prefix
-from .runtime.generate import FA_TILE, ROW_GROUP, Chunk, Completion, StopMatcher, Timings, reusable
+from .runtime.generate import ROW_GROUP, Chunk, Completion, StopMatcher, Timings, reusable
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
 
 
 POLL_S = 0.02  # how often a consumer looks for new chunks
+
+
+def micro_batches(runs: list[tuple[int, int]], n_ubatch: int) -> list[dict[int, int]]:
+    """How llama.cpp cuts a batch for a context with one KV stream per sequence (llama_batch_allocr::split_equal,
+    sequential): the batch's tokens come in runs (seq, n_tokens), each sequence once; a micro-batch takes the
+    first sequence with tokens left and every later one whose id is one more than the last taken, then an equal
+    number of tokens from each. Returns the micro-batches as {seq: tokens}. The engine reads from it which prompt
+    chunks llama.cpp evaluates on their own (see Engine._step); tests/test_engine.py checks it against llama.cpp."""
+    left = dict(runs)
+    out = []
+    while any(left.values()):
+        group: list[int] = []
+        for seq, n in left.items():
+            if n and (not group or seq == group[-1] + 1):
+                group.append(seq)
+        take = 0
+        while all(left[s] > take for s in group):
+            take += 1
+            if (take + 1) * len(group) > n_ubatch:
+                break
+        for s in group:
+            left[s] -= take
+        out.append(dict.fromkeys(group, take))
+    return out
 
 
 class QueueFullError(EdgelmError):
@@ -340,7 +364,7 @@ class Engine:
     def _reuse(self, slot: _Slot, tokens: list[int]) -> int:
         """Positions of `tokens` the slot's sequence can keep (from its own KV or the prompt cache)."""
         def usable(shared: int, exact: int) -> int:
-            return reusable(shared, exact, len(tokens))
+            return reusable(shared, exact, len(tokens), "exact", self.ctx.canonical_rows)
 
         n = usable(common_prefix(slot.held, tokens), slot.exact)
         # another slot may hold more of it (a shared system prompt): copy that sequence's state over
@@ -387,7 +411,7 @@ class Engine:
         if not decoding and not prefilling:
             return
         b = self.ctx._batch
-        n, outputs, chunks = 0, [], []  # outputs: (slot, batch index) with logits; chunks: (slot, index, start, end)
+        n, outputs, chunks = 0, [], []  # outputs: (slot, batch index) with logits; chunks: (slot, start, end)
         budget = self.options.n_batch - len(decoding)  # decoding streams always get their token
         for slot in prefilling:  # prompt chunks first, then the decode tokens
             remaining = len(slot.req.tokens) - slot.cursor
@@ -397,7 +421,7 @@ class Engine:
             if take <= 0:
                 break
             tokens, start, last = slot.req.tokens, slot.cursor, len(slot.req.tokens) - 1
-            chunks.append((slot, n, start, start + take))
+            chunks.append((slot, start, start + take))
             for p in range(start, start + take):
                 b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = tokens[p], p, 1, slot.seq
                 b.logits[n] = p == last
@@ -418,11 +442,15 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["batch_tokens"] += n
         self.stats["last_batch"] = n
-        for slot, index, start, end in chunks:
+        # canonical (see runtime.context): a chunk llama.cpp evaluated in a micro-batch of its own, at least
+        # canonical_rows long, from a row-group boundary, continuing a canonical prefix; the prompt's last
+        # partial row group never counts
+        runs = [(slot.seq, end - start) for slot, start, end in chunks] + [(slot.seq, 1) for slot in decoding]
+        alone = {seq: m for ub in micro_batches(runs, self.ctx.n_batch) if len(ub) == 1 for seq, m in ub.items()}
+        rows = self.ctx.canonical_rows
+        for slot, start, end in chunks:
             slot.held = slot.req.tokens[:end]
-            # canonical (see runtime.generate): a batch of at least FA_TILE rows, the chunk on a row-group
-            # boundary, continuing a canonical prefix; the prompt's last partial row group never counts
-            if n >= FA_TILE and index % ROW_GROUP == 0 and slot.exact == start:
+            if alone.get(slot.seq) == end - start >= rows and start % ROW_GROUP == 0 and slot.exact == start:
                 slot.exact = end if end < len(slot.req.tokens) else end - end % ROW_GROUP
         for slot in decoding:
             slot.held.append(slot.pending)

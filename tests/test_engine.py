@@ -111,3 +111,77 @@ def test_a_prefix_held_by_another_slot_is_shared(model):
     assert second.timings.cached_tokens >= len(b) - 64 - 4
     alone = model.generate(b, max_tokens=16, temperature=0)
     assert second.text == alone.text
+
+
+# ---------------------------------------------------------------------------- canonical chunks (exact reuse)
+
+
+@pytest.mark.parametrize("runs", [[(0, 10), (1, 1)], [(2, 40), (0, 1), (3, 1), (1, 1)], [(1, 30), (3, 20), (0, 1), (2, 1)],
+                                  [(0, 1), (1, 1), (2, 1), (3, 1)], [(3, 60), (2, 1)], [(1, 20), (2, 20), (3, 20)]])
+def test_micro_batches_are_how_llama_cpp_cuts_a_batch(model, runs):
+    """engine.micro_batches models llama.cpp's split of a batch over one KV stream per sequence; llama.cpp's own
+    micro-batches, seen by an eval callback as the rows of each graph's first attention norm, must agree."""
+    import llama_cpp as lib
+
+    from edgelm.engine import micro_batches
+    from edgelm.runtime import ggml
+    from edgelm.runtime.context import Context, ContextOptions
+
+    sizes, errors = [], []
+
+    def on_tensor(address, ask, _user_data):
+        try:
+            t = ggml.GGMLTensor.from_address(address)
+            if t.name.decode() != "attn_norm-0":
+                return False
+            if not ask:
+                sizes.append(int(t.ne[1]))
+            return True
+        except BaseException as e:  # never across the C boundary
+            errors.append(e)
+            return False
+
+    callback = lib.ggml_backend_sched_eval_callback(on_tensor)
+    ctx = Context(model.llama, ContextOptions(n_ctx=256, n_batch=64, n_seq_max=4, n_threads=2),
+                  eval_callback=callback)
+    try:
+        b, n = ctx._batch, 0
+        for seq, count in runs:
+            for pos in range(count):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0], b.logits[n] = 5 + pos, pos, 1, seq, pos == count - 1
+                n += 1
+        b.n_tokens = n
+        assert lib.llama_decode(ctx.ptr, b) == 0 and not errors
+    finally:
+        ctx.close()
+    assert sizes == [sum(ub.values()) for ub in micro_batches(runs, 64)]
+
+
+@pytest.mark.parametrize("chunk_slot", [0, 1])
+def test_a_prompt_chunk_is_canonical_only_in_a_micro_batch_of_its_own(model, chunk_slot):
+    """A prompt chunk in slot 0 shares llama.cpp's first micro-batch with slot 1's decode token (equal shares of
+    consecutive sequences), so one of its rows runs through a 2-row micro-batch's kernels: not what a cold prefill
+    computes, so later requests must not reuse it as exact. In slot 1, after slot 0's decode token, it runs alone."""
+    from edgelm import corpus
+
+    prompt = model.tokenize(corpus.text("heldout", max_chars=600))
+    engine = Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=512, n_threads=2), threaded=False)
+
+    def step():
+        with engine._cv:
+            engine._admit()
+        engine._guarded_step()
+
+    try:
+        running = [engine.submit(model.tokenize(p), params(max_tokens=100, ignore_eos=True)) for p in PROMPTS[:2]]
+        step()
+        step()
+        running[chunk_slot].cancel()  # its slot is freed in the next step; the other slot keeps decoding
+        step()
+        engine.submit(prompt, params(max_tokens=4))
+        step()
+        slot = engine._slots[chunk_slot]
+        assert slot.req is not None and slot.req.tokens == prompt and not slot.prefilling
+        assert slot.exact == (len(prompt) - len(prompt) % 4 if chunk_slot == 1 else 0)
+    finally:
+        engine.close()
