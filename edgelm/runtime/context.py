@@ -236,8 +236,8 @@ class Context:
             raise ModelLoadError(f"llama_decode failed with code {rc}")
         self._tokens.pop(seq, None)  # what an embedding-fed sequence holds is tracked by its owner
 
-    def decode_one(self, token: int, pos: int, seq: int = 0) -> None:
-        """The decode step's hot path: one token, logits on."""
+    def decode_one(self, token: int, pos: int, seq: int = 0, *, logits: bool = True) -> None:
+        """The decode step's hot path: one token, logits on (off: nobody reads them, and the head is skipped)."""
         if pos >= self.n_ctx:
             raise ContextOverflowError(f"position {pos} is past the context of {self.n_ctx}")
         if not 0 <= token < self.model.n_vocab:
@@ -247,7 +247,7 @@ class Context:
         b.pos[0] = pos
         b.n_seq_id[0] = 1
         b.seq_id[0][0] = seq
-        b.logits[0] = True
+        b.logits[0] = logits
         b.n_tokens = 1
         rc = lib.llama_decode(self._ptr, b)
         if rc != 0:

@@ -138,11 +138,13 @@ class EarlyExit(Drafter, Verifier):
         token, drafts, qs = history[-1], [], []
         while True:
             before = self.capture.head
-            self.d.decode_one(token, pos + len(drafts))
+            last = len(drafts) >= n_max or pos + len(drafts) + 1 >= self.n_ctx  # no draft follows this step
+            # a draft ending in the passthrough layer hands over its boundary row without logits: skip the head
+            self.d.decode_one(token, pos + len(drafts), logits=not (last and self._logits_from is None))
             self.capture.check()
             if self.capture.head != before + 1:
                 raise UsageError("early exit: the draft's boundary hidden state was not captured")
-            if len(drafts) >= n_max or pos + len(drafts) + 1 >= self.n_ctx:
+            if last:
                 break
             token = next_draft(self.d.logits(), self.threshold, dist, rng, qs)
             if token is None:
