@@ -1,9 +1,9 @@
 """Continuous batching: many concurrent requests decoded together, one `llama_decode` per step.
 
 One worker thread owns a context with one KV sequence per slot, each in a KV stream of its own (so
-attention never scans another slot's cells). Each step it admits queued requests into free slots, then builds one
-batch: prompt chunks of requests being prefilled first (bounded so running streams keep flowing),
-then the pending token of every decoding request. After the decode each request samples from its
+attention never scans another slot's cells). Each step it admits queued requests into free slots,
+then builds one batch: prompt chunks of requests being prefilled first (bounded so running streams
+keep flowing), then the pending token of every decoding request. After the decode each request samples from its
 own logits row with its own sampler chain and streams text chunks to its consumer. Finished or
 cancelled requests leave between steps; their KV stays in their slot for a follow-up request that
 shares the prefix, and goes to the prompt cache when one is configured.

@@ -159,10 +159,10 @@ class Context:
     # ------------------------------------------------------------ decode
 
     def warm_up(self, rows: np.ndarray | None = None) -> None:
-        """One throw-away decode, as llama.cpp's own tools run at start (`--no-warmup` there): the first
-        generation in a process then decodes as fast as later ones instead of 2-4% slower (page faults,
-        thread start-up). Token contexts evaluate BOS and EOS (token 0 without either); an embd_input
-        context evaluates `rows` (default: two zero rows). The KV cache is empty afterwards."""
+        """One throw-away decode, as llama.cpp's own tools run at start (`--no-warmup` there), so that the first
+        request does not pay for the process's first graph (page faults, thread start-up). Token contexts
+        evaluate BOS and EOS (token 0 without either); an embd_input context evaluates `rows` (default: two
+        zero rows). The KV cache is empty afterwards."""
         lib.llama_set_warmup(self._ptr, True)  # a mixture of experts runs every expert, so all are touched
         try:
             if self._embd is not None:
