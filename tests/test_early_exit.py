@@ -594,18 +594,23 @@ def test_exits_command_bad_input(tmp_path):
     assert main(["exits", str(tmp_path / "missing.gguf")]) != 0
 
 
-def test_early_exit_reuses_an_earlier_requests_kv_exactly(small):
-    """A chat's next turn: the shared prefix stays in both halves' KV (less the last FA_TILE positions, which
-    are evaluated again canonically), and the output is still the plain model's token for token."""
+@pytest.mark.parametrize("flash_attn", [None, False], ids=["flash attention auto", "flash attention off"])
+def test_early_exit_reuses_an_earlier_requests_kv_exactly(small, flash_attn):
+    """A chat's next turn: the shared prefix stays in both halves' KV (less the last canonical_rows positions,
+    which are evaluated again canonically: 64, or 8 without flash attention), and the output is still the plain
+    model's token for token."""
     head = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(15))
     turns = [head + "def main():\n", head + "class Point:\n", head + "class Point:\n    pass\n"]
-    with edgelm.load(small, early_exit=4, **GEN) as ee, edgelm.load(small, **GEN) as plain:
+    with (edgelm.load(small, early_exit=4, flash_attn=flash_attn, **GEN) as ee,
+          edgelm.load(small, flash_attn=flash_attn, **GEN) as plain):
         cached = []
         for text in turns:
             got = ee.generate(text, temperature=0, max_tokens=12)
             assert got.tokens == plain.generate(text, temperature=0, max_tokens=12).tokens
             cached.append(got.timings.cached_tokens)
         assert cached[0] == 0 and cached[1] > 64 and cached[2] > cached[1] - 8
+        if flash_attn is False:  # only the 8-row floor (and a row-group remainder) is evaluated again
+            assert cached[2] >= len(ee.tokenize(turns[2])) - 8 - 4
         ee.reset()
         assert ee.generate(turns[0], temperature=0, max_tokens=4).timings.cached_tokens == 0
 
