@@ -189,7 +189,10 @@ def test_canonical_batches_reproduce_a_cold_prefill_bit_for_bit(model, flash_att
     FA_TILE rows where the tiled flash attention kernel may run, SHORT_ROWS without flash attention."""
     import numpy as np
 
-    path = {"small": None, "small q4_k_m": small_q4_k_m}[model] if model.startswith("small") else tiny_gguf[model[5:]]
+    if model.startswith("tiny "):
+        path = tiny_gguf[model.removeprefix("tiny ")]
+    else:
+        path = small_q4_k_m if model == "small q4_k_m" else None  # None: the bundled model
     with edgelm.load(path, n_ctx=N_CTX, n_threads=2, n_batch=256, kv_reuse="off", prefix_cache_bytes=0,
                      flash_attn=flash_attn) as m:
         ids = m.tokenize(doc + doc)[:700]
