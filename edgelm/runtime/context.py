@@ -162,7 +162,10 @@ class Context:
         """One throw-away decode, as llama.cpp's own tools run at start (`--no-warmup` there), so that the first
         request does not pay for the process's first graph (page faults, thread start-up). Token contexts
         evaluate BOS and EOS (token 0 without either); an embd_input context evaluates `rows` (default: two
-        zero rows). The KV cache is empty afterwards."""
+        zero rows). The KV cache is empty afterwards. Models with an encoder (T5) are left alone: their decode
+        needs the encoder's output first."""
+        if lib.llama_model_has_encoder(self.model.ptr) or not lib.llama_model_has_decoder(self.model.ptr):
+            return
         lib.llama_set_warmup(self._ptr, True)  # a mixture of experts runs every expert, so all are touched
         try:
             if self._embd is not None:
