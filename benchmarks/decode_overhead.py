@@ -11,6 +11,7 @@ Q4_K_M built by runtime_bench.py.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     import llama_cpp as lib
+    import numpy as np
 
     import edgelm
 
@@ -47,12 +49,28 @@ def main(argv: list[str] | None = None) -> int:
             m.reset()
             return m.generate([token[0]], max_tokens=n + 1, temperature=0, ignore_eos=True).timings.gen_tps
 
+        row_type = ctypes.c_float * m.llama.n_vocab
+
+        def bare_reading_logits() -> float:
+            """The bare loop plus what any sampler must do and llama-bench never does: read the logits (in place,
+            as edgelm's greedy path does) and take their argmax."""
+            m.reset()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                lib.llama_decode(m.ctx.ptr, lib.llama_batch_get_one(token, 1))
+                logits = lib.llama_get_logits_ith(m.ctx.ptr, -1)
+                int(np.frombuffer(row_type.from_address(ctypes.addressof(logits.contents)), np.float32).argmax())
+            return n / (time.perf_counter() - t0)
+
         pairs = alternate(edgelm_tg, bare, args.rounds)  # (edgelm, bare)
         ratio = statistics.median(e / b for e, b in pairs)
         print(f"{Path(args.model).name}, {args.threads} threads, {n} tokens, {args.rounds} alternating rounds")
         print(f"  edgelm t/s: {[round(e, 1) for e, _ in pairs]}")
         print(f"  bare   t/s: {[round(b, 1) for _, b in pairs]}")
         print(f"  median paired ratio edgelm / bare: {ratio:.3f}")
+        reading = alternate(bare_reading_logits, bare, args.rounds)
+        print(f"  median paired ratio bare loop reading the logits (argmax) / bare: "
+              f"{statistics.median(r / b for r, b in reading):.3f}")
 
         with decode_seconds() as spent:
             m.reset()
