@@ -37,8 +37,8 @@ def micro_batches(runs: list[tuple[int, int]], n_ubatch: int) -> list[dict[int, 
     """How llama.cpp cuts a batch for a context with one KV stream per sequence (llama_batch_allocr::split_equal,
     sequential): the batch's tokens come in runs (seq, n_tokens), each sequence once; a micro-batch takes the
     first sequence with tokens left and every later one whose id is one more than the last taken, then an equal
-    number of tokens from each. Returns the micro-batches as {seq: tokens}. The engine reads from it which prompt
-    chunks llama.cpp evaluates on their own (see Engine._step); tests/test_engine.py checks it against llama.cpp."""
+    number of tokens from each. Returns the micro-batches as {seq: tokens}. The engine reads from it the shares
+    each prompt chunk was evaluated in (see Engine._step); tests/test_engine.py checks it against llama.cpp."""
     left = dict(runs)
     out = []
     while any(left.values()):
@@ -442,15 +442,22 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["batch_tokens"] += n
         self.stats["last_batch"] = n
-        # canonical (see runtime.context): a chunk llama.cpp evaluated in a micro-batch of its own, at least
-        # canonical_rows long, from a row-group boundary, continuing a canonical prefix; the prompt's last
-        # partial row group never counts
+        # canonical (see runtime.context): every share llama.cpp gave the chunk in its micro-batches is at least
+        # canonical_rows long and a whole number of row groups (a share may end in a partial one only as the last
+        # share, alone in its micro-batch: the row groups of a micro-batch run across sequences), from a row-group
+        # boundary, continuing a canonical prefix; the prompt's last partial row group never counts
         runs = [(slot.seq, end - start) for slot, start, end in chunks] + [(slot.seq, 1) for slot in decoding]
-        alone = {seq: m for ub in micro_batches(runs, self.ctx.n_batch) if len(ub) == 1 for seq, m in ub.items()}
+        shares: dict[int, list[tuple[int, int]]] = {}  # seq -> (tokens, sequences in the micro-batch), in order
+        for ub in micro_batches(runs, self.ctx.n_batch):
+            for seq, m in ub.items():
+                shares.setdefault(seq, []).append((m, len(ub)))
         rows = self.ctx.canonical_rows
         for slot, start, end in chunks:
             slot.held = slot.req.tokens[:end]
-            if alone.get(slot.seq) == end - start >= rows and start % ROW_GROUP == 0 and slot.exact == start:
+            parts = shares[slot.seq]
+            whole = all(m >= rows and (m % ROW_GROUP == 0 or (i == len(parts) - 1 and group == 1))
+                        for i, (m, group) in enumerate(parts))
+            if whole and start % ROW_GROUP == 0 and slot.exact == start:
                 slot.exact = end if end < len(slot.req.tokens) else end - end % ROW_GROUP
         for slot in decoding:
             slot.held.append(slot.pending)

@@ -157,6 +157,59 @@ def test_micro_batches_are_how_llama_cpp_cuts_a_batch(model, runs):
     assert sizes == [sum(ub.values()) for ub in micro_batches(runs, 64)]
 
 
+def test_sequences_sharing_micro_batches_keep_their_logits_when_each_share_is_canonical(model):
+    """The premise of the engine's rule: a prompt evaluated beside another sequence's prompt in one batch (llama.cpp
+    splits it into equal shares per micro-batch) gives the logits it gives alone when every share it got is at
+    least FA_TILE rows and a whole number of row groups; a 20-row share is not, and its logits differ."""
+    import llama_cpp as lib
+    import numpy as np
+
+    from edgelm import corpus
+    from edgelm.runtime.context import Context, ContextOptions
+
+    ids = model.tokenize(corpus.text("heldout", max_chars=8000), add_special=False)
+    ctx = Context(model.llama, ContextOptions(n_ctx=1024, n_batch=512, n_seq_max=2, n_threads=2))
+
+    def last_logits(parts):
+        ctx.clear()
+        b, n = ctx._batch, 0
+        for seq, tokens in parts:
+            for pos, t in enumerate(tokens):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0], b.logits[n] = t, pos, 1, seq, pos == len(tokens) - 1
+                n += 1
+        b.n_tokens = n
+        assert lib.llama_decode(ctx.ptr, b) == 0
+        return np.ctypeslib.as_array(lib.llama_get_logits(ctx.ptr), shape=(len(parts), model.llama.n_vocab)).copy()
+
+    try:
+        for la, lb, same_b in ((100, 100, True), (200, 80, True), (100, 120, False)):  # b's shares: 100; 80; 100+20
+            a, b = ids[:la], ids[1000:1000 + lb]
+            together = last_logits([(0, a), (1, b)])
+            assert np.array_equal(together[0], last_logits([(0, a)])[0])
+            assert np.array_equal(together[1], last_logits([(1, b)])[0]) == same_b, (la, lb)
+    finally:
+        ctx.close()
+
+
+def test_prompts_arriving_together_are_canonical_when_their_shares_are(model):
+    """Two prompts prefilled in one step by slots 0 and 1 get equal shares of llama.cpp's micro-batches: the one
+    whose every share is canonical counts as exact; the longer one's 20-token remainder does not."""
+    from edgelm import corpus
+
+    ids = model.tokenize(corpus.text("heldout", max_chars=8000), add_special=False)
+    prompts = [ids[:100], ids[1000:1120]]
+    engine = Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=512, n_threads=2), threaded=False)
+    try:
+        for p in prompts:
+            engine.submit(p, params(max_tokens=4))
+        with engine._cv:
+            engine._admit()
+        engine._guarded_step()
+        assert [s.exact for s in engine._slots] == [100, 0]
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("chunk_slot", [0, 1])
 def test_a_prompt_chunk_is_canonical_only_in_a_micro_batch_of_its_own(model, chunk_slot):
     """A prompt chunk in slot 0 shares llama.cpp's first micro-batch with slot 1's decode token (equal shares of
