@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/canonical_rows.py [MODEL.gguf ...] [--flash-attn auto|off] [--rows 1,2,4,8,16,64]
 
-Exact prefix reuse (runtime/context.py, Context.canonical_rows) rests on it: a prompt evaluated in batches of at
+Exact prefix reuse (edgelm/runtime/canonical.py) rests on it: a prompt evaluated in batches of at
 least R rows, each starting at a multiple of 4, must give bit-identical logits however it is cut. For each R this
-evaluates prompts of three lengths cut at several points (batches planned as generate.batch_plan does) and
+evaluates prompts of three lengths cut at several points (batches planned as canonical.batch_plan does) and
 compares the last position's logits with those of an uncut prefill. It prints, per model and setting, the cuts that
 differ and the least R from which none does. Run it on a new CPU or a new llama.cpp before trusting
 Context.canonical_rows there (64 with flash attention, 8 without, measured on x86-64 with AVX2).
@@ -27,7 +27,7 @@ def mismatches(path: str | None, flash_attn: bool | None, rows: int) -> list[tup
 
     import edgelm
     from edgelm import corpus
-    from edgelm.runtime.generate import batch_plan
+    from edgelm.runtime.canonical import batch_plan
 
     with edgelm.load(path, n_ctx=2048, n_threads=2, n_batch=512, prefix_cache_bytes=0, flash_attn=flash_attn,
                      kv_reuse="off") as m:

@@ -25,36 +25,13 @@ import llama_cpp as lib
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.context import Context, ContextOptions
 from .cache.prefix import common_prefix
-from .runtime.generate import ROW_GROUP, Chunk, Completion, StopMatcher, Timings, reusable
+from .runtime.canonical import ROW_GROUP, micro_batches, reusable, whole_shares
+from .runtime.generate import Chunk, Completion, StopMatcher, Timings
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
 
 
 POLL_S = 0.02  # how often a consumer looks for new chunks
-
-
-def micro_batches(runs: list[tuple[int, int]], n_ubatch: int) -> list[dict[int, int]]:
-    """How llama.cpp cuts a batch for a context with one KV stream per sequence (llama_batch_allocr::split_equal,
-    sequential): the batch's tokens come in runs (seq, n_tokens), each sequence once; a micro-batch takes the
-    first sequence with tokens left and every later one whose id is one more than the last taken, then an equal
-    number of tokens from each. Returns the micro-batches as {seq: tokens}. The engine reads from it the shares
-    each prompt chunk was evaluated in (see Engine._step); tests/test_engine.py checks it against llama.cpp."""
-    left = dict(runs)
-    out = []
-    while any(left.values()):
-        group: list[int] = []
-        for seq, n in left.items():
-            if n and (not group or seq == group[-1] + 1):
-                group.append(seq)
-        take = 0
-        while all(left[s] > take for s in group):
-            take += 1
-            if (take + 1) * len(group) > n_ubatch:
-                break
-        for s in group:
-            left[s] -= take
-        out.append(dict.fromkeys(group, take))
-    return out
 
 
 class QueueFullError(EdgelmError):
@@ -442,10 +419,8 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["batch_tokens"] += n
         self.stats["last_batch"] = n
-        # canonical (see runtime.context): every share llama.cpp gave the chunk in its micro-batches is at least
-        # canonical_rows long and a whole number of row groups (a share may end in a partial one only as the last
-        # share, alone in its micro-batch: the row groups of a micro-batch run across sequences), from a row-group
-        # boundary, continuing a canonical prefix; the prompt's last partial row group never counts
+        # canonical (runtime/canonical.py): whole shares of llama.cpp's micro-batches, from a row-group boundary,
+        # continuing a canonical prefix; the prompt's last partial row group never counts
         runs = [(slot.seq, end - start) for slot, start, end in chunks] + [(slot.seq, 1) for slot in decoding]
         shares: dict[int, list[tuple[int, int]]] = {}  # seq -> (tokens, sequences in the micro-batch), in order
         for ub in micro_batches(runs, self.ctx.n_batch):
@@ -454,10 +429,7 @@ class Engine:
         rows = self.ctx.canonical_rows
         for slot, start, end in chunks:
             slot.held = slot.req.tokens[:end]
-            parts = shares[slot.seq]
-            whole = all(m >= rows and (m % ROW_GROUP == 0 or (i == len(parts) - 1 and group == 1))
-                        for i, (m, group) in enumerate(parts))
-            if whole and start % ROW_GROUP == 0 and slot.exact == start:
+            if whole_shares(shares[slot.seq], rows) and start % ROW_GROUP == 0 and slot.exact == start:
                 slot.exact = end if end < len(slot.req.tokens) else end - end % ROW_GROUP
         for slot in decoding:
             slot.held.append(slot.pending)

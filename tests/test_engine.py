@@ -116,14 +116,28 @@ def test_a_prefix_held_by_another_slot_is_shared(model):
 # ---------------------------------------------------------------------------- canonical chunks (exact reuse)
 
 
+def decode_sequences(ctx, parts: list[tuple[int, list[int]]]) -> None:
+    """One llama_decode of several sequences' prompts (seq, tokens) from position 0, in this order, with logits for
+    each sequence's last token."""
+    import llama_cpp as lib
+
+    b, n = ctx._batch, 0
+    for seq, tokens in parts:
+        for pos, t in enumerate(tokens):
+            b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0], b.logits[n] = t, pos, 1, seq, pos == len(tokens) - 1
+            n += 1
+    b.n_tokens = n
+    assert lib.llama_decode(ctx.ptr, b) == 0
+
+
 @pytest.mark.parametrize("runs", [[(0, 10), (1, 1)], [(2, 40), (0, 1), (3, 1), (1, 1)], [(1, 30), (3, 20), (0, 1), (2, 1)],
                                   [(0, 1), (1, 1), (2, 1), (3, 1)], [(3, 60), (2, 1)], [(1, 20), (2, 20), (3, 20)]])
 def test_micro_batches_are_how_llama_cpp_cuts_a_batch(model, runs):
-    """engine.micro_batches models llama.cpp's split of a batch over one KV stream per sequence; llama.cpp's own
+    """canonical.micro_batches models llama.cpp's split of a batch over one KV stream per sequence; llama.cpp's own
     micro-batches, seen by an eval callback as the rows of each graph's first attention norm, must agree."""
     import llama_cpp as lib
 
-    from edgelm.engine import micro_batches
+    from edgelm.runtime.canonical import micro_batches
     from edgelm.runtime import ggml
     from edgelm.runtime.context import Context, ContextOptions
 
@@ -145,13 +159,8 @@ def test_micro_batches_are_how_llama_cpp_cuts_a_batch(model, runs):
     ctx = Context(model.llama, ContextOptions(n_ctx=256, n_batch=64, n_seq_max=4, n_threads=2),
                   eval_callback=callback)
     try:
-        b, n = ctx._batch, 0
-        for seq, count in runs:
-            for pos in range(count):
-                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0], b.logits[n] = 5 + pos, pos, 1, seq, pos == count - 1
-                n += 1
-        b.n_tokens = n
-        assert lib.llama_decode(ctx.ptr, b) == 0 and not errors
+        decode_sequences(ctx, [(seq, [5 + pos for pos in range(count)]) for seq, count in runs])
+        assert not errors
     finally:
         ctx.close()
     assert sizes == [sum(ub.values()) for ub in micro_batches(runs, 64)]
@@ -172,13 +181,7 @@ def test_sequences_sharing_micro_batches_keep_their_logits_when_each_share_is_ca
 
     def last_logits(parts):
         ctx.clear()
-        b, n = ctx._batch, 0
-        for seq, tokens in parts:
-            for pos, t in enumerate(tokens):
-                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0], b.logits[n] = t, pos, 1, seq, pos == len(tokens) - 1
-                n += 1
-        b.n_tokens = n
-        assert lib.llama_decode(ctx.ptr, b) == 0
+        decode_sequences(ctx, parts)
         return np.ctypeslib.as_array(lib.llama_get_logits(ctx.ptr), shape=(len(parts), model.llama.n_vocab)).copy()
 
     try:

@@ -24,8 +24,7 @@ from edgelm import corpus
 from edgelm.cache.prefix import PrefixTree
 from edgelm.cache.prompt import FIXED, PromptCache
 from edgelm.gguf_reader import read_gguf
-from edgelm.runtime.context import FA_TILE, ROW_GROUP, SHORT_ROWS
-from edgelm.runtime.generate import batch_plan
+from edgelm.runtime.canonical import FA_TILE, ROW_GROUP, SHORT_ROWS, batch_plan
 from edgelm.runtime.model import default_model_path
 
 from conftest import reweight_gguf

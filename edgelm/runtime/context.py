@@ -13,6 +13,7 @@ import numpy as np
 
 from edgelm.errors import ContextOverflowError, ModelLoadError, UsageError
 
+from .canonical import canonical_rows
 from .model import LlamaModel
 
 
@@ -42,17 +43,6 @@ class ContextOptions:
             raise UsageError(f"a quantized V cache (type_v {self.type_v!r}) needs flash attention, "
                              "which flash_attn=False turns off")
 
-
-# llama.cpp's CPU kernels round differently depending on how a prompt is cut into batches: flash attention
-# switches to a tiled kernel at 64 queries per batch (GGML_FA_TILE_Q; only over an f16 or f32 KV cache), repacked
-# quantized weights multiply activation rows in groups of 4 and the remainder one by one, and batches of fewer than
-# 8 rows round differently again (measured on repacked K-quants; 2 rows already suffice for Q8_0 and F16). A
-# *canonical* evaluation puts every position in a batch of at least `Context.canonical_rows` tokens that starts at a
-# multiple of ROW_GROUP; positions evaluated that way come out bit for bit the same however the prompt is cut
-# (tests/test_prompt_cache.py checks it), so a reused prefix gives exactly the cold output (runtime/generate.py).
-FA_TILE = 64
-SHORT_ROWS = 8
-ROW_GROUP = 4
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}  # ggml_type ids
 
@@ -103,11 +93,9 @@ class Context:
 
     @property
     def canonical_rows(self) -> int:
-        """The least batch whose positions a canonical evaluation reproduces: FA_TILE where the tiled flash
-        attention kernel may run (flash attention on or automatic, over an f16 or f32 KV cache), else SHORT_ROWS."""
+        """The least batch whose positions a canonical evaluation reproduces (runtime/canonical.py)."""
         o = self.options
-        tiled = o.flash_attn is not False and o.type_k == o.type_v and o.type_k in ("f16", "f32")
-        return FA_TILE if tiled else SHORT_ROWS
+        return canonical_rows(o.flash_attn, o.type_k, o.type_v)
 
     def close(self) -> None:
         if getattr(self, "_ptr", None):

@@ -11,11 +11,12 @@ from edgelm import native
 from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context, warmup_tokens
-from .generate import FA_TILE, common_prefix, prefill_batches, reusable
+from .canonical import FA_TILE, prefill_batches, reusable
+from .generate import common_prefix
 from .speculative import THRESHOLD, Drafter, Verifier, next_draft
 
 # batch of an early-exit split's contexts: 2 x FA_TILE is the least n_batch with which every prompt splits into
-# canonical batches (generate.batch_plan), so the KV stays bit for bit the full model's. A draft without the
+# canonical batches (canonical.batch_plan), so the KV stays bit for bit the full model's. A draft without the
 # passthrough layer (a split of format 2, or of an architecture without one: see converters.early_exit) asks for
 # every prefill position's logits, since its last layer keeps only output rows: n_batch x n_vocab floats in its
 # compute buffer and again in its output buffer (2 x 74 MiB for a 151,936-token vocabulary at this n_batch).
@@ -51,7 +52,7 @@ class EarlyExit(Drafter, Verifier):
 
     def prefill(self, tokens: list[int]) -> int:
         """Hold `tokens` in both halves, keeping what an earlier request left only where a cold prefill would
-        reproduce it bit for bit (generate.reusable: canonically evaluated positions, `rows` re-evaluated)."""
+        reproduce it bit for bit (canonical.reusable: canonically evaluated positions, `rows` re-evaluated)."""
         shared = min(common_prefix(self.d.seq_tokens(0), tokens), common_prefix(self._t_held, tokens))
         source_exact = self.d.exact_tokens(0)
         n = reusable(shared, source_exact, len(tokens), self.reuse, self.rows)

@@ -209,7 +209,8 @@ def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_ma
         try:
             for k in layers:
                 paths = split_model(copy, k)
-                passthrough = check_split(copy, paths).passthrough  # as the runtime reads it (api._load_early_exit)
+                # as the runtime reads it; the split was just written from `copy`, so no fingerprint check of it
+                passthrough = check_split(None, paths).passthrough
                 d = LlamaModel(paths.draft, parts=[paths.shared])
                 t = LlamaModel(paths.tail, parts=[paths.shared])
                 cap = Capture(f"l_out-{k - 1}", d.n_embd, options.n_batch)

@@ -9,7 +9,8 @@ from typing import Iterator
 from edgelm.cache.prefix import common_prefix
 from edgelm.errors import ContextOverflowError, UsageError
 
-from .context import FA_TILE, ROW_GROUP, Context
+from .canonical import prefill_batches, reusable
+from .context import Context
 from .sampling import SamplerChain, SamplingParams
 
 
@@ -54,37 +55,6 @@ class Completion:
 REUSE = ("exact", "fast", "off")
 
 
-def reusable(shared: int, exact: int, n_tokens: int, reuse: str = "exact", rows: int = FA_TILE) -> int:
-    """How many leading positions of an `n_tokens` prompt to keep, of `shared` held ones of which `exact`
-    were evaluated canonically (in batches of at least `rows`: Context.canonical_rows). The last token is
-    always evaluated again: sampling needs its logits."""
-    if reuse == "off":
-        return 0
-    if reuse == "fast":
-        return min(shared, n_tokens - 1)
-    n = min(shared, exact, n_tokens - rows)
-    return max(0, n - n % ROW_GROUP)
-
-
-def batch_plan(start: int, end: int, n_batch: int, rows: int = FA_TILE) -> list[tuple[int, int]] | None:
-    """Canonical batches for positions [start, end) (start a multiple of ROW_GROUP, each batch at least
-    `rows` long), or None if there are none: fewer than `rows` positions, or an n_batch too small."""
-    size = n_batch - n_batch % ROW_GROUP
-    if end - start < rows or start % ROW_GROUP or (end - start > n_batch and size < 2 * rows):
-        return None
-    plan, pos = [], start
-    while end - pos > n_batch:
-        step = size
-        rest = end - pos - size
-        if 0 < rest < rows:  # leave the last batch `rows` long
-            short = rows - rest
-            step -= short + (-short) % ROW_GROUP
-        plan.append((pos, pos + step))
-        pos += step
-    plan.append((pos, end))
-    return plan
-
-
 def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: str = "exact") -> int:
     """Make `seq` hold `tokens`, evaluating only what neither it nor the prompt cache already holds.
 
@@ -118,17 +88,6 @@ def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: st
         ctx.decode(tokens[lo:hi], lo, seq, logits_last=hi == len(tokens))
     ctx.set_tokens(seq, tokens, exact=exact)
     return n
-
-
-def prefill_batches(n: int, n_tokens: int, n_batch: int, source_exact: int,
-                    rows: int = FA_TILE) -> tuple[list[tuple[int, int]], int]:
-    """The batches that evaluate positions [n, n_tokens) after n reused ones (canonical where batch_plan can
-    make them, else plain n_batch chunks), and how many leading positions are canonical afterwards."""
-    plan = batch_plan(n, n_tokens, n_batch, rows)
-    if plan is None:
-        return [(lo, min(lo + n_batch, n_tokens)) for lo in range(n, n_tokens, n_batch)], min(n, source_exact)
-    canonical = n == 0 or source_exact >= n
-    return plan, (n_tokens - n_tokens % ROW_GROUP if canonical else min(n, source_exact))
 
 
 def generate_tokens(
