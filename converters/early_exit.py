@@ -189,9 +189,9 @@ def split_model(
 
 @dataclass(frozen=True)
 class _Zeros:
-    """A zero-layer tensor: layer 0's array shape and ggml type, every byte zero."""
+    """A zero-layer tensor: layer 0's array shape and ggml type, every byte zero (written as a read tensor is)."""
     data: np.ndarray
-    ggml_type: gguf.GGMLQuantizationType
+    tensor_type: gguf.GGMLQuantizationType
 
 
 def _passthrough_block(k: int, n_embd: int) -> list[tuple[str, np.ndarray]]:
@@ -227,8 +227,6 @@ def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGU
         for name, t in items:
             if isinstance(t, np.ndarray):
                 writer.add_tensor(name, t)
-            elif isinstance(t, _Zeros):
-                writer.add_tensor(name, t.data, raw_dtype=t.ggml_type)
             else:
                 writer.add_tensor(name, t.data, raw_dtype=t.tensor_type)  # byte rows for quantized types
         try:
