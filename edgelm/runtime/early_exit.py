@@ -10,8 +10,8 @@ import numpy as np
 from edgelm import native
 from edgelm.errors import ContextOverflowError, UsageError
 
-from .context import Context, warmup_tokens
 from .canonical import FA_TILE, prefill_batches, reusable
+from .context import Context, warmup_tokens
 from .generate import common_prefix
 from .speculative import THRESHOLD, Drafter, Verifier, next_draft
 
