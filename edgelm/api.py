@@ -10,6 +10,7 @@ from typing import Iterator
 from .cache.prompt import DEFAULT_DISK_BYTES, DEFAULT_RAM_BYTES, PromptCache
 from .cache.response import CachedResponse, ResponseCache
 from .errors import ContextOverflowError, UsageError
+from .runtime.backend import release_workers, running_graphs
 from .runtime.chat import chat_tokens, template_for
 from .runtime.context import Context, ContextOptions
 from .runtime.generate import REUSE, Chunk, Completion, Timings, collect, generate, stream, text_stream
@@ -64,6 +65,7 @@ class Model:
             for warm in (self._pair or self.ctx, self._draft_ctx):
                 if warm is not None:
                     warm.warm_up()
+            release_workers()  # the thread that loads is often not the one that generates (runtime/backend.py)
         self.seed, self.truncate = seed, truncate  # defaults for every call
         self.kv_reuse = kv_reuse  # how much of an earlier prompt's KV a request may take (generate.prefill)
         if self._pair is not None:
@@ -198,7 +200,7 @@ class Model:
                                 max_tokens_cap=max(params.max_tokens, 1), n_threads=self.ctx.options.n_threads,
                                 flash_attn=self.ctx.options.flash_attn, type_k=self.ctx.options.type_k,
                                 type_v=self.ctx.options.type_v)
-        with self._lock, Engine(self.llama, options, prompt_cache=None, threaded=False) as engine:
+        with self._lock, running_graphs(), Engine(self.llama, options, prompt_cache=None, threaded=False) as engine:
             requests = engine.submit_many([(tokens, params) for tokens in token_lists])
             engine.run_until_idle()  # in this thread: see Engine's threaded
             return [r.result() for r in requests]
@@ -215,7 +217,7 @@ class Model:
                 cache.clear()
 
     def _complete(self, tokens: list[int], params: SamplingParams) -> Completion:
-        with self._lock:
+        with self._lock, running_graphs():
             hit = self._cached_response(tokens, params)
             if hit is not None:
                 return hit
@@ -227,7 +229,7 @@ class Model:
             return out
 
     def _stream(self, tokens: list[int], params: SamplingParams) -> Iterator[Chunk]:
-        with self._lock:
+        with self._lock, running_graphs():
             hit = self._cached_response(tokens, params)
             if hit is not None:
                 yield Chunk(hit.text, hit.tokens, hit.finish_reason, hit.timings)
@@ -296,7 +298,7 @@ class Model:
 
     def embed(self, texts: list[str] | str, *, normalize: bool = True):
         """Mean-pooled, L2-normalised hidden states: an (n, n_embd) float32 array (one row for a str)."""
-        with self._lock:
+        with self._lock, running_graphs():
             return self._embed_unlocked(texts, normalize=normalize)
 
     def _embed_unlocked(self, texts: list[str] | str, *, normalize: bool = True):
@@ -315,7 +317,7 @@ class Model:
 
         self._no_early_exit("perplexity")
         window = window or min(self.ctx.n_ctx, 512)
-        with self._lock:
+        with self._lock, running_graphs():
             return perplexity(self.llama, self.tokenize(text), window=window, stride=stride,
                               n_threads=self.ctx.options.n_threads)
 

@@ -22,10 +22,11 @@ from typing import Iterator
 
 import llama_cpp as lib
 
-from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
-from .runtime.context import Context, ContextOptions
 from .cache.prefix import common_prefix
+from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
+from .runtime.backend import running_graphs
 from .runtime.canonical import ROW_GROUP, micro_batches, reusable, whole_shares
+from .runtime.context import Context, ContextOptions
 from .runtime.generate import Chunk, Completion, StopMatcher, Timings
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
@@ -172,9 +173,9 @@ class _Slot:
 class Engine:
     def __init__(self, model: LlamaModel, options: EngineOptions | None = None, *, prompt_cache=None,
                  threaded: bool = True):
-        """threaded=False: no worker thread; the caller drives it with run_until_idle(). llama.cpp's OpenMP
-        threads decode several times slower once a second thread of the process has run a graph (measured
-        at 2 threads: 150-600 t/s instead of 900-1300), so one process should decode on one thread."""
+        """threaded=False: no worker thread; the caller drives it with run_until_idle(). Either way one thread
+        runs every graph of the engine, its warm-up included: llama.cpp's OpenMP workers decode at half speed
+        or worse while a second thread of the process keeps a pool of them (runtime/backend.py)."""
         self.options = options = options or EngineOptions()
         options.validate()
         self.model = model
@@ -182,8 +183,6 @@ class Engine:
             n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch, n_threads=options.n_threads,
             n_seq_max=options.n_parallel, flash_attn=options.flash_attn, type_k=options.type_k,
             type_v=options.type_v, kv_unified=False))
-        if options.warmup:
-            self.ctx.warm_up()
         self.prompt_cache = prompt_cache
         self._slots = [_Slot(i) for i in range(options.n_parallel)]
         self._queue: deque[Request] = deque()
@@ -198,6 +197,12 @@ class Engine:
         if threaded:
             self._thread = threading.Thread(target=self._run, name="edgelm-engine", daemon=True)
             self._thread.start()
+        if options.warmup:  # on the thread that decodes: one that only warmed up would keep a pool (runtime/backend.py)
+            try:
+                self.call(self.ctx.warm_up).result()
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------ client side
 
@@ -294,6 +299,10 @@ class Engine:
             self._guarded_step()
 
     def _run(self) -> None:
+        with running_graphs():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while (not self._closed and (self._paused or not self._queue) and not self._calls

@@ -1,11 +1,23 @@
-"""Process-wide llama.cpp state: backend initialisation and log routing.
+"""Process-wide llama.cpp state: backend initialisation, log routing, and the CPU backend's worker threads.
 
 llama.cpp prints to stderr unless given a log callback; edgelm is quiet by
 default and routes llama.cpp's lines to the `edgelm.llama` logger instead.
+
+Worker threads: llama.cpp's CPU backend, built with GCC's OpenMP (libgomp, the Linux default), keeps a pool of
+n_threads - 1 workers for every thread of the process that has run a graph. Once the pools together outnumber
+the CPUs, libgomp cuts its spin at every barrier from 300,000 turns to 100 (gomp_throttled_spin_count), the
+workers sleep in the kernel between graph nodes, and decoding runs at half speed (measured on 2 cores, 2
+threads, the small model: 600-700 t/s instead of 1,300-1,500). Two such threads in one process are common: an
+app that loads the model on its UI thread and generates on a worker, a server that loads on its main thread and
+decodes on its engine thread. So a thread lets its pool go (`release_workers`) after a load's warm-up, and after
+every call once a second thread has run graphs (`running_graphs`); the next graph on it starts a fresh pool.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 import threading
 
 import llama_cpp as lib
@@ -50,3 +62,48 @@ def system_info() -> str:
 
 def supports_rpc() -> bool:
     return bool(lib.llama_supports_rpc())
+
+
+# ---------------------------------------------------------------- the CPU backend's worker pools
+
+_graph_threads: dict[int, threading.Thread] = {}  # threads that have run graphs and may hold a pool
+_shared = False  # a second thread has run graphs: each lets its pool go when its call ends
+_gomp = None  # omp_pause_resource_all of the libgomp llama.cpp loaded; False: none
+
+
+def _pause_resource_all():
+    global _gomp
+    if _gomp is None:
+        _gomp = False
+        try:  # RTLD_NOLOAD: only a libgomp already in the process, the one llama.cpp's CPU backend uses
+            _gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_pause_resource_all
+            _gomp.argtypes, _gomp.restype = [ctypes.c_int], ctypes.c_int
+        except (OSError, AttributeError):  # no OpenMP, another runtime (LLVM's pauses every thread), not Linux
+            pass
+    return _gomp or None
+
+
+def release_workers() -> None:
+    """Let the calling thread's OpenMP pool go (libgomp frees only the caller's); its next graph starts a new one."""
+    pause = _pause_resource_all()
+    with _lock:
+        _graph_threads.pop(threading.get_ident(), None)
+    if pause is not None:
+        pause(1)  # omp_pause_soft
+
+
+@contextlib.contextmanager
+def running_graphs():
+    """Around a call that runs llama.cpp graphs on this thread: once another thread of the process has run
+    graphs too, the call lets this thread's pool go when it ends, so that only one pool is ever alive."""
+    global _shared
+    me = threading.current_thread()
+    with _lock:
+        _graph_threads[me.ident] = me
+        if not _shared:
+            _shared = any(t is not me and t.is_alive() for t in _graph_threads.values())
+    try:
+        yield
+    finally:
+        if _shared:
+            release_workers()

@@ -1,0 +1,88 @@
+"""One pool of llama.cpp's OpenMP workers per process (edgelm/runtime/backend.py).
+
+libgomp keeps a pool of n_threads - 1 workers for every thread that has run a graph, and decoding slows to half
+speed once the pools outnumber the CPUs. The scenarios run in a fresh process, which counts its native threads
+(/proc/self/task) while each call decodes: the count says how many pools are alive, with no timing involved.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not sys.platform.startswith("linux"),
+                                reason="counts threads through Linux's /proc")
+
+SCENARIO = r"""
+import ctypes, json, os, threading
+import edgelm
+from edgelm.engine import Engine, EngineOptions
+from edgelm.runtime.sampling import SamplingParams
+
+def native_threads():  # of this process, minus the calling thread when it is not the main one
+    return len(os.listdir("/proc/self/task")) - (threading.current_thread() is not threading.main_thread())
+
+seen = {"start": native_threads()}
+model = edgelm.load(None, n_threads=2, prefix_cache_bytes=0)
+try:
+    ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+except OSError:
+    print(json.dumps({"openmp": False}))
+    raise SystemExit
+seen["loaded"] = native_threads()
+
+def generate(tag):
+    for i, _ in enumerate(model.stream("def f", max_tokens=4, temperature=0, ignore_eos=True)):
+        if i == 2:  # mid-generation
+            seen[tag] = native_threads()
+
+def in_thread(tag):
+    t = threading.Thread(target=generate, args=(tag,))
+    t.start()
+    t.join()
+
+in_thread("worker")
+in_thread("worker2")
+generate("main")
+in_thread("worker3")
+generate("main2")
+seen["idle"] = native_threads()
+with Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=256, n_threads=2)) as engine:
+    seen["engine_warm"] = native_threads() - 1
+    engine.submit(model.tokenize("def f"), SamplingParams(max_tokens=4, temperature=0)).result()
+    seen["engine_decoded"] = native_threads() - 1
+print(json.dumps(seen))
+"""
+
+
+@pytest.fixture(scope="module")
+def seen() -> dict:
+    r = subprocess.run([sys.executable, "-c", SCENARIO], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    if seen.get("openmp") is False:
+        pytest.skip("llama.cpp's CPU backend runs without libgomp here")
+    return seen
+
+
+def test_loading_leaves_no_pool_behind(seen):
+    # the load's warm-up decode ran on the main thread; a worker thread that generates next must not find its pool
+    assert seen["loaded"] == seen["start"]
+    assert seen["worker"] == seen["worker2"] == seen["start"] + 1  # one pool: n_threads - 1 = 1 worker
+
+
+def test_threads_taking_turns_keep_one_pool_once_they_have_met(seen):
+    # the main thread generated while no other thread was alive: it kept its pool, which worker3 found (the one
+    # call that pays for it); from then on every call lets its pool go, so main2 runs with its own alone
+    assert seen["main"] == seen["start"] + 1
+    assert seen["worker3"] == seen["start"] + 2
+    assert seen["main2"] == seen["start"] + 1
+    assert seen["idle"] == seen["start"]
+
+
+def test_a_threaded_engine_warms_up_and_decodes_on_its_own_thread(seen):
+    # the engine thread itself is not counted; its pool is the only one, before and after decoding
+    assert seen["engine_warm"] == seen["engine_decoded"] == seen["start"] + 1
