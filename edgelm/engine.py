@@ -430,11 +430,12 @@ class Engine:
         self.stats["last_batch"] = n
         # canonical (runtime/canonical.py): whole shares of llama.cpp's micro-batches, from a row-group boundary,
         # continuing a canonical prefix; the prompt's last partial row group never counts
-        runs = [(slot.seq, end - start) for slot, start, end in chunks] + [(slot.seq, 1) for slot in decoding]
         shares: dict[int, list[tuple[int, int]]] = {}  # seq -> (tokens, sequences in the micro-batch), in order
-        for ub in micro_batches(runs, self.ctx.n_batch):
-            for seq, m in ub.items():
-                shares.setdefault(seq, []).append((m, len(ub)))
+        if chunks:
+            runs = [(slot.seq, end - start) for slot, start, end in chunks] + [(slot.seq, 1) for slot in decoding]
+            for ub in micro_batches(runs, self.ctx.n_batch):
+                for seq, m in ub.items():
+                    shares.setdefault(seq, []).append((m, len(ub)))
         rows = self.ctx.canonical_rows
         for slot, start, end in chunks:
             slot.held = slot.req.tokens[:end]
