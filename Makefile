@@ -42,6 +42,7 @@ exit-heads: $(STAMP)
 	$(BIN)/python scripts/train_exit.py exit-norm --model models/small --layers 2 4 6 8 --steps 150 --batch 4 --lr 2e-2
 	$(BIN)/python scripts/train_exit.py layerskip --model models/small --out models/small-ee --exit-layers 4 6 8 \
 		--steps 360 --batch 4 --lr 2e-5 --warmup 40 --exit-weight 0.2 --eval-every 60
+	$(BIN)/python scripts/train_exit.py exit-block --model models/small-ee --layer 4
 	$(MAKE) default-model
 
 clean:

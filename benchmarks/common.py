@@ -236,9 +236,10 @@ def run_worker(script: str | Path, *args: object):
     return json.loads(r.stdout.splitlines()[-1])
 
 
-def split_is_current(model: Path, k: int, passthrough: bool = True) -> bool:
+def split_is_current(model: Path, k: int, passthrough: bool = True, exit_norm: str | None = None) -> bool:
     """Whether the early-exit split of `model` at k exists, in this edgelm's format, with (or without) the draft's
-    passthrough layer: a benchmark writes it again otherwise, since an older split measures an older design."""
+    passthrough layer (and, given `exit_norm`, that kind of exit): a benchmark writes it again otherwise, since an
+    older split measures an older design."""
     sys.path.insert(0, str(ROOT))
     from edgelm.converters.early_exit import FORMAT, KEY, split_paths
     from edgelm.gguf_reader import read_gguf
@@ -247,4 +248,5 @@ def split_is_current(model: Path, k: int, passthrough: bool = True) -> bool:
     if not paths.exists():
         return False
     draft = read_gguf(paths.draft, keep_arrays=False)
-    return draft.get(KEY + "format") == FORMAT and bool(draft.get(KEY + "passthrough")) == passthrough
+    return (draft.get(KEY + "format") == FORMAT and bool(draft.get(KEY + "passthrough")) == passthrough
+            and exit_norm in (None, draft.get(KEY + "exit_norm")))

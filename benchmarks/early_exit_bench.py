@@ -9,13 +9,15 @@ speculative output is compared token by token with the plain output of the same 
     .venv/bin/python benchmarks/early_exit_bench.py [--rounds 3] [--threads 2] [--tokens 128]
 
 Models: the bundled default model (its split: exit norm trained alone, the weights untouched) and its
-early-exit-trained sibling models/small-ee (scripts/train_exit.py layerskip), converted here to Q8_0.
+early-exit-trained sibling models/small-ee (scripts/train_exit.py layerskip), converted here to Q8_0, with
+its trained exit norm, and again with its trained exit block (scripts/train_exit.py exit-block) when it has one.
 Report: docs/early-exit.md and docs/img/early-exit.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +66,7 @@ def prepare(threads: int) -> list[tuple[str, Path, int | None]]:
     """(label, single-file GGUF with its split beside it, exit layer) for each benchmarked model."""
     sys.path.insert(0, str(ROOT))
     from edgelm.converters import convert
-    from edgelm.converters.early_exit import available_splits, write_early_exit
+    from edgelm.converters.early_exit import EXIT_BLOCKS, available_splits, write_early_exit
     from edgelm.runtime.model import default_model_path
 
     out = []
@@ -76,9 +78,16 @@ def prepare(threads: int) -> list[tuple[str, Path, int | None]]:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.is_file() or not available_splits(target):
             convert(ee_dir, target, outtype="q8_0")
-        if not split_is_current(target, EXIT_LAYER):
-            write_early_exit(target, EXIT_LAYER, hf_dir=ee_dir, n_threads=threads)
+        if not split_is_current(target, EXIT_LAYER, exit_norm="trained"):
+            write_early_exit(target, EXIT_LAYER, hf_dir=ee_dir, n_threads=threads, exit_block=False)
         out.append(("small-ee (early-exit trained)", target, None))
+        if (ee_dir / EXIT_BLOCKS).is_file():  # the same model, drafting through its trained exit block
+            block = target.with_name("small-ee-block-q8_0.gguf")
+            if not block.is_file():
+                shutil.copyfile(target, block)
+            if not split_is_current(block, EXIT_LAYER, exit_norm="trained block"):
+                write_early_exit(block, EXIT_LAYER, hf_dir=ee_dir, n_threads=threads)
+            out.append(("small-ee + exit block", block, None))
     return out
 
 

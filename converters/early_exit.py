@@ -82,7 +82,7 @@ def _per_layer_arrays(reader: gguf.GGUFReader, arch: str, n_layer: int) -> dict[
 
 def split_model(
     model: str | Path, k: int, *, exit_norm: np.ndarray | None = None, exit_norm_name: str = "final",
-    passthrough: bool = True,
+    passthrough: bool = True, exit_block: dict[str, np.ndarray] | None = None,
 ) -> SplitPaths:
     """Write the early-exit split of a single-file GGUF at exit layer k (1 <= k < n_layer) beside it.
 
@@ -90,6 +90,9 @@ def split_model(
     None reuses the model's final norm (works, but a model not trained for early exit accepts less).
     `passthrough`: end the draft in a passthrough layer (see PASSTHROUGH_ARCH); False writes the plain
     draft of split format 2, whose prefill asks for every row's logits.
+    `exit_block`: a trained exit block (EXIT_BLOCK_TENSORS, as scripts/train_exit.py writes them) that becomes the
+    draft's passthrough layer and exit norm, so that D drafts from head(exit_norm(h + FFN(h))); T still receives
+    h. Llama drafts only (the deci passthrough layer).
     """
     from edgelm.gguf_reader import read_gguf
 
@@ -111,6 +114,11 @@ def split_model(
     final_norm = tensors["output_norm.weight"]
     n_embd = int(reader.fields[f"{arch}.embedding_length"].contents())
     n_vocab = int(tensors["token_embd.weight"].shape[1])  # gguf-py shapes are ggml's: (n_embd, n_vocab)
+    if exit_block is not None:
+        if exit_norm is not None:
+            raise ConversionError("an exit block brings its own exit norm: give exit_norm or exit_block, not both")
+        exit_block = _checked_block(exit_block, n_embd)
+        exit_norm, exit_norm_name = exit_block.pop("output_norm"), "trained block"
     if exit_norm is not None:
         exit_norm = np.asarray(exit_norm, dtype=np.float32)
         if exit_norm.shape != (n_embd,) or not np.all(np.isfinite(exit_norm)):
@@ -140,6 +148,9 @@ def split_model(
     per_layer = _per_layer_arrays(reader, arch, n_layer)
     deci = (passthrough and arch in PASSTHROUGH_ARCH and not per_layer
             and all(rest in PASSTHROUGH_BLOCK for il in range(k) for rest, _ in blocks[il]))
+    if exit_block is not None and not deci:
+        raise ConversionError(f"{model}: an exit block needs a llama draft with a passthrough layer (plain Llama "
+                              "blocks, no per-layer arrays)")
     name = str(reader.fields["general.name"].contents()) if "general.name" in reader.fields else model.stem
     for role, lo, hi, path in (("draft", 0, k, paths.draft), ("tail", k, n_layer, paths.tail)):
         items = [(t.name, t) for t in globals_]
@@ -153,8 +164,9 @@ def split_model(
         overrides = {}
         if role == "draft" and deci:
             out_arch, n_blocks = PASSTHROUGH_ARCH[arch], k + 1
-            items += _passthrough_block(k, n_embd)
-            overrides.update(_passthrough_arrays(reader, arch, out_arch, k))
+            items += _passthrough_block(k, n_embd, exit_block)
+            n_ff = PASSTHROUGH_FF if exit_block is None else exit_block["ffn_gate"].shape[0]
+            overrides.update(_passthrough_arrays(reader, arch, out_arch, k, n_ff))
         elif role == "draft" and passthrough:
             n_blocks = k + 1
             items += [(f"blk.{k}.{rest}", _Zeros(np.zeros_like(t.data), t.tensor_type)) for rest, t in blocks[0]]
@@ -194,15 +206,58 @@ class _Zeros:
     tensor_type: gguf.GGMLQuantizationType
 
 
-def _passthrough_block(k: int, n_embd: int) -> list[tuple[str, np.ndarray]]:
-    """Layer k of the draft: attention-free (no tensors), an FFN whose output is exactly zero."""
-    zeros = np.zeros((PASSTHROUGH_FF, n_embd), np.float32)  # gguf-py takes numpy's (rows, columns)
-    return [(f"blk.{k}.ffn_norm.weight", np.ones(n_embd, np.float32)), (f"blk.{k}.ffn_gate.weight", zeros),
-            (f"blk.{k}.ffn_up.weight", zeros), (f"blk.{k}.ffn_down.weight", zeros.T.copy())]
+def _passthrough_block(k: int, n_embd: int, block: dict[str, np.ndarray] | None) -> list[tuple[str, np.ndarray]]:
+    """Layer k of the draft: attention-free (no tensors), and an FFN whose output is exactly zero, or the exit
+    block's."""
+    if block is None:
+        zeros = np.zeros((PASSTHROUGH_FF, n_embd), np.float32)  # gguf-py takes numpy's (rows, columns)
+        block = {"ffn_norm": np.ones(n_embd, np.float32), "ffn_gate": zeros, "ffn_up": zeros, "ffn_down": zeros.T.copy()}
+    return [(f"blk.{k}.{name}.weight", block[name]) for name in ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
 
 
-def _passthrough_arrays(reader: gguf.GGUFReader, arch: str, out_arch: str, k: int) -> dict:
-    """Per-layer head and FFN counts: the model's for layers 0..k-1, none (and a width-1 FFN) for layer k."""
+# a trained exit block: torch's Linear layout, (out, in), which is gguf-py's (rows, columns) for llama's FFN tensors
+EXIT_BLOCK_TENSORS = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "output_norm")
+
+
+def _checked_block(block: dict[str, np.ndarray], n_embd: int) -> dict[str, np.ndarray]:
+    """The block's norms in f32, its matrices in f16 (as llama.cpp keeps small matrices), shapes and values checked."""
+    missing = [name for name in EXIT_BLOCK_TENSORS if name not in block]
+    if missing:
+        raise ConversionError(f"exit block: no {', '.join(missing)} tensor")
+    matrices = ("ffn_gate", "ffn_up", "ffn_down")
+    with np.errstate(over="ignore"):  # a value past float16's range becomes inf, refused below
+        out = {name: np.ascontiguousarray(block[name], dtype=np.float16 if name in matrices else np.float32)
+               for name in EXIT_BLOCK_TENSORS}
+    width = out["ffn_gate"].shape[0] if out["ffn_gate"].ndim == 2 else 0
+    shapes = {"ffn_norm": (n_embd,), "output_norm": (n_embd,), "ffn_gate": (width, n_embd), "ffn_up": (width, n_embd),
+              "ffn_down": (n_embd, width)}
+    for name, shape in shapes.items():
+        if width < 1 or out[name].shape != shape:
+            raise ConversionError(f"exit block: {name} has shape {out[name].shape}, not {shape} for a hidden size "
+                                  f"of {n_embd}")
+    bad = [name for name, w in out.items() if not np.all(np.isfinite(w))]
+    if bad:
+        raise ConversionError(f"exit block: {', '.join(bad)} holds values that are not finite (in float16 for "
+                              "the matrices)")
+    return out
+
+
+def load_exit_blocks(path: str | Path) -> dict[int, dict[str, np.ndarray]]:
+    """Exit blocks from a safetensors file: tensors `exit_block.{k}.{name}.weight`, name in EXIT_BLOCK_TENSORS."""
+    from safetensors.numpy import load_file
+
+    blocks: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in load_file(str(path)).items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[0] == "exit_block" and parts[1].isdigit() and parts[3] == "weight":
+            blocks.setdefault(int(parts[1]), {})[parts[2]] = value
+    if not blocks:
+        raise ConversionError(f"{path}: holds no exit_block.K.NAME.weight tensors")
+    return blocks
+
+
+def _passthrough_arrays(reader: gguf.GGUFReader, arch: str, out_arch: str, k: int, n_ff_last: int) -> dict:
+    """Per-layer head and FFN counts: the model's for layers 0..k-1, none (and an FFN of n_ff_last) for layer k."""
     def value(key: str) -> int | None:
         field = reader.fields.get(f"{arch}.{key}")
         return None if field is None else int(field.contents())
@@ -211,7 +266,7 @@ def _passthrough_arrays(reader: gguf.GGUFReader, arch: str, out_arch: str, k: in
     kv_heads = value("attention.head_count_kv") or heads  # absent: one KV head per query head
     return {f"{out_arch}.{key}": ([n] * k + [last], gguf.GGUFValueType.ARRAY)
             for key, n, last in (("attention.head_count", heads, 0), ("attention.head_count_kv", kv_heads, 0),
-                                 ("feed_forward_length", n_ff, PASSTHROUGH_FF))}
+                                 ("feed_forward_length", n_ff, n_ff_last))}
 
 
 def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGUFReader | None,
@@ -240,6 +295,7 @@ def _write(path: Path, arch: str, items: list, overrides: dict, reader: gguf.GGU
 
 
 EXIT_HEADS = "exit_heads.safetensors"  # trained exit norms in a checkpoint folder: tensors exit_norm.{k}.weight
+EXIT_BLOCKS = "exit_blocks.safetensors"  # trained exit blocks there: tensors exit_block.{k}.{name}.weight
 
 
 def parse_exit_layer(text: str) -> int | str:
@@ -252,10 +308,13 @@ def parse_exit_layer(text: str) -> int | str:
 
 
 def write_early_exit(model: str | Path, k: int | str, *, hf_dir: str | Path | None = None, calib: str | None = None,
-                     n_threads: int | None = None):
+                     n_threads: int | None = None, exit_block: bool = True):
     """Write the split of a converted model at layer k, or ("auto") at the layer with the best predicted speedup
     (edgelm.runtime.exits). Trained exit norms come from HF_DIR/exit_heads.safetensors when it exists; they are
-    copied beside the model too, where `edgelm exits` finds them. Returns (k, SplitPaths, ExitReport or None)."""
+    copied beside the model too, where `edgelm exits` finds them. A trained exit block for layer k in
+    HF_DIR/exit_blocks.safetensors takes their place unless `exit_block` is False (`auto` chooses k by the norms
+    alone).
+    Returns (k, SplitPaths, ExitReport or None)."""
     import shutil
 
     from edgelm import corpus, fsutil
@@ -275,5 +334,11 @@ def write_early_exit(model: str | Path, k: int | str, *, hf_dir: str | Path | No
         layers = sorted(k for k in norms if k < report.n_layer) or list(range(1, report.n_layer))
         measure_costs(model, report, layers, n_threads=n_threads)
         k = report.best()
-    paths = split_model(model, k, exit_norm=norms.get(k), exit_norm_name="trained" if k in norms else "final")
+    blocks_file = Path(hf_dir) / EXIT_BLOCKS if hf_dir is not None else None
+    block = (load_exit_blocks(blocks_file).get(k) if exit_block and blocks_file is not None and blocks_file.is_file()
+             else None)
+    if block is not None:
+        paths = split_model(model, k, exit_block=block)
+    else:
+        paths = split_model(model, k, exit_norm=norms.get(k), exit_norm_name="trained" if k in norms else "final")
     return k, paths, report

@@ -5,6 +5,8 @@ model verifies. A draft token is accepted when its argmax equals the full model'
 
     # frozen model, train only one exit norm per layer (self-distillation)
     python scripts/train_exit.py exit-norm --model models/small --layers 2 4 6 8
+    # frozen model, train an exit block (a residual FFN and an exit norm) at one layer
+    python scripts/train_exit.py exit-block --model models/small-ee --layer 4
     # continued training of the whole model with exit losses (LayerSkip-style)
     python scripts/train_exit.py layerskip --model models/small --out models/small-ee --exit-layers 4 6 8
 
@@ -186,6 +188,99 @@ def train_exit_norm(model_dir: Path, layers: list[int], *, steps: int = 150, bat
     return stats
 
 
+# ---------------------------------------------------------------- exit-block
+
+EXIT_BLOCKS = "exit_blocks.safetensors"  # beside the checkpoint; read by edgelm.converters.early_exit
+EXIT_BLOCKS_JSON = "exit_blocks.json"
+
+
+def _hidden_features(model, stream: np.ndarray, k: int, windows: list[int], seq_len: int):
+    """(h_k, the final layer's normed hidden state) at every position of the windows starting at `windows`."""
+    import torch
+
+    hk, final = [], []
+    for start in windows:
+        ids = torch.from_numpy(stream[start:start + seq_len])[None]
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        hk.append(out.hidden_states[k][0])
+        final.append(out.hidden_states[-1][0])  # after the final norm: lm_head of it gives the logits
+        if len(hk) == 1:
+            assert torch.allclose(model.lm_head(final[0]), out.logits[0], atol=1e-4), "hidden_states[-1] is not normed"
+    return torch.cat(hk), torch.cat(final)
+
+
+def train_exit_block(model_dir: Path, k: int, *, width: int = 768, steps: int = 1500, batch: int = 1024,
+                     windows: int = 800, seq_len: int = 256, lr: float = 3e-3, seed: int = 0, threads: int = 2,
+                     command: str = "") -> dict:
+    """Freeze the model; fit an exit block at layer k to the model's own final distribution (KL): one residual
+    SwiGLU FFN of `width` (RMSNorm first, as a Llama block's FFN) and an exit norm before the shared head. The
+    early-exit split writes it as the draft's last layer (converters/early_exit.py), so that the draft computes
+    head(exit_norm(h + FFN(h))) while the tail still receives h, layer k-1's output."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    model, _, train, heldout = _setup(model_dir, threads, seed)
+    model.requires_grad_(False)
+    n = model.config.num_hidden_layers
+    if not 0 < k < n:
+        raise SystemExit(f"the exit layer must lie in 1..{n - 1}, got {k}")
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    h_train, f_train = _hidden_features(model, train, k, list(rng.integers(0, len(train) - seq_len, windows)),
+                                        seq_len)
+    h_held, f_held = _hidden_features(model, heldout, k, list(range(0, len(heldout) - seq_len, seq_len)), seq_len)
+    print(f"features: {len(h_train):,} train and {len(h_held):,} held-out positions, {time.time() - t0:.0f} s")
+
+    hidden, eps = model.config.hidden_size, model.config.rms_norm_eps
+    block = torch.nn.ModuleDict({
+        "ffn_norm": LlamaRMSNorm(hidden, eps=eps), "ffn_gate": torch.nn.Linear(hidden, width, bias=False),
+        "ffn_up": torch.nn.Linear(hidden, width, bias=False), "ffn_down": torch.nn.Linear(width, hidden, bias=False),
+        "output_norm": LlamaRMSNorm(hidden, eps=eps)})
+    torch.nn.init.zeros_(block["ffn_down"].weight)  # starts as the final norm reused on h_k
+    block["output_norm"].weight.data.copy_(model.model.norm.weight.data.float())
+
+    def exit_logits(h):
+        x = block["ffn_norm"](h)
+        h = h + block["ffn_down"](torch.nn.functional.silu(block["ffn_gate"](x)) * block["ffn_up"](x))
+        return model.lm_head(block["output_norm"](h))
+
+    def held_agreement() -> float:
+        with torch.no_grad():
+            return (exit_logits(h_held).argmax(-1) == model.lm_head(f_held).argmax(-1)).float().mean().item()
+
+    before = held_agreement()
+    print(f"held-out agreement, final norm reused: {before:.4f}")
+    opt = torch.optim.AdamW(block.parameters(), lr=lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * (1 - step / steps)
+        idx = torch.from_numpy(rng.integers(0, len(h_train), batch))
+        with torch.no_grad():
+            target = torch.log_softmax(model.lm_head(f_train[idx]), dim=-1)
+        loss = kl_to(target, exit_logits(h_train[idx]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _log(step, steps, {"kl": loss.item()}, lr * (1 - step / steps), t0, (step + 1) * batch)
+    seconds = time.time() - t0
+    after = held_agreement()
+    stats = {
+        "kind": "exit-block", "model": _rel(model_dir), "layer": k, "width": width, "steps": steps, "batch": batch,
+        "windows": windows, "seq_len": seq_len, "lr": lr, "seed": seed, "seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "agreement": {"final_norm": round(before, 4), "exit_block": round(after, 4)},
+        "command": command,
+    }
+    tensors = {f"exit_block.{k}.{name}.weight": m.weight.detach().float().contiguous() for name, m in block.items()}
+    save_file(tensors, str(model_dir / EXIT_BLOCKS), metadata={"format": "pt"})
+    (model_dir / EXIT_BLOCKS_JSON).write_text(json.dumps(stats, indent=2) + "\n")
+    print(json.dumps(stats, indent=2))
+    return stats
+
+
 # ---------------------------------------------------------------- layerskip
 
 def train_layerskip(model_dir: Path, out: Path, exit_layers: list[int], *, steps: int = 360, batch: int = 4,
@@ -304,6 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--exit-norm-lr", type=float, default=1e-2, help="peak LR of the exit norms")
     s.add_argument("--head-grad", action="store_true", help="let the exit losses train the shared lm_head too")
     s.add_argument("--eval-every", type=int, default=0, help="print held-out perplexity every N steps")
+    b = sub.add_parser("exit-block", help="train an exit block (FFN + exit norm) at one layer of a frozen model")
+    b.add_argument("--model", type=Path, required=True)
+    b.add_argument("--layer", type=int, required=True)
+    b.add_argument("--width", type=int, default=768, help="the block's FFN width")
+    b.add_argument("--steps", type=int, default=1500)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     for p, steps, lr, warmup in ((e, 150, 2e-2, 10), (s, 360, 2e-5, 40)):
         p.add_argument("--model", type=Path, required=True)
         p.add_argument("--steps", type=int, default=steps)
@@ -315,6 +417,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "scripts/train_exit.py", *argv])
+    if args.what == "exit-block":
+        train_exit_block(args.model, args.layer, width=args.width, steps=args.steps, seed=args.seed,
+                         threads=args.threads, command=command)
+        return
     common = dict(steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
                   seed=args.seed, threads=args.threads, command=command)
     if args.what == "exit-norm":

@@ -414,6 +414,100 @@ def test_split_model_bad_input(loose):
     assert available_splits(loose) == [4, 8]  # nothing written
 
 
+def random_exit_block(n_embd: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """An exit block (scripts/train_exit.py's layout) with weights large enough to move the draft's argmax."""
+    rng = np.random.default_rng(seed)
+    return {"ffn_norm": 1 + 0.1 * rng.standard_normal(n_embd), "output_norm": 1 + 0.1 * rng.standard_normal(n_embd),
+            "ffn_gate": 0.2 * rng.standard_normal((width, n_embd)), "ffn_up": 0.2 * rng.standard_normal((width, n_embd)),
+            "ffn_down": 0.2 * rng.standard_normal((n_embd, width))}
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def draft_logits(paths, tokens: list[int], n_embd: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the boundary state l_out-3 the tail receives, the draft's logits) for the last of `tokens`."""
+    with LlamaModel(paths.draft, parts=[paths.shared]) as draft:
+        capture = native.Capture("l_out-3", n_embd, 64)
+        with contextlib.closing(Context(draft, ContextOptions(n_ctx=64, n_threads=1), eval_callback=capture.callback,
+                                        eval_user_data=capture.user_data)) as ctx:
+            ctx.decode(tokens, 0)
+            capture.check()
+            return capture.take(len(tokens))[-1], ctx.logits()
+
+
+def test_an_exit_block_is_the_drafts_last_layer(small, tmp_path, prompts, reference):
+    """The draft computes head(exit_norm(h + FFN(h))) from the boundary state h, which the tail still receives
+    unchanged, and greedy output stays the full model's."""
+    model = tmp_path / "block.gguf"
+    shutil.copy(small, model)
+    fields = gguf.GGUFReader(model).fields
+    n_embd, eps = int(fields["llama.embedding_length"].contents()), float(
+        fields["llama.attention.layer_norm_rms_epsilon"].contents())
+    block = random_exit_block(n_embd, 64)
+    paths = split_model(model, 4, exit_block=block)
+    assert check_split(model, paths).exit_norm == "trained block"
+    head = next(t for t in gguf.GGUFReader(paths.shared).tensors if t.name == "output.weight")
+    head = gguf.quants.dequantize(head.data, head.tensor_type).reshape(-1, n_embd)  # (n_vocab, n_embd)
+    with LlamaModel(model) as m:
+        tokens = m.tokenize(LONG_CODE)[:40]
+
+    h, logits = draft_logits(paths, tokens, n_embd)
+    x = rms_norm(h, block["ffn_norm"], eps)
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    out = h + block["ffn_down"] @ (silu(block["ffn_gate"] @ x) * (block["ffn_up"] @ x))
+    expected = head @ rms_norm(out, block["output_norm"], eps)  # the f32 block: the split stores f16 matrices
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(logits, expected, atol=0.02 * scale)  # Q8_0 head: activations quantized too
+    assert logits.argmax() == expected.argmax()
+    plain_h, plain_logits = draft_logits(split_paths(small, 4), tokens, n_embd)
+    np.testing.assert_array_equal(h, plain_h)  # the tail's input does not depend on the block
+    assert np.abs(plain_logits - logits).max() > 0.1 * scale  # the block is what the draft read
+
+    with edgelm.load(model, early_exit=4, draft_threshold=0.0, **GEN) as ee:
+        for name in ("code", "prose", "long"):
+            assert ee.generate(prompts[name], temperature=0, max_tokens=N_GEN).tokens == reference[name].tokens
+
+
+def test_convert_takes_an_exit_block_from_the_checkpoint_folder(small, tmp_path):
+    from safetensors.numpy import save_file
+
+    from edgelm.converters.early_exit import EXIT_BLOCKS, write_early_exit
+
+    model, hf_dir = tmp_path / "m.gguf", tmp_path / "hf"
+    shutil.copy(small, model)
+    hf_dir.mkdir()
+    block = random_exit_block(256, 8)
+    save_file({f"exit_block.4.{name}.weight": w.astype(np.float32) for name, w in block.items()},
+              str(hf_dir / EXIT_BLOCKS))
+    k, paths, _ = write_early_exit(model, 4, hf_dir=hf_dir)
+    assert (k, check_split(model, paths).exit_norm) == (4, "trained block")
+    k, paths, _ = write_early_exit(model, 2, hf_dir=hf_dir)  # no block for layer 2: the final norm
+    assert (k, check_split(model, paths).exit_norm) == (2, "final")
+
+
+def test_bad_exit_blocks_are_refused(loose, tmp_path):
+    good = random_exit_block(256, 8)
+    cases = {
+        "no ffn_up tensor": {k: v for k, v in good.items() if k != "ffn_up"},
+        r"ffn_down has shape \(256, 9\)": {**good, "ffn_down": np.zeros((256, 9))},
+        r"output_norm has shape \(3,\)": {**good, "output_norm": np.ones(3)},
+        "not finite": {**good, "ffn_gate": np.full((8, 256), np.inf)},
+        "not finite ": {**good, "ffn_gate": np.full((8, 256), 1e6)},  # past float16's range
+    }
+    for message, block in cases.items():
+        with pytest.raises(ConversionError, match=message):
+            split_model(loose, 2, exit_block=block)
+    with pytest.raises(ConversionError, match="not both"):
+        split_model(loose, 2, exit_block=good, exit_norm=np.ones(256, np.float32))
+    assert available_splits(loose) == [4, 8]  # nothing written
+    other = tmp_path / "plain-draft.gguf"
+    shutil.copy(loose, other)
+    with pytest.raises(ConversionError, match="needs a llama draft with a passthrough layer"):
+        split_model(other, 2, exit_block=good, passthrough=False)
+
+
 BAD_OPTIONS = {
     "early_exit_and_lookup": {"early_exit": 4, "lookup": True},
     "early_exit_and_draft": {"early_exit": 4, "draft": "tiny"},

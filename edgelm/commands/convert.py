@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="TEXT_FILE", help="calibration text for --imatrix auto (default: edgelm's corpus)")
     p.add_argument("--early-exit", metavar="K|auto",
                    help="also write the early-exit split at layer K (auto: the fastest predicted, measured here), "
-                        "with the exit norms of HF_DIR/exit_heads.safetensors where trained")
+                        "with the exit norms of HF_DIR/exit_heads.safetensors where trained, or its exit block "
+                        "from HF_DIR/exit_blocks.safetensors")
     p.add_argument("--prune", metavar="SPEC",
                    help="prune first, with `edgelm prune` options as key=value pairs: ffn-keep=0.5,hidden-keep=0.75 "
                         "or target-params=8M (calibrated on --calib)")
