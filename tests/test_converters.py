@@ -181,6 +181,17 @@ def test_pickled_weights_convert_like_safetensors(ckpt_copy, tmp_path, tiny_gguf
         assert ref.tensor_bytes(t) == got.tensor_bytes(got.tensor(t.name)), t.name
 
 
+def test_early_exit_files_beside_the_weights_are_not_weights(ckpt_copy, tmp_path, tiny_gguf):
+    """exit_heads.safetensors and exit_blocks.safetensors are read by the early-exit split, not converted."""
+    from safetensors.numpy import save_file
+
+    save_file({"exit_norm.2.weight": np.ones(64, np.float32)}, str(ckpt_copy / "exit_heads.safetensors"))
+    save_file({"exit_block.2.ffn_gate.weight": np.ones((8, 64), np.float32)}, str(ckpt_copy / "exit_blocks.safetensors"))
+    out = convert(ckpt_copy, tmp_path / "out.gguf", outtype="f32").path
+    ref, got = read_gguf(tiny_gguf["f32"]), read_gguf(out)
+    assert sorted(t.name for t in got.tensors) == sorted(t.name for t in ref.tensors)
+
+
 class _Exploit:
     def __reduce__(self):
         import os
