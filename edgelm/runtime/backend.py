@@ -105,5 +105,7 @@ def running_graphs():
     try:
         yield
     finally:
-        if _shared:
+        # a stream's generator may be closed by the garbage collector, on another thread: only the thread that
+        # ran the graphs can let its own pool go
+        if _shared and threading.current_thread() is me:
             release_workers()
