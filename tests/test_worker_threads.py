@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not sys.platform.startswith("linux"),
                                 reason="counts threads through Linux's /proc")
 
-SCENARIO = r"""
+SETUP = r"""
 import ctypes, json, os, threading
 import edgelm
 from edgelm.engine import Engine, EngineOptions
@@ -43,11 +43,12 @@ def in_thread(tag):
     t = threading.Thread(target=generate, args=(tag,))
     t.start()
     t.join()
-
+"""
+SCENARIO = SETUP + r"""
 in_thread("worker")
 in_thread("worker2")
-generate("main")
-in_thread("worker3")
+generate("main")  # the only thread alive: it keeps its pool
+in_thread("worker3")  # finds it
 generate("main2")
 seen["idle"] = native_threads()
 with Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=256, n_threads=2)) as engine:
@@ -58,14 +59,18 @@ print(json.dumps(seen))
 """
 
 
-@pytest.fixture(scope="module")
-def seen() -> dict:
-    r = subprocess.run([sys.executable, "-c", SCENARIO], capture_output=True, text=True, timeout=300)
+def run(script: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     if seen.get("openmp") is False:
         pytest.skip("llama.cpp's CPU backend runs without libgomp here")
     return seen
+
+
+@pytest.fixture(scope="module")
+def seen() -> dict:
+    return run(SCENARIO)
 
 
 def test_loading_leaves_no_pool_behind(seen):
@@ -81,6 +86,30 @@ def test_threads_taking_turns_keep_one_pool_once_they_have_met(seen):
     assert seen["worker3"] == seen["start"] + 2
     assert seen["main2"] == seen["start"] + 1
     assert seen["idle"] == seen["start"]
+
+
+# a process whose threads never both generate: an app thread that runs no graphs is alive while main generates
+COMPANY = SETUP + r"""
+generate("main")  # the only thread: it keeps its pool from call to call
+seen["after_main"] = native_threads()
+company = threading.Event()
+idle = threading.Thread(target=company.wait)
+idle.start()
+generate("main_in_company")  # another thread is alive and may generate next: this call lets its pool go
+seen["after_company"] = native_threads() - 1  # minus the idle thread
+company.set()
+idle.join()
+in_thread("worker")
+print(json.dumps(seen))
+"""
+
+
+def test_a_call_lets_its_pool_go_while_the_process_has_another_thread():
+    seen = run(COMPANY)
+    assert seen["main"] == seen["after_main"] == seen["start"] + 1
+    assert seen["main_in_company"] == seen["start"] + 2  # its pool's worker and the idle thread
+    assert seen["after_company"] == seen["start"]
+    assert seen["worker"] == seen["start"] + 1  # one pool: the worker's own
 
 
 def test_a_threaded_engine_warms_up_and_decodes_on_its_own_thread(seen):

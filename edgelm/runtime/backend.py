@@ -10,7 +10,7 @@ workers sleep in the kernel between graph nodes, and decoding runs at half speed
 threads, the small model: 600-700 t/s instead of 1,300-1,500). Two such threads in one process are common: an
 app that loads the model on its UI thread and generates on a worker, a server that loads on its main thread and
 decodes on its engine thread. So a thread lets its pool go (`release_workers`) after a load's warm-up, and after
-every call once a second thread has run graphs (`running_graphs`); the next graph on it starts a fresh pool.
+every call while the process has another thread (`running_graphs`); the next graph on it starts a fresh pool.
 """
 from __future__ import annotations
 
@@ -94,8 +94,9 @@ def release_workers() -> None:
 
 @contextlib.contextmanager
 def running_graphs():
-    """Around a call that runs llama.cpp graphs on this thread: once another thread of the process has run
-    graphs too, the call lets this thread's pool go when it ends, so that only one pool is ever alive."""
+    """Around a call that runs llama.cpp graphs on this thread: the call lets this thread's pool go when it ends
+    if another thread has run graphs, or is alive and may run them next, so that the next call, wherever it
+    runs, finds no other pool. A process of one thread keeps its pool from call to call."""
     global _shared
     me = threading.current_thread()
     with _lock:
@@ -107,5 +108,5 @@ def running_graphs():
     finally:
         # a stream's generator may be closed by the garbage collector, on another thread: only the thread that
         # ran the graphs can let its own pool go
-        if _shared and threading.current_thread() is me:
+        if (_shared or threading.active_count() > 1) and threading.current_thread() is me:
             release_workers()
