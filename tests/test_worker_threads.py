@@ -45,16 +45,16 @@ def in_thread(tag):
     t.join()
 """
 SCENARIO = SETUP + r"""
-in_thread("worker")
-in_thread("worker2")
-generate("main")  # the only thread alive: it keeps its pool
-in_thread("worker3")  # finds it
-generate("main2")
-seen["idle"] = native_threads()
 with Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=256, n_threads=2)) as engine:
     seen["engine_warm"] = native_threads() - 1
     engine.submit(model.tokenize("def f"), SamplingParams(max_tokens=4, temperature=0)).result()
     seen["engine_decoded"] = native_threads() - 1
+in_thread("worker")
+in_thread("worker2")
+generate("main")  # the only thread alive: it keeps its pool
+in_thread("worker3")  # finds it
+generate("main2")  # alone again, with its pool
+seen["idle"] = native_threads()
 print(json.dumps(seen))
 """
 
@@ -79,16 +79,20 @@ def test_loading_leaves_no_pool_behind(seen):
     assert seen["worker"] == seen["worker2"] == seen["start"] + 1  # one pool: n_threads - 1 = 1 worker
 
 
-def test_threads_taking_turns_keep_one_pool_once_they_have_met(seen):
-    # the main thread generated while no other thread was alive: it kept its pool, which worker3 found (the one
-    # call that pays for it); from then on every call lets its pool go, so main2 runs with its own alone
-    assert seen["main"] == seen["start"] + 1
+def test_a_thread_alone_keeps_its_pool_and_the_next_thread_finds_it(seen):
+    # the main thread generated while no other thread was alive and kept its pool between calls; worker3 found it
+    # (the one case that pays), and let its own go, since the main thread was alive
+    assert seen["main"] == seen["main2"] == seen["start"] + 1
     assert seen["worker3"] == seen["start"] + 2
-    assert seen["main2"] == seen["start"] + 1
-    assert seen["idle"] == seen["start"]
+    assert seen["idle"] == seen["start"] + 1
 
 
-# a process whose threads never both generate: an app thread that runs no graphs is alive while main generates
+def test_a_threaded_engine_warms_up_and_decodes_on_its_own_thread(seen):
+    # the engine thread itself is not counted; its pool is the only one, before and after decoding
+    assert seen["engine_warm"] == seen["engine_decoded"] == seen["start"] + 1
+
+
+# an app's other thread, which runs no graphs, is alive while the main thread generates
 COMPANY = SETUP + r"""
 generate("main")  # the only thread: it keeps its pool from call to call
 seen["after_main"] = native_threads()
@@ -110,8 +114,3 @@ def test_a_call_lets_its_pool_go_while_the_process_has_another_thread():
     assert seen["main_in_company"] == seen["start"] + 2  # its pool's worker and the idle thread
     assert seen["after_company"] == seen["start"]
     assert seen["worker"] == seen["start"] + 1  # one pool: the worker's own
-
-
-def test_a_threaded_engine_warms_up_and_decodes_on_its_own_thread(seen):
-    # the engine thread itself is not counted; its pool is the only one, before and after decoding
-    assert seen["engine_warm"] == seen["engine_decoded"] == seen["start"] + 1

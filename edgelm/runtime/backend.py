@@ -10,7 +10,7 @@ workers sleep in the kernel between graph nodes, and decoding runs at half speed
 threads, the small model: 600-700 t/s instead of 1,300-1,500). Two such threads in one process are common: an
 app that loads the model on its UI thread and generates on a worker, a server that loads on its main thread and
 decodes on its engine thread. So a thread lets its pool go (`release_workers`) after a load's warm-up, and after
-every call while the process has another thread (`running_graphs`); the next graph on it starts a fresh pool.
+every call while the process has another thread (`running_graphs`); its next graph starts a fresh pool.
 """
 from __future__ import annotations
 
@@ -66,8 +66,6 @@ def supports_rpc() -> bool:
 
 # ---------------------------------------------------------------- the CPU backend's worker pools
 
-_graph_threads: dict[int, threading.Thread] = {}  # threads that have run graphs and may hold a pool
-_shared = False  # a second thread has run graphs: each lets its pool go when its call ends
 _gomp = None  # omp_pause_resource_all of the libgomp llama.cpp loaded; False: none
 
 
@@ -86,27 +84,20 @@ def _pause_resource_all():
 def release_workers() -> None:
     """Let the calling thread's OpenMP pool go (libgomp frees only the caller's); its next graph starts a new one."""
     pause = _pause_resource_all()
-    with _lock:
-        _graph_threads.pop(threading.get_ident(), None)
     if pause is not None:
         pause(1)  # omp_pause_soft
 
 
 @contextlib.contextmanager
 def running_graphs():
-    """Around a call that runs llama.cpp graphs on this thread: the call lets this thread's pool go when it ends
-    if another thread has run graphs, or is alive and may run them next, so that the next call, wherever it
-    runs, finds no other pool. A process of one thread keeps its pool from call to call."""
-    global _shared
+    """Around a call that runs llama.cpp graphs on this thread: while the process has another thread, which may
+    run graphs next, the call lets this thread's pool go when it ends, so that the next call, wherever it runs,
+    finds no other pool. A process of one thread keeps its pool from call to call."""
     me = threading.current_thread()
-    with _lock:
-        _graph_threads[me.ident] = me
-        if not _shared:
-            _shared = any(t is not me and t.is_alive() for t in _graph_threads.values())
     try:
         yield
     finally:
         # a stream's generator may be closed by the garbage collector, on another thread: only the thread that
         # ran the graphs can let its own pool go
-        if (_shared or threading.active_count() > 1) and threading.current_thread() is me:
+        if threading.active_count() > 1 and threading.current_thread() is me:
             release_workers()
