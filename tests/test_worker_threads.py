@@ -17,13 +17,22 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not sys.
                                 reason="counts threads through Linux's /proc")
 
 SETUP = r"""
-import ctypes, json, os, threading
+import ctypes, json, os, threading, time
 import edgelm
 from edgelm.engine import Engine, EngineOptions
 from edgelm.runtime.sampling import SamplingParams
 
 def native_threads():  # of this process, minus the calling thread when it is not the main one
-    return len(os.listdir("/proc/self/task")) - (threading.current_thread() is not threading.main_thread())
+    # threads of a pool let go, or of a thread that ended, leave a moment later: count once the number is still
+    last, still = -1, 0
+    for _ in range(300):
+        n = len(os.listdir("/proc/self/task"))
+        still = still + 1 if n == last else 0
+        if still == 5:
+            break
+        last = n
+        time.sleep(0.01)
+    return n - (threading.current_thread() is not threading.main_thread())
 
 seen = {"start": native_threads()}
 model = edgelm.load(None, n_threads=2, prefix_cache_bytes=0)
