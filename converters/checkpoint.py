@@ -194,13 +194,12 @@ class Checkpoint:
         return iter(self.tensors)
 
 
-EARLY_EXIT_FILES = ("exit_heads.safetensors", "exit_blocks.safetensors")  # converters/early_exit.py's
-
-
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
+    from .early_exit import EXIT_BLOCKS, EXIT_HEADS
+
     # trained early-exit norms and blocks beside the model, read by the early-exit split, not here
     files = _indexed(path, "model.safetensors.index.json") or sorted(
-        f for f in path.glob("*.safetensors") if f.name not in EARLY_EXIT_FILES)
+        f for f in path.glob("*.safetensors") if f.name not in (EXIT_HEADS, EXIT_BLOCKS))
     if files:
         return files
     pickled = _indexed(path, "pytorch_model.bin.index.json") or sorted([*path.glob("*.bin"), *path.glob("*.pt")])

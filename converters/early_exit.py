@@ -334,9 +334,9 @@ def write_early_exit(model: str | Path, k: int | str, *, hf_dir: str | Path | No
         layers = sorted(k for k in norms if k < report.n_layer) or list(range(1, report.n_layer))
         measure_costs(model, report, layers, n_threads=n_threads)
         k = report.best()
-    blocks_file = Path(hf_dir) / EXIT_BLOCKS if hf_dir is not None else None
-    block = (load_exit_blocks(blocks_file).get(k) if exit_block and blocks_file is not None and blocks_file.is_file()
-             else None)
+    block = None
+    if exit_block and hf_dir is not None and (Path(hf_dir) / EXIT_BLOCKS).is_file():
+        block = load_exit_blocks(Path(hf_dir) / EXIT_BLOCKS).get(k)
     if block is not None:
         paths = split_model(model, k, exit_block=block)
     else:

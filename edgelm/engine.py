@@ -25,7 +25,7 @@ import llama_cpp as lib
 from .cache.prefix import common_prefix
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.backend import running_graphs
-from .runtime.canonical import ROW_GROUP, micro_batches, reusable, whole_shares
+from .runtime.canonical import ROW_GROUP, canonical_sequences, reusable
 from .runtime.context import Context, ContextOptions
 from .runtime.generate import Chunk, Completion, StopMatcher, Timings
 from .runtime.model import LlamaModel
@@ -430,16 +430,12 @@ class Engine:
         self.stats["last_batch"] = n
         # canonical (runtime/canonical.py): whole shares of llama.cpp's micro-batches, from a row-group boundary,
         # continuing a canonical prefix; the prompt's last partial row group never counts
-        shares: dict[int, list[tuple[int, int]]] = {}  # seq -> (tokens, sequences in the micro-batch), in order
-        if chunks:
-            runs = [(slot.seq, end - start) for slot, start, end in chunks] + [(slot.seq, 1) for slot in decoding]
-            for ub in micro_batches(runs, self.ctx.n_batch):
-                for seq, m in ub.items():
-                    shares.setdefault(seq, []).append((m, len(ub)))
-        rows = self.ctx.canonical_rows
+        canonical = canonical_sequences(
+            [(slot.seq, end - start) for slot, start, end in chunks] + [(slot.seq, 1) for slot in decoding],
+            self.ctx.n_batch, self.ctx.canonical_rows) if chunks else set()
         for slot, start, end in chunks:
             slot.held = slot.req.tokens[:end]
-            if whole_shares(shares[slot.seq], rows) and start % ROW_GROUP == 0 and slot.exact == start:
+            if slot.seq in canonical and start % ROW_GROUP == 0 and slot.exact == start:
                 slot.exact = end if end < len(slot.req.tokens) else end - end % ROW_GROUP
         for slot in decoding:
             slot.held.append(slot.pending)

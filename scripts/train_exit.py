@@ -190,8 +190,7 @@ def train_exit_norm(model_dir: Path, layers: list[int], *, steps: int = 150, bat
 
 # ---------------------------------------------------------------- exit-block
 
-EXIT_BLOCKS = "exit_blocks.safetensors"  # beside the checkpoint; read by edgelm.converters.early_exit
-EXIT_BLOCKS_JSON = "exit_blocks.json"
+EXIT_BLOCKS_JSON = "exit_blocks.json"  # beside EXIT_BLOCKS (edgelm.converters.early_exit), which holds the tensors
 
 
 def _hidden_features(model, stream: np.ndarray, k: int, windows: list[int], seq_len: int):
@@ -220,6 +219,8 @@ def train_exit_block(model_dir: Path, k: int, *, width: int = 768, steps: int = 
     import torch
     from safetensors.torch import save_file
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from edgelm.converters.early_exit import EXIT_BLOCKS
 
     model, _, train, heldout = _setup(model_dir, threads, seed)
     model.requires_grad_(False)

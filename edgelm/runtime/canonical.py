@@ -80,15 +80,21 @@ def micro_batches(runs: list[tuple[int, int]], n_ubatch: int) -> list[dict[int, 
         for seq, n in left.items():
             if n and (not group or seq == group[-1] + 1):
                 group.append(seq)
-        take = 0
-        while all(left[s] > take for s in group):
-            take += 1
-            if (take + 1) * len(group) > n_ubatch:
-                break
+        take = min(min(left[s] for s in group), max(1, n_ubatch // len(group)))
         for s in group:
             left[s] -= take
         out.append(dict.fromkeys(group, take))
     return out
+
+
+def canonical_sequences(runs: list[tuple[int, int]], n_ubatch: int, rows: int) -> set[int]:
+    """The sequences of a batch's `runs` (as micro_batches takes them) whose tokens llama.cpp evaluated in whole
+    canonical shares (whole_shares)."""
+    shares: dict[int, list[tuple[int, int]]] = {}  # seq -> (tokens, sequences in the micro-batch), in order
+    for ub in micro_batches(runs, n_ubatch):
+        for seq, m in ub.items():
+            shares.setdefault(seq, []).append((m, len(ub)))
+    return {seq for seq, own in shares.items() if whole_shares(own, rows)}
 
 
 def whole_shares(shares: list[tuple[int, int]], rows: int) -> bool:

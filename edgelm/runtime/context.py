@@ -5,6 +5,7 @@ micro-batching, early exit) can drive several sequences in one context.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -154,15 +155,24 @@ class Context:
         needs the encoder's output first."""
         if lib.llama_model_has_encoder(self.model.ptr) or not lib.llama_model_has_decoder(self.model.ptr):
             return
-        lib.llama_set_warmup(self._ptr, True)  # a mixture of experts runs every expert, so all are touched
         try:
-            if self._embd is not None:
-                self.decode_embd(np.zeros((2, self.model.n_embd), np.float32) if rows is None else rows, 0)
-            else:
-                self.decode(warmup_tokens(self.model), 0)
+            with self.warmup_mode():
+                if self._embd is not None:
+                    self.decode_embd(np.zeros((2, self.model.n_embd), np.float32) if rows is None else rows, 0)
+                else:
+                    self.decode(warmup_tokens(self.model), 0)
+        finally:
+            self.clear()
+
+    @contextlib.contextmanager
+    def warmup_mode(self):
+        """llama.cpp's warm-up mode for the decodes inside: a mixture of experts runs every expert, so all are
+        touched."""
+        lib.llama_set_warmup(self._ptr, True)
+        try:
+            yield
         finally:
             lib.llama_set_warmup(self._ptr, False)
-            self.clear()
 
     def decode(self, tokens: list[int], start: int, seq: int = 0, *, logits_last: bool = True,
                logits_from: int | None = None) -> None:

@@ -5,7 +5,6 @@ held twice.
 """
 from __future__ import annotations
 
-import llama_cpp as lib
 import numpy as np
 
 from edgelm import native
@@ -104,11 +103,8 @@ class EarlyExit(Drafter, Verifier):
     def warm_up(self) -> None:
         """Context.warm_up for both halves: D's throw-away step on BOS and EOS, T's on the hidden states D hands
         over. Both caches are empty afterwards."""
-        lib.llama_set_warmup(self.d.ptr, True)  # as Context.warm_up: a mixture of experts runs every expert
-        try:
+        with self.d.warmup_mode():
             rows = self._eval_d(warmup_tokens(self.model), 0)
-        finally:
-            lib.llama_set_warmup(self.d.ptr, False)
         self.t.warm_up(rows)
         self.clear()
 
