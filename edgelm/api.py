@@ -143,27 +143,7 @@ class Model:
         return self.llama.detokenize(tokens)
 
     def _prompt_tokens(self, prompt: str | list[int], params: SamplingParams, truncate: str | None) -> list[int]:
-        if isinstance(prompt, str):
-            tokens = self.tokenize(prompt)
-        elif isinstance(prompt, (list, tuple)):
-            tokens = list(prompt)
-            self.llama.check_tokens(tokens)
-        else:
-            raise UsageError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
-        if not tokens:
-            raise UsageError("empty prompt: nothing to condition on")
-        room = self.ctx.n_ctx - 1  # at least one position to generate into
-        if len(tokens) <= room:
-            return tokens
-        if (truncate or self.truncate) == "error":
-            raise ContextOverflowError(
-                f"prompt of {len(tokens)} tokens does not fit the context of {self.ctx.n_ctx} "
-                f"(use a larger n_ctx, or truncate='left')"
-            )
-        # keep the most recent tokens, leaving room for the reply (and a leading BOS where the model wants one)
-        keep = max(1, room - min(params.max_tokens, room // 2))
-        head = tokens[:1] if self.llama.add_bos and tokens[0] == self.llama.bos else []
-        return head + tokens[len(tokens) - keep + len(head):]
+        return prompt_tokens(self.llama, prompt, self.ctx.n_ctx, params.max_tokens, truncate or self.truncate)
 
     def _params(self, sampling: dict) -> tuple[SamplingParams, str | None]:
         truncate = sampling.pop("truncate", None)
@@ -171,7 +151,11 @@ class Model:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
         if self.seed is not None and sampling.get("seed") is None:
             sampling["seed"] = self.seed
-        return SamplingParams.from_kwargs(**sampling), truncate
+        params = SamplingParams.from_kwargs(**sampling)
+        if params.logprobs is not None and self.speculative.enabled:
+            raise UsageError("logprobs need plain decoding; this model decodes speculatively "
+                             "(early exit, a draft model or lookup)")
+        return params, truncate
 
     def generate(self, prompt: str | list[int], **sampling) -> Completion:
         """Complete `prompt`; `sampling` takes SamplingParams' fields and truncate="error"|"left"."""
@@ -346,6 +330,32 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def prompt_tokens(llama: LlamaModel, prompt: str | list[int], n_ctx: int, max_tokens: int,
+                  truncate: str = "error") -> list[int]:
+    """`prompt` as token ids that leave a context of `n_ctx` at least one position to generate into: a text is
+    tokenized, ids are checked against the vocabulary; a longer prompt raises ContextOverflowError, or with
+    truncate="left" keeps its most recent tokens."""
+    if isinstance(prompt, str):
+        tokens = llama.tokenize(prompt)
+    elif isinstance(prompt, (list, tuple)):
+        tokens = list(prompt)
+        llama.check_tokens(tokens)
+    else:
+        raise UsageError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+    if not tokens:
+        raise UsageError("empty prompt: nothing to condition on")
+    room = n_ctx - 1
+    if len(tokens) <= room:
+        return tokens
+    if truncate == "error":
+        raise ContextOverflowError(f"prompt of {len(tokens)} tokens does not fit the context of {n_ctx} "
+                                   f"(use a larger n_ctx, or truncate='left')")
+    # keep the most recent tokens, leaving room for the reply (and a leading BOS where the model wants one)
+    keep = max(1, room - min(max_tokens, room // 2))
+    head = tokens[:1] if llama.add_bos and tokens[0] == llama.bos else []
+    return head + tokens[len(tokens) - keep + len(head):]
 
 
 def load(path_or_ref: str | os.PathLike | None = None, **options) -> Model:

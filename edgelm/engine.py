@@ -28,6 +28,7 @@ from .runtime.backend import running_graphs
 from .runtime.canonical import ROW_GROUP, canonical_sequences, reusable
 from .runtime.context import Context, ContextOptions
 from .runtime.generate import Chunk, Completion, StopMatcher, Timings
+from .runtime.logprobs import LogprobReader
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
 
@@ -82,6 +83,7 @@ class Request:
         self._done = threading.Event()
         self._parts: list[str] = []
         self._ids: list[int] = []
+        self._logprobs = [] if params.logprobs is not None else None
         self._cancelled = threading.Event()
         self.submitted = time.perf_counter()
 
@@ -130,11 +132,14 @@ class Request:
 
     def completion(self) -> Completion:
         """What has been generated so far (all of it once finish_reason is set)."""
-        return Completion("".join(self._parts), list(self._ids), self.finish_reason, self.timings)
+        logprobs = None if self._logprobs is None else list(self._logprobs)
+        return Completion("".join(self._parts), list(self._ids), self.finish_reason, self.timings, logprobs)
 
     def _emit(self, chunk: Chunk) -> None:  # engine thread
         self._parts.append(chunk.text)
         self._ids.extend(chunk.tokens)
+        if chunk.logprobs:
+            self._logprobs.extend(chunk.logprobs)
         self._buffer.append(chunk)
         if chunk.finish_reason is not None:
             self._done.set()
@@ -157,6 +162,7 @@ class _Slot:
         self.req = req
         self.sampler = SamplerChain(req.params, model, n_ctx)
         self.sampler.accept_prompt(req.tokens)
+        self.logprobs = LogprobReader(model.n_vocab, req.params.logprobs) if req.params.logprobs is not None else None
         self.cursor = reuse  # next prompt position to evaluate
         self.pending: int | None = None  # sampled, not yet in the KV
         self.n_out = 0
@@ -445,11 +451,11 @@ class Engine:
         now = time.perf_counter()
         for row, (slot, index) in enumerate(outputs):
             if argmax is not None and slot.sampler.argmax_only:
-                self._sampled(slot, int(argmax[row]), now)
+                self._sampled(slot, int(argmax[row]), now, index)
             else:
-                self._sampled(slot, slot.sampler.sample(self.ctx.ptr, index), now)
+                self._sampled(slot, slot.sampler.sample(self.ctx.ptr, index), now, index)
 
-    def _sampled(self, slot: _Slot, token: int | None, now: float) -> None:
+    def _sampled(self, slot: _Slot, token: int | None, now: float, index: int) -> None:
         req, model = slot.req, self.model
         if slot.n_out == 0:
             req.timings.prompt_s = now - slot.t0  # prefill, interleaved with the other streams
@@ -462,16 +468,17 @@ class Engine:
         req.timings.completion_tokens = slot.n_out
         req.timings.gen_s = now - slot.t_first
         text, stopped = slot.stops.feed(slot.decoder.decode(model.token_bytes(token)))
+        logprobs = None if slot.logprobs is None else [slot.logprobs.read(self.ctx.ptr, index, token)]
         if stopped:
-            req._emit(Chunk(text, [token]))
+            req._emit(Chunk(text, [token], logprobs=logprobs))
             self._finish(slot, "stop", flush=False)
             return
         if slot.n_out >= req.params.max_tokens or len(slot.held) + 1 >= self.options.n_ctx:
             tail = slot.stops.flush() + slot.decoder.decode(b"", final=True)
-            req._emit(Chunk(text + tail, [token]))
+            req._emit(Chunk(text + tail, [token], logprobs=logprobs))
             self._finish(slot, "length", flush=False)
             return
-        req._emit(Chunk(text, [token]))
+        req._emit(Chunk(text, [token], logprobs=logprobs))
         slot.pending = token
 
     def _finish(self, slot: _Slot, reason: str, *, flush: bool = True) -> None:

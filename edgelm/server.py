@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import threading
 import time
@@ -28,6 +29,7 @@ from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageE
 from .metrics import Metrics, prometheus_text
 from .runtime.chat import chat_tokens, template_for
 from .runtime.model import LlamaModel, LoadOptions
+from .runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from .runtime.sampling import SamplingParams
 
 MAX_BODY_BYTES = 4 << 20
@@ -110,16 +112,17 @@ class Server:
 
     # ------------------------------------------------------------ request -> engine
 
-    def sampling(self, body: dict) -> SamplingParams:
+    def sampling(self, body: dict, chat: bool) -> SamplingParams:
         unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED_FIELDS)
         if unknown:
             raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
         if body.get("n", 1) != 1:
             raise APIError(400, "only n=1 is supported", param="n")
-        if body.get("echo") or body.get("logprobs") or body.get("best_of", 1) != 1 or body.get("suffix"):
-            field = next(f for f in ("echo", "logprobs", "best_of", "suffix") if body.get(f) not in (None, False, 1))
+        if body.get("echo") or body.get("best_of", 1) != 1 or body.get("suffix"):
+            field = next(f for f in ("echo", "best_of", "suffix") if body.get(f) not in (None, False, 1))
             raise APIError(400, f"{field} is not supported", param=field)
         kwargs = {SAMPLING_FIELDS[k]: v for k, v in body.items() if k in SAMPLING_FIELDS and v is not None}
+        kwargs["logprobs"] = _requested_logprobs(body, chat)
         kwargs.setdefault("max_tokens", min(self.options.default_max_tokens, self.options.max_tokens_cap))
         fmt = body.get("response_format")
         if fmt is not None:
@@ -237,7 +240,7 @@ def create_app(options: ServerOptions) -> FastAPI:
         body = await _body(request)
         if "prompt" not in body:
             raise APIError(400, "prompt is required", param="prompt")
-        params = server.sampling(body)
+        params = server.sampling(body, chat=False)
         tokens = server.prompt_tokens(body["prompt"])
         return await _generate(request, body, tokens, params, chat=False)
 
@@ -246,7 +249,7 @@ def create_app(options: ServerOptions) -> FastAPI:
         body = await _body(request)
         if "messages" not in body:
             raise APIError(400, "messages is required", param="messages")
-        params = server.sampling(body)
+        params = server.sampling(body, chat=True)
         tokens = server.chat_prompt(body["messages"])
         return await _generate(request, body, tokens, params, chat=True)
 
@@ -302,15 +305,28 @@ def create_app(options: ServerOptions) -> FastAPI:
                     "total_tokens": t.prompt_tokens + t.completion_tokens,
                     "prompt_tokens_details": {"cached_tokens": t.cached_tokens}}
 
-        def event(delta_text: str | None, finish: str | None, role: bool = False) -> str:
+        offset = [0]  # completions' text_offset: characters of the token texts sent so far
+
+        def logprobs_body(logprobs) -> dict | None:
+            if params.logprobs is None or logprobs is None:
+                return None
+            if chat:
+                return chat_logprobs(server.llama, logprobs)
+            body = completion_logprobs(server.llama, logprobs, params.logprobs, offset[0])
+            offset[0] += sum(map(len, body["tokens"]))
+            return body
+
+        def event(delta_text: str | None, finish: str | None, role: bool = False, logprobs=None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else (
                     {"content": delta_text} if delta_text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": None if role else logprobs_body(logprobs),
+                          "finish_reason": finish}
                 obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_id,
                        "system_fingerprint": None, "choices": [choice]}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": delta_text or "", "logprobs": logprobs_body(logprobs),
+                          "finish_reason": finish}
                 obj = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
                        "choices": [choice]}
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -321,8 +337,8 @@ def create_app(options: ServerOptions) -> FastAPI:
                     yield event(None, None, role=True)
                 async for chunk in chunks():
                     reason = _finish(chunk.finish_reason)
-                    if chunk.text or reason:
-                        yield event(chunk.text, reason)
+                    if chunk.text or reason or chunk.logprobs:
+                        yield event(chunk.text, reason, logprobs=chunk.logprobs or None)
                 if req.finish_reason not in (None, "cancelled"):
                     if stream_usage:
                         obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -349,14 +365,15 @@ def create_app(options: ServerOptions) -> FastAPI:
         if req.finish_reason in (None, "cancelled"):
             return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}}, status_code=499)
         text, reason = "".join(parts), _finish(req.finish_reason)
+        logprobs = logprobs_body(req.completion().logprobs)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": reason}
             obj = {"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
                    "system_fingerprint": None, "choices": [choice], "usage": usage()}
         else:
             obj = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
-                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+                   "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}],
                    "usage": usage()}
         return obj
 
@@ -398,6 +415,47 @@ class _Guard:
 
 
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+
+
+def _requested_logprobs(body: dict, chat: bool):
+    """SamplingParams.logprobs from OpenAI's fields: chat has logprobs (bool) and top_logprobs (int), the legacy
+    completions endpoint logprobs (int). Values of the wrong type reach SamplingParams, which names them."""
+    if not chat:
+        return body.get("logprobs")
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted not in (None, True, False):
+        raise APIError(400, f"logprobs must be true or false, not {wanted!r}", param="logprobs")
+    if top is not None and wanted is not True:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise APIError(400, f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], not {top!r}",
+                       param="top_logprobs")
+    return (0 if top is None else top) if wanted else None
+
+
+def _token_text(llama: LlamaModel, token: int) -> tuple[str, bytes]:
+    raw = llama.token_bytes(token)
+    return raw.decode("utf-8", errors="replace"), raw  # a piece of a UTF-8 sequence: its bytes say what it is
+
+
+def chat_logprobs(llama: LlamaModel, logprobs: list[TokenLogprob]) -> dict:
+    """A chat choice's `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def item(token: int, logprob: float) -> dict:
+        text, raw = _token_text(llama, token)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**item(lp.token, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]}
+                        for lp in logprobs]}
+
+
+def completion_logprobs(llama: LlamaModel, logprobs: list[TokenLogprob], n_top: int, offset: int = 0) -> dict:
+    """A completion choice's `logprobs` object: tokens, token_logprobs, top_logprobs and text_offset, the
+    offsets counted from `offset` over the token texts."""
+    tokens = [_token_text(llama, lp.token)[0] for lp in logprobs]
+    offsets = list(itertools.accumulate(map(len, tokens[:-1]), initial=offset)) if tokens else []
+    top = [{_token_text(llama, t)[0]: v for t, v in lp.top} for lp in logprobs] if n_top else None
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top,
+            "text_offset": offsets}
 
 
 def _finish(reason: str | None) -> str | None:

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["def main():\n", {"id": "hist", "prompt": "The history of the"}, "import numpy as np\n",
            {"prompt": "class Stack:\n", "max_tokens": 3},
@@ -83,3 +85,27 @@ def test_bad_input_is_one_line(tmp_path):
     bad.write_text('{"prompt": "x", "temperature": -1}\n')
     r = batch(str(bad), "-o", str(tmp_path / "o.jsonl"))
     assert r.returncode != 0 and "temperature" in r.stderr and not (tmp_path / "o.jsonl").exists()
+    for line in ({"prompt": "word " * 300}, {"messages": [{"role": "user", "content": "word " * 300}]}):
+        bad.write_text(json.dumps("fine") + "\n" + json.dumps(line) + "\n")
+        r = batch(str(bad), "-o", str(tmp_path / "o.jsonl"), "--ctx", "128")
+        assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+        assert "bad.jsonl:2" in r.stderr and "context" in r.stderr and not (tmp_path / "o.jsonl").exists()
+
+
+def test_batch_outputs_are_the_python_apis(tmp_path):
+    import edgelm
+
+    prompts = ["def main():\n", {"prompt": "import numpy as np\n", "logprobs": 2}, "Once upon a time"]
+    src, out = write_prompts(tmp_path / "in.jsonl", prompts), tmp_path / "out.jsonl"
+    r = batch(str(src), "-o", str(out), "--parallel", "3", "--temp", "0", "-n", "12", "--threads", "2",
+              "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = sorted(read(out), key=lambda row: row["index"])
+    with edgelm.load(n_ctx=512, n_threads=2, prefix_cache_bytes=0) as m:
+        ref = m.generate("import numpy as np\n", max_tokens=12, temperature=0, logprobs=2)
+        assert [row["text"] for row in rows] == [
+            m.generate(p if isinstance(p, str) else p["prompt"], max_tokens=12, temperature=0).text for p in prompts]
+    assert "logprobs" not in rows[0]
+    assert [x["token"] for x in rows[1]["logprobs"]] == ref.tokens
+    assert [x["logprob"] for x in rows[1]["logprobs"]] == pytest.approx([lp.logprob for lp in ref.logprobs],
+                                                                        abs=1e-3)

@@ -38,6 +38,7 @@ FLAT = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # plain sampling fr
     ("logit_bias", {5: math.nan}), ("logit_bias", {5: math.inf}), ("logit_bias", {5: 1e9}), ("logit_bias", {5: "1"}),
     ("stop", [""]), ("stop", [3]),
     ("ignore_eos", "yes"),
+    ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", "3"), ("logprobs", 2.0),
     ("grammar", 'root ::= "a'), ("grammar", 'foo ::= "a"'), ("grammar", 3), ("grammar", ""),
     ("grammar", 'root ::= "a"{2,1}'),  # llama.cpp: loops until memory runs out
     ("json_schema", "{"), ("json_schema", 3), ("json_schema", {"type": "integer", "minimum": 1}),

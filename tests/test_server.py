@@ -118,6 +118,48 @@ def test_chat_streaming_with_usage(client):
     assert [c for c in chunks if c.choices][-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_logprobs_in_chat_and_completions(client):
+    messages = [{"role": "user", "content": "Write a loop."}]
+    with edgelm.load(n_ctx=512, n_threads=2, prefix_cache_bytes=0) as m:
+        ref = m.chat(messages, max_tokens=8, temperature=0, logprobs=2)
+        ref_text = m.generate("def f(x):", max_tokens=8, temperature=0, logprobs=3)
+        pieces = [m.llama.token_bytes(t) for t in ref.tokens]
+    whole = client.chat.completions.create(model="x", messages=messages, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert [bytes(c.bytes) for c in content] == pieces
+    assert [c.logprob for c in content] == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-3)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == c.logprob for c in content)
+    stream = client.chat.completions.create(model="x", messages=messages, max_tokens=8, temperature=0,
+                                            logprobs=True, stream=True)
+    streamed = [c for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for c in chunk.choices[0].logprobs.content]
+    assert [(c.token, c.logprob, c.top_logprobs) for c in streamed] == [(c.token, c.logprob, []) for c in content]
+
+    out = client.completions.create(model="x", prompt="def f(x):", max_tokens=8, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in ref_text.logprobs], abs=1e-3)
+    assert [len(t) for t in lp.top_logprobs] == [3] * 8
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(8)]
+    assert "".join(lp.tokens) == out.choices[0].text == ref_text.text
+    plain = client.completions.create(model="x", prompt="def f(x):", max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": 3}, "logprobs"),
+    ("/v1/completions", {"logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"logprobs": True}, "logprobs"),
+])
+def test_bad_logprobs_are_400(server, path, body, param):
+    body |= {"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"}
+    r = httpx.post(server.base + path, json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400, r.text
+    assert param in r.json()["error"]["message"]
+
+
 def test_json_response_format(client):
     out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "A person:"}],
                                          max_tokens=64, temperature=0, response_format={

@@ -66,7 +66,8 @@ class ResponseCache:
 
     @staticmethod
     def cacheable(params) -> bool:
-        return params.greedy or params.seed is not None
+        # a cached answer keeps text and tokens, not the logprobs a request may ask for
+        return (params.greedy or params.seed is not None) and params.logprobs is None
 
     @staticmethod
     def _group(fingerprint: str, params) -> str:

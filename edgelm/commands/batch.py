@@ -3,7 +3,7 @@
 Each input line is a JSON string (a prompt) or an object with "prompt" or "messages" (chat), an
 optional "id", and optional sampling fields ("max_tokens", "temperature", ...) that override the
 flags. Each output line is {"index", "id", "text", "finish_reason", "prompt_tokens",
-"completion_tokens"}, written as soon as that completion is done. Run the same command again after
+"completion_tokens"} (and "logprobs" where asked), written as soon as that completion is done. Run the same command again after
 an interruption and it skips what OUT.jsonl already holds (a torn last line is dropped).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgelm.errors import UsageError
+from edgelm.errors import ChatTemplateError, ContextOverflowError, UsageError
 
 from .run import add_sampling_arguments, sampling_from_args
 
@@ -89,26 +89,29 @@ def main(argv: list[str]) -> int:
     if not todo:
         print(f"edgelm: all {len(items)} prompts are already in {out_path}", file=sys.stderr)
         return 0
-    import edgelm
+    from edgelm.api import prompt_tokens
     from edgelm.engine import POLL_S, Engine, EngineOptions
     from edgelm.runtime.chat import chat_tokens, template_for
+    from edgelm.runtime.model import LlamaModel, LoadOptions
 
-    with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, prefix_cache_bytes=0) as model:
+    # the weights and vocabulary only: the engine makes the one context (and KV cache) that decodes
+    with LlamaModel(args.model, LoadOptions()) as llama:
         requests = []
         for i in todo:  # everything is checked before anything runs
             item = items[i]
             overrides = {k: v for k, v in item.items() if k not in ("prompt", "messages", "id", "_line")}
             try:
                 params = SamplingParams.from_kwargs(**{**base, **overrides})
-                tokens = (chat_tokens(model.llama, item["messages"], template_for(model.llama))
-                          if "messages" in item else model._prompt_tokens(item["prompt"], params, None))
-            except UsageError as e:
-                raise UsageError(f"{args.prompts}:{item['_line']}: {e}") from None
+                tokens = (chat_tokens(llama, item["messages"], template_for(llama)) if "messages" in item
+                          else item["prompt"])
+                tokens = prompt_tokens(llama, tokens, args.ctx, params.max_tokens)
+            except (UsageError, ContextOverflowError, ChatTemplateError) as e:
+                raise type(e)(f"{args.prompts}:{item['_line']}: {e}") from None
             requests.append((i, tokens, params))
         cap = max(p.max_tokens for _, _, p in requests)
         options = EngineOptions(n_parallel=args.parallel, n_ctx=args.ctx, n_threads=args.threads,
                                 max_queue=len(requests), max_tokens_cap=max(cap, 1))
-        with Engine(model.llama, options) as engine, open(out_path, "a", encoding="utf-8") as out:
+        with Engine(llama, options) as engine, open(out_path, "a", encoding="utf-8") as out:
             running = dict(zip(engine.submit_many([(t, p) for _, t, p in requests]), (i for i, _, _ in requests)))
             bar = _progress(len(items), len(done), args.no_progress)
             while running:
@@ -120,6 +123,9 @@ def main(argv: list[str]) -> int:
                     record = {"index": i, "id": items[i].get("id"), "text": result.text,
                               "finish_reason": result.finish_reason, "prompt_tokens": result.timings.prompt_tokens,
                               "completion_tokens": result.timings.completion_tokens}
+                    if result.logprobs is not None:
+                        record["logprobs"] = [{"token": lp.token, "logprob": lp.logprob, "top": lp.top}
+                                              for lp in result.logprobs]
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     out.flush()
                     os.fsync(out.fileno())

@@ -11,6 +11,7 @@ from edgelm.errors import ContextOverflowError, UsageError
 
 from .canonical import prefill_batches, reusable
 from .context import Context
+from .logprobs import LogprobReader, TokenLogprob
 from .sampling import SamplerChain, SamplingParams
 
 
@@ -42,6 +43,7 @@ class Chunk:
     tokens: list[int]
     finish_reason: str | None = None  # "stop", "length" or None while running
     timings: Timings | None = None  # set on the last chunk
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Completion:
     tokens: list[int]
     finish_reason: str
     timings: Timings = field(default_factory=Timings)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
 
 
 REUSE = ("exact", "fast", "off")
@@ -92,13 +95,14 @@ def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: st
 
 def generate_tokens(
     ctx: Context, prompt: list[int], params: SamplingParams, timings: Timings, seq: int = 0, cache=None,
-    reuse: str = "exact",
+    reuse: str = "exact", logprobs: list[TokenLogprob] | None = None,
 ) -> Iterator[int]:
     """Prefill `prompt` from position 0 and yield sampled tokens until EOG, max_tokens or the context end.
 
     With a prompt `cache`, a shared prefix is restored rather than evaluated, and the sequence's
     state is offered to the cache when generation ends. The generator's return value
-    (StopIteration.value) is the finish reason.
+    (StopIteration.value) is the finish reason. With a `logprobs` list, each token's TokenLogprob is
+    appended to it before the token is yielded.
     """
     if len(prompt) >= ctx.n_ctx:
         raise ContextOverflowError(f"prompt of {len(prompt)} tokens does not fit the context of {ctx.n_ctx}")
@@ -114,6 +118,7 @@ def generate_tokens(
     timings.prompt_s = time.perf_counter() - t0
     pos = len(prompt)
     model = ctx.model
+    reader = LogprobReader(model.n_vocab, params.logprobs) if logprobs is not None else None
     try:
         for i in range(params.max_tokens):
             token = sampler.sample(ctx.ptr)
@@ -125,6 +130,8 @@ def generate_tokens(
             if model.is_eog(token) and (not params.ignore_eos or sampler.constrained):
                 return "stop"
             timings.completion_tokens = i + 1
+            if reader is not None:
+                logprobs.append(reader.read(ctx.ptr, -1, token))
             yield token
             if pos >= ctx.n_ctx or i + 1 == params.max_tokens:  # no step whose logits nobody reads
                 timings.gen_s = time.perf_counter() - t_first
@@ -176,11 +183,15 @@ def stream(ctx: Context, prompt: list[int], params: SamplingParams, timings: Tim
            seq: int = 0, cache=None, reuse: str = "exact") -> Iterator[Chunk]:
     """Text chunks as they are generated; the last chunk carries the finish reason."""
     timings = timings if timings is not None else Timings()
-    return text_stream(ctx.model, generate_tokens(ctx, prompt, params, timings, seq, cache, reuse), params, timings)
+    logprobs = [] if params.logprobs is not None else None
+    tokens = generate_tokens(ctx, prompt, params, timings, seq, cache, reuse, logprobs)
+    return text_stream(ctx.model, tokens, params, timings, logprobs)
 
 
-def text_stream(model, tokens: Iterator[int], params: SamplingParams, timings: Timings) -> Iterator[Chunk]:
-    """Text chunks of a token generator (whose return value is the finish reason), stop strings held back."""
+def text_stream(model, tokens: Iterator[int], params: SamplingParams, timings: Timings,
+                logprobs: list[TokenLogprob] | None = None) -> Iterator[Chunk]:
+    """Text chunks of a token generator (whose return value is the finish reason), stop strings held back.
+    `logprobs`: the list the generator appends each token's TokenLogprob to; each chunk takes its own."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds split UTF-8 sequences
     stops = StopMatcher(params.stop)
     while True:
@@ -188,14 +199,18 @@ def text_stream(model, tokens: Iterator[int], params: SamplingParams, timings: T
             token = next(tokens)
         except StopIteration as done:
             tail = stops.flush() + decoder.decode(b"", final=True)
-            yield Chunk(tail, [], done.value, timings)
+            yield Chunk(tail, [], done.value, timings, None if logprobs is None else [])
             return
         text, stopped = stops.feed(decoder.decode(model.token_bytes(token)))
+        taken = None
+        if logprobs is not None:
+            taken = logprobs[:]
+            logprobs.clear()
         if stopped:
             tokens.close()
-            yield Chunk(text, [token], "stop", timings)
+            yield Chunk(text, [token], "stop", timings, taken)
             return
-        yield Chunk(text, [token])
+        yield Chunk(text, [token], logprobs=taken)
 
 
 def generate(ctx: Context, prompt: list[int], params: SamplingParams, cache=None, reuse: str = "exact") -> Completion:
@@ -205,10 +220,13 @@ def generate(ctx: Context, prompt: list[int], params: SamplingParams, cache=None
 def collect(chunks: Iterator[Chunk]) -> Completion:
     """A Completion from a stream of chunks (the last one carries the finish reason and timings)."""
     timings = Timings()
-    parts, ids, reason = [], [], "length"
+    parts, ids, reason, logprobs = [], [], "length", None
     for chunk in chunks:
         timings = chunk.timings or timings
         parts.append(chunk.text)
         ids.extend(chunk.tokens)
         reason = chunk.finish_reason or reason
-    return Completion("".join(parts), ids, reason, timings)
+        if chunk.logprobs is not None:
+            logprobs = logprobs if logprobs is not None else []
+            logprobs.extend(chunk.logprobs)
+    return Completion("".join(parts), ids, reason, timings, logprobs)

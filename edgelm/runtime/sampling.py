@@ -20,6 +20,7 @@ from edgelm.errors import UsageError
 
 from .grammar import Grammar, Utf8Guard, check_gbnf
 from .json_schema import schema_to_gbnf
+from .logprobs import MAX_TOP_LOGPROBS
 
 INT32_MAX = 2**31 - 1
 GREEDY_BELOW = 1e-4  # smaller temperatures are greedy: dividing logits by them can overflow float32
@@ -48,6 +49,7 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh seed each call
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # never with a grammar: the grammar decides where output may end
+    logprobs: int | None = None  # report each token's logprob and this many alternatives (0-20; runtime/logprobs.py)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":
@@ -81,6 +83,8 @@ class SamplingParams:
             _integer("seed", self.seed, 0, lib.LLAMA_DEFAULT_SEED - 1)  # 0xFFFFFFFF means "random" to llama.cpp
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise UsageError("stop must be non-empty strings")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
         if not isinstance(self.ignore_eos, bool):
             raise UsageError(f"ignore_eos must be true or false, not {self.ignore_eos!r}")
         self._validate_logit_bias()
