@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI on uvicorn).
 
 Endpoints: /v1/chat/completions, /v1/completions (streaming as Server-Sent Events in OpenAI's chunk
-format, or not), /v1/embeddings, /v1/models, /health (always public), /metrics (Prometheus text).
+format, or not), /v1/embeddings, /v1/models, /tokenize and /detokenize (llama-server's), /health (always
+public), /metrics (Prometheus text).
 Errors are OpenAI-style bodies: bad input is a 400, a missing or wrong API key a 401, a full queue
 a 503 with Retry-After. A client that disconnects cancels its sequence within one decode step.
 """
@@ -253,6 +254,36 @@ def create_app(options: ServerOptions) -> FastAPI:
         tokens = server.chat_prompt(body["messages"])
         return await _generate(request, body, tokens, params, chat=True)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """llama-server's /tokenize: {"content", "add_special"?, "parse_special"?, "with_pieces"?} -> {"tokens"}."""
+        body = await _body(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise APIError(400, "content must be a string", param="content")
+        flags = {name: body.get(name, default) for name, default in
+                 (("add_special", False), ("parse_special", True), ("with_pieces", False))}
+        bad = next((name for name, v in flags.items() if not isinstance(v, bool)), None)
+        if bad is not None:
+            raise APIError(400, f"{bad} must be true or false", param=bad)
+        tokens = server.llama.tokenize(content, add_special=flags["add_special"], parse_special=flags["parse_special"])
+        if flags["with_pieces"]:
+            return {"tokens": [{"id": t, "piece": _piece(server.llama, t)} for t in tokens]}
+        return {"tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """llama-server's /detokenize: {"tokens"} -> {"content"}."""
+        body = await _body(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise APIError(400, "tokens must be a list of token ids", param="tokens")
+        try:
+            server.llama.check_tokens(tokens)
+        except UsageError as e:
+            raise APIError(400, str(e), param="tokens") from None
+        return {"content": server.llama.detokenize(tokens, special=True)}
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         body = await _body(request)
@@ -401,7 +432,7 @@ class _Guard:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             key = self.server.options.api_key
-            if path.startswith("/v1/") and key is not None:
+            if key is not None and (path.startswith("/v1/") or path in KEYED):
                 _check_key(headers, key)
             size = headers.get("content-length")
             if scope["method"] == "POST" and size is not None and (not size.isdecimal() or int(size) > MAX_BODY_BYTES):
@@ -414,7 +445,8 @@ class _Guard:
             self.server.metrics.request(path if path in ROUTES else "other", status[0])
 
 
-ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+KEYED = {"/tokenize", "/detokenize"}  # besides /v1/: what an API key guards
+ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED}
 
 
 def _requested_logprobs(body: dict, chat: bool):
@@ -436,6 +468,15 @@ def _requested_logprobs(body: dict, chat: bool):
 def _token_text(llama: LlamaModel, token: int) -> tuple[str, bytes]:
     raw = llama.token_bytes(token)
     return raw.decode("utf-8", errors="replace"), raw  # a piece of a UTF-8 sequence: its bytes say what it is
+
+
+def _piece(llama: LlamaModel, token: int) -> str | list[int]:
+    """A token's text, or its bytes where they are not whole UTF-8 characters (as llama-server's /tokenize)."""
+    raw = llama.token_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
 
 
 def chat_logprobs(llama: LlamaModel, logprobs: list[TokenLogprob]) -> dict:

@@ -160,6 +160,30 @@ def test_bad_logprobs_are_400(server, path, body, param):
     assert param in r.json()["error"]["message"]
 
 
+def test_tokenize_and_detokenize(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    text = "def f():\n    return 'café'"
+    with edgelm.load(n_ctx=512, n_threads=2, prefix_cache_bytes=0) as m:
+        ref = m.llama.tokenize(text, add_special=False, parse_special=True)
+        with_bos = m.llama.tokenize(text)
+    r = httpx.post(server.base + "/tokenize", json={"content": text}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"tokens": ref}
+    r = httpx.post(server.base + "/tokenize", json={"content": text, "add_special": True, "with_pieces": True},
+                   headers=auth)
+    pieces = r.json()["tokens"]
+    assert [p["id"] for p in pieces] == with_bos
+    assert b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"])
+                    for p in pieces[1:]) == text.encode()  # a piece that is not whole characters comes as bytes
+    r = httpx.post(server.base + "/detokenize", json={"tokens": ref}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"content": text}
+    for path, body, param in [("/tokenize", {"content": 3}, "content"), ("/tokenize", {"content": "x",
+                              "add_special": "yes"}, "add_special"), ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens"), ("/detokenize", {"tokens": [True]}, "tokens")]:
+        r = httpx.post(server.base + path, json=body, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert httpx.post(server.base + "/tokenize", json={"content": text}).status_code == 401
+
+
 def test_json_response_format(client):
     out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "A person:"}],
                                          max_tokens=64, temperature=0, response_format={
