@@ -157,6 +157,8 @@ class _Slot:
         self.held: list[int] = []  # tokens in this sequence's KV, by position
         self.exact = 0  # leading positions evaluated canonically (see runtime.generate)
         self.req: Request | None = None
+        # (slot, its request, positions): a slot prefilling this request's prompt prefix, waited for, then copied
+        self.donor: tuple[_Slot, Request, int] | None = None
 
     def start(self, req: Request, model: LlamaModel, n_ctx: int, reuse: int) -> None:
         self.req = req
@@ -164,6 +166,7 @@ class _Slot:
         self.sampler.accept_prompt(req.tokens)
         self.logprobs = LogprobReader(model.n_vocab, req.params.logprobs) if req.params.logprobs is not None else None
         self.cursor = reuse  # next prompt position to evaluate
+        self.donor = None
         self.pending: int | None = None  # sampled, not yet in the KV
         self.n_out = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -174,6 +177,11 @@ class _Slot:
     @property
     def prefilling(self) -> bool:
         return self.req is not None and self.cursor < len(self.req.tokens)
+
+    @property
+    def evaluating(self) -> bool:
+        """Prefilling now, not waiting for another slot's prefill of the same prefix."""
+        return self.prefilling and self.donor is None
 
 
 class Engine:
@@ -347,6 +355,7 @@ class Engine:
                     self._cancelled_before_start(req)
                     continue
                 slot.start(req, self.model, self.options.n_ctx, self._reuse(slot, req.tokens))
+                self._await_donor(slot)
 
     def _cancelled_before_start(self, req: Request) -> None:
         req.finish_reason = "cancelled"
@@ -356,7 +365,7 @@ class Engine:
     def _reuse(self, slot: _Slot, tokens: list[int]) -> int:
         """Positions of `tokens` the slot's sequence can keep (from its own KV or the prompt cache)."""
         def usable(shared: int, exact: int) -> int:
-            return reusable(shared, exact, len(tokens), "exact", self.ctx.canonical_rows)
+            return self._usable(shared, exact, len(tokens))
 
         n = usable(common_prefix(slot.held, tokens), slot.exact)
         # another slot may hold more of it (a shared system prompt): copy that sequence's state over
@@ -383,6 +392,42 @@ class Engine:
         slot.exact = min(slot.exact, n)
         return n
 
+    def _usable(self, shared: int, exact: int, n_tokens: int) -> int:
+        return reusable(shared, exact, n_tokens, "exact", self.ctx.canonical_rows)
+
+    def _await_donor(self, slot: _Slot) -> None:
+        """If another slot is prefilling a longer prefix of this prompt (n choices of one prompt, prompts arriving
+        together behind one system prompt), wait for it and copy its KV rather than evaluate the prefix again."""
+        tokens = slot.req.tokens
+        best, until = None, slot.cursor + self.ctx.canonical_rows  # less than this is not worth a step's wait
+        for other in self._slots:
+            if other is not slot and other.evaluating:
+                shared = common_prefix(other.req.tokens, tokens)
+                m = self._usable(shared, shared, len(tokens))
+                if m > until:
+                    best, until = other, m
+        slot.donor = None if best is None else (best, best.req, until)
+
+    @staticmethod
+    def _still_waiting(slot: _Slot) -> bool:
+        donor, req, until = slot.donor
+        return donor.req is req and donor.evaluating and donor.cursor < until
+
+    def _take_from_donor(self, slot: _Slot) -> None:
+        """A waiting slot whose donor has finished prefilling (or left) takes what the donor's KV offers exactly,
+        and evaluates the rest itself."""
+        donor, tokens = slot.donor[0], slot.req.tokens
+        slot.donor = None
+        n = self._usable(common_prefix(donor.held, tokens), donor.exact, len(tokens))
+        if n > slot.cursor and self._copy_sequence(donor.seq, slot.seq) and self.ctx.remove(slot.seq, n):
+            slot.held, slot.exact, slot.cursor = tokens[:n], n, n
+            slot.req.timings.cached_tokens = n
+            self.stats["shared_prefix_hits"] += 1
+        elif not self.ctx.remove(slot.seq, slot.cursor):  # a failed copy left a part: start over
+            self.ctx.remove(slot.seq)
+            slot.held, slot.exact, slot.cursor = [], 0, 0
+            slot.req.timings.cached_tokens = 0
+
     def _copy_sequence(self, src: int, dst: int) -> bool:
         size = lib.llama_state_seq_get_size(self.ctx.ptr, src)
         buf = (ctypes.c_uint8 * size)()
@@ -398,8 +443,11 @@ class Engine:
         for slot in self._slots:
             if slot.req is not None and slot.req.cancelled:
                 self._finish(slot, "cancelled")
+        for slot in self._slots:
+            if slot.donor is not None and not self._still_waiting(slot):
+                self._take_from_donor(slot)
         decoding = [s for s in self._slots if s.req is not None and not s.prefilling and s.pending is not None]
-        prefilling = sorted((s for s in self._slots if s.prefilling), key=lambda s: s.req.submitted)
+        prefilling = sorted((s for s in self._slots if s.evaluating), key=lambda s: s.req.submitted)
         if not decoding and not prefilling:
             return
         b = self.ctx._batch

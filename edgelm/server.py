@@ -16,9 +16,10 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import llama_cpp as lib
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -34,6 +35,7 @@ from .runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from .runtime.sampling import SamplingParams
 
 MAX_BODY_BYTES = 4 << 20
+MAX_CHOICES = 16  # n: completions of one prompt in one request
 DISCONNECT_EVERY = 10  # ticks between checks for a client that went away
 SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
     "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
@@ -117,8 +119,7 @@ class Server:
         unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED_FIELDS)
         if unknown:
             raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
-        if body.get("n", 1) != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
+        choices(body)
         if body.get("echo") or body.get("best_of", 1) != 1 or body.get("suffix"):
             field = next(f for f in ("echo", "best_of", "suffix") if body.get(f) not in (None, False, 1))
             raise APIError(400, f"{field} is not supported", param=field)
@@ -166,9 +167,13 @@ class Server:
         except UsageError as e:
             raise APIError(400, str(e), param="messages") from None
 
-    def submit(self, tokens: list[int], params: SamplingParams):
+    def submit(self, tokens: list[int], params: SamplingParams, n: int = 1) -> list:
+        """One engine request per choice; with a seed, choice i samples with seed + i so the choices differ."""
+        seeds = [None if params.seed is None else (params.seed + i) % lib.LLAMA_DEFAULT_SEED for i in range(n)]
+        items = [(tokens, params if seed in (None, params.seed) else replace(params, seed=seed))
+                 for seed in seeds]
         try:
-            return self.engine.submit(tokens, params)
+            return self.engine.submit_many(items)
         except QueueFullError as e:
             raise APIError(503, str(e), type="server_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
@@ -302,61 +307,70 @@ def create_app(options: ServerOptions) -> FastAPI:
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
     async def _generate(request: Request, body: dict, tokens: list[int], params: SamplingParams, chat: bool):
-        req = server.submit(tokens, params)
+        reqs = server.submit(tokens, params, choices(body))  # one request per choice, started in the same step
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        kind = ("chat.completion" if chat else "text_completion")
+
+        def cancel_unfinished() -> None:  # the client left, or the handler failed: free the slots
+            for req in reqs:
+                if req.finish_reason is None:
+                    req.cancel()
 
         async def chunks():
-            """The request's chunks, looked for on a shared tick rather than on a wake-up per token
-            (see Engine's Request.__iter__), with a disconnect check every few ticks."""
+            """(choice, chunk) as the requests make them, looked for on a shared tick rather than on a wake-up per
+            token (see Engine's Request.__iter__), with a disconnect check every few ticks."""
             loop = asyncio.get_running_loop()
-            first, ticks = True, 0
+            waiting, ticks = set(range(len(reqs))), 0
+            first = set(waiting)
             try:
-                while True:
-                    for chunk in req.drain():
-                        if first and (chunk.text or chunk.tokens):
-                            server.metrics.observe_ttft(time.perf_counter() - req.submitted)
-                            first = False
-                        yield chunk
-                        if chunk.finish_reason is not None:
-                            return
+                while waiting:
+                    for i in sorted(waiting):
+                        for chunk in reqs[i].drain():
+                            if i in first and (chunk.text or chunk.tokens):
+                                server.metrics.observe_ttft(time.perf_counter() - reqs[i].submitted)
+                                first.discard(i)
+                            yield i, chunk
+                            if chunk.finish_reason is not None:
+                                waiting.discard(i)
+                    if not waiting:
+                        return
                     ticks += 1
                     if ticks % DISCONNECT_EVERY == 0 and await request.is_disconnected():
-                        req.cancel()
                         return
                     await asyncio.sleep(POLL_S - loop.time() % POLL_S)  # every stream wakes on the same tick
             finally:
-                if req.finish_reason is None:
-                    req.cancel()  # the client left, or the handler failed: free the slot
+                cancel_unfinished()
 
         def usage() -> dict:
-            t = req.timings
-            return {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
-                    "total_tokens": t.prompt_tokens + t.completion_tokens,
+            t = reqs[0].timings  # one prompt, counted once
+            completion = sum(r.timings.completion_tokens for r in reqs)
+            return {"prompt_tokens": t.prompt_tokens, "completion_tokens": completion,
+                    "total_tokens": t.prompt_tokens + completion,
                     "prompt_tokens_details": {"cached_tokens": t.cached_tokens}}
 
-        offset = [0]  # completions' text_offset: characters of the token texts sent so far
+        offsets = [0] * len(reqs)  # completions' text_offset: characters of each choice's token texts sent so far
 
-        def logprobs_body(logprobs) -> dict | None:
+        def logprobs_body(i: int, logprobs) -> dict | None:
             if params.logprobs is None or logprobs is None:
                 return None
             if chat:
                 return chat_logprobs(server.llama, logprobs)
-            body = completion_logprobs(server.llama, logprobs, params.logprobs, offset[0])
-            offset[0] += sum(map(len, body["tokens"]))
+            body = completion_logprobs(server.llama, logprobs, params.logprobs, offsets[i])
+            offsets[i] += sum(map(len, body["tokens"]))
             return body
 
-        def event(delta_text: str | None, finish: str | None, role: bool = False, logprobs=None) -> str:
+        def event(i: int, delta_text: str | None, finish: str | None, role: bool = False, logprobs=None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else (
                     {"content": delta_text} if delta_text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None if role else logprobs_body(logprobs),
+                choice = {"index": i, "delta": delta, "logprobs": None if role else logprobs_body(i, logprobs),
                           "finish_reason": finish}
                 obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_id,
                        "system_fingerprint": None, "choices": [choice]}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": logprobs_body(logprobs),
+                choice = {"index": i, "text": delta_text or "", "logprobs": logprobs_body(i, logprobs),
                           "finish_reason": finish}
                 obj = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
                        "choices": [choice]}
@@ -365,47 +379,51 @@ def create_app(options: ServerOptions) -> FastAPI:
         if body.get("stream"):
             async def sse():
                 if chat:
-                    yield event(None, None, role=True)
-                async for chunk in chunks():
+                    for i in range(len(reqs)):
+                        yield event(i, None, None, role=True)
+                async for i, chunk in chunks():
                     reason = _finish(chunk.finish_reason)
                     if chunk.text or reason or chunk.logprobs:
-                        yield event(chunk.text, reason, logprobs=chunk.logprobs or None)
-                if req.finish_reason not in (None, "cancelled"):
+                        yield event(i, chunk.text, reason, logprobs=chunk.logprobs or None)
+                if all(r.finish_reason not in (None, "cancelled") for r in reqs):
                     if stream_usage:
-                        obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                               "created": created, "model": server.model_id, "choices": [], "usage": usage()}
+                        obj = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
+                               "model": server.model_id, "choices": [], "usage": usage()}
                         yield f"data: {json.dumps(obj)}\n\n"
                     yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        # nothing to send until the end: wait for it in a worker thread that wakes only when the request
-        # finishes (or to look for a departed client), instead of looking at every tick
+        # nothing to send until the end: wait for it in a worker thread that wakes only when the requests
+        # finish (or to look for a departed client), instead of looking at every tick
+        async def wait_all() -> None:
+            for req in reqs:
+                while not await asyncio.to_thread(req.wait, DISCONNECT_EVERY * POLL_S):
+                    if await request.is_disconnected():
+                        return
+
         try:
-            while not await asyncio.to_thread(req.wait, DISCONNECT_EVERY * POLL_S):
-                if await request.is_disconnected():
-                    req.cancel()
-                    break
+            await wait_all()
         finally:
-            if req.finish_reason is None:
-                req.cancel()
-        if req.timings.completion_tokens:
-            server.metrics.observe_ttft(req.timings.ttft_s)
-        parts = [chunk.text for chunk in req.drain()]
-        if req.finish_reason in (None, "cancelled"):
-            return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}}, status_code=499)
-        text, reason = "".join(parts), _finish(req.finish_reason)
-        logprobs = logprobs_body(req.completion().logprobs)
+            cancel_unfinished()
+        out = []
+        for i, req in enumerate(reqs):
+            if req.timings.completion_tokens:
+                server.metrics.observe_ttft(req.timings.ttft_s)
+            text = "".join(chunk.text for chunk in req.drain())
+            if req.finish_reason in (None, "cancelled"):
+                return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}},
+                                    status_code=499)
+            logprobs = logprobs_body(i, req.completion().logprobs)
+            reason = _finish(req.finish_reason)
+            out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                        "finish_reason": reason} if chat else
+                       {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
+        obj = {"id": rid, "object": kind, "created": created, "model": server.model_id, "choices": out,
+               "usage": usage()}
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": reason}
-            obj = {"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
-                   "system_fingerprint": None, "choices": [choice], "usage": usage()}
-        else:
-            obj = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
-                   "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}],
-                   "usage": usage()}
+            obj["system_fingerprint"] = None
         return obj
 
     return app
@@ -447,6 +465,16 @@ class _Guard:
 
 KEYED = {"/tokenize", "/detokenize"}  # besides /v1/: what an API key guards
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED}
+
+
+def choices(body: dict) -> int:
+    """OpenAI's `n`: how many completions of the prompt to generate."""
+    n = body.get("n", 1)
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"n must be an integer in [1, {MAX_CHOICES}], not {n!r}", param="n")
+    return n
 
 
 def _requested_logprobs(body: dict, chat: bool):

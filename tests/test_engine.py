@@ -113,6 +113,45 @@ def test_a_prefix_held_by_another_slot_is_shared(model):
     assert second.text == alone.text
 
 
+def test_prompts_arriving_together_prefill_their_shared_prefix_once(model):
+    """Four prompts behind one system prompt, submitted together: the first evaluates it, the others wait for it
+    and copy its KV, then evaluate only their own canonical rest; their outputs are their outputs alone."""
+    from edgelm import corpus
+
+    system = corpus.text("heldout", max_chars=1200)
+    prompts = [model.tokenize(system + f"\nQuestion {i}?") for i in range(4)]
+    with Engine(model.llama, EngineOptions(n_parallel=4, n_ctx=512, n_threads=2)) as engine:
+        outs = [r.result() for r in engine.submit_many([(t, params()) for t in prompts])]
+        stats = dict(engine.stats)
+    assert stats["shared_prefix_hits"] == 3
+    assert stats["batch_tokens"] - stats["generated_tokens"] < len(prompts[0]) + 3 * (64 + 8 + 4)
+    assert [o.timings.cached_tokens for o in outs[1:]] == [len(prompts[0]) - 64 - (len(prompts[0]) - 64) % 4] * 3
+    # the first one's decode steps share micro-batches with the others' rest, where llama.cpp may round differently
+    for out, p in zip(outs[1:], prompts[1:]):
+        assert out.tokens == model.generate(p, max_tokens=16, temperature=0).tokens
+
+
+def test_a_waiting_request_goes_on_when_the_prefill_it_waits_for_is_cancelled(model):
+    from edgelm import corpus
+
+    system = corpus.text("heldout", max_chars=1200)
+    a, b = model.tokenize(system + "\nFirst?"), model.tokenize(system + "\nSecond?")
+    engine = Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=512, n_batch=64, n_threads=2), threaded=False)
+    try:
+        first, second = engine.submit_many([(a, params()), (b, params())])
+        with engine._cv:
+            engine._admit()
+        assert engine._slots[1].donor is not None and engine._slots[1].donor[0] is engine._slots[0]
+        engine._guarded_step()  # the first prompt's first chunk; the second waits
+        assert engine._slots[1].cursor == 0
+        first.cancel()
+        engine.run_until_idle()
+        assert first.result().finish_reason == "cancelled"
+        assert second.result().tokens == model.generate(b, max_tokens=16, temperature=0).tokens
+    finally:
+        engine.close()
+
+
 # ---------------------------------------------------------------------------- canonical chunks (exact reuse)
 
 

@@ -184,6 +184,25 @@ def test_tokenize_and_detokenize(server):
     assert httpx.post(server.base + "/tokenize", json={"content": text}).status_code == 401
 
 
+def test_n_choices(client):
+    messages = [{"role": "user", "content": "Write a loop."}]
+    kw = dict(model="x", messages=messages, max_tokens=12, temperature=0.9, seed=11, n=3, logprobs=True)
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) > 1  # choice i samples with seed + i
+    streamed = {}
+    for chunk in client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+        usage = chunk.usage or None
+    assert [streamed[i] for i in range(3)] == texts
+    assert usage.completion_tokens == whole.usage.completion_tokens and usage.prompt_tokens == whole.usage.prompt_tokens
+    assert whole.usage.completion_tokens == sum(len(c.logprobs.content) for c in whole.choices)
+    greedy = client.completions.create(model="x", prompt="def f(x):", max_tokens=8, temperature=0, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text and greedy.usage.completion_tokens == 16
+
+
 def test_json_response_format(client):
     out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "A person:"}],
                                          max_tokens=64, temperature=0, response_format={
@@ -216,7 +235,9 @@ def test_api_key_is_required(server):
     ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),
     ({"prompt": "x", "top_k": -3}, "top_k"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
-    ({"prompt": "x", "n": 3}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": "x", "n": "2"}, "n"),
     ({"prompt": []}, "prompt"),
     ({"prompt": {"a": 1}}, "prompt"),
     ({"prompt": [1, 2, 10**9]}, "token"),
