@@ -58,6 +58,7 @@ class EngineOptions:
     type_k: str = "f16"
     type_v: str = "f16"
     warmup: bool = True  # one throw-away decode at start (Context.warm_up), as llama-server does
+    share_prefill: bool = True  # a request waits for another slot's prefill of its prompt's prefix, and copies it
 
     def validate(self) -> None:
         for name in ("n_parallel", "n_ctx", "n_batch", "max_queue", "max_tokens_cap"):
@@ -398,6 +399,8 @@ class Engine:
     def _await_donor(self, slot: _Slot) -> None:
         """If another slot is prefilling a longer prefix of this prompt (n choices of one prompt, prompts arriving
         together behind one system prompt), wait for it and copy its KV rather than evaluate the prefix again."""
+        if not self.options.share_prefill:
+            return
         tokens = slot.req.tokens
         best, until = None, slot.cursor + self.ctx.canonical_rows  # less than this is not worth a step's wait
         for other in self._slots:
