@@ -20,6 +20,7 @@ from .runtime.early_exit import EARLY_EXIT_BATCH, EarlyExit
 from .runtime.speculative import (DRAFT_MAX, THRESHOLD, ContextVerifier, DraftModel, Lookup, SpecStats,
                                   SpeculativeOptions, same_vocabulary, speculative_tokens)
 from .runtime.splits import choose_split
+from .runtime.tools import forcing_call, tool_setup, with_tool_calls
 
 TRUNCATE = ("error", "left")  # what a prompt longer than the context does
 
@@ -263,20 +264,30 @@ class Model:
         """The prompt text chat() would send for `messages` (see edgelm/runtime/chat.py)."""
         return self._template(chat_template).render(messages, add_generation_prompt=add_generation_prompt)
 
-    def _chat_tokens(self, messages: list[dict], chat_template: str | None, sampling: dict):
-        tokens = chat_tokens(self.llama, messages, self._template(chat_template))
+    def _chat_tokens(self, messages: list[dict], chat_template: str | None, sampling: dict, tools, tool_choice):
+        offered, grammar = tool_setup(tools, tool_choice)
+        tokens = chat_tokens(self.llama, messages, self._template(chat_template), tools=offered)
         params, truncate = self._params(sampling)
-        return self._prompt_tokens(tokens, params, truncate), params
+        if grammar is not None:
+            params = forcing_call(params, grammar)
+        return self._prompt_tokens(tokens, params, truncate), params, offered
 
-    def chat(self, messages: list[dict], *, chat_template: str | None = None, **sampling) -> Completion:
-        """Reply to `messages` ([{"role": ..., "content": ...}]); stops at the model's end-of-turn token."""
-        tokens, params = self._chat_tokens(messages, chat_template, sampling)
-        return self._complete(tokens, params)
+    def chat(self, messages: list[dict], *, chat_template: str | None = None, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None, **sampling) -> Completion:
+        """Reply to `messages` ([{"role": ..., "content": ...}]); stops at the model's end-of-turn token.
+        `tools` and `tool_choice` as in OpenAI's API: the reply's calls are in .tool_calls (runtime/tools.py)."""
+        tokens, params, offered = self._chat_tokens(messages, chat_template, sampling, tools, tool_choice)
+        if offered is None:
+            return self._complete(tokens, params)
+        return collect(with_tool_calls(iter([Chunk(**vars(self._complete(tokens, params)))]), offered))
 
-    def chat_stream(self, messages: list[dict], *, chat_template: str | None = None, **sampling) -> Iterator[Chunk]:
-        """Like chat(), as text chunks; the last one carries finish_reason and timings."""
-        tokens, params = self._chat_tokens(messages, chat_template, sampling)
-        return self._stream(tokens, params)
+    def chat_stream(self, messages: list[dict], *, chat_template: str | None = None, tools: list[dict] | None = None,
+                    tool_choice: str | dict | None = None, **sampling) -> Iterator[Chunk]:
+        """Like chat(), as text chunks; the last one carries finish_reason, timings and any tool calls (text that
+        may be a call is held back until it is known)."""
+        tokens, params, offered = self._chat_tokens(messages, chat_template, sampling, tools, tool_choice)
+        chunks = self._stream(tokens, params)
+        return chunks if offered is None else with_tool_calls(chunks, offered)
 
     # ------------------------------------------------------------ analysis
 

@@ -33,6 +33,7 @@ from .runtime.chat import chat_tokens, template_for
 from .runtime.model import LlamaModel, LoadOptions
 from .runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from .runtime.sampling import SamplingParams
+from .runtime.tools import ToolCall, ToolStream, forcing_call, parse_tool_calls, tool_setup
 
 MAX_BODY_BYTES = 4 << 20
 MAX_CHOICES = 16  # n: completions of one prompt in one request
@@ -45,7 +46,7 @@ SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
     "ignore_eos": "ignore_eos",
 }
 IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "response_format",
-                  "logprobs", "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls"}
+                  "logprobs", "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls", "tools", "tool_choice"}
 
 
 class APIError(Exception):
@@ -159,9 +160,9 @@ class Server:
             raise APIError(400, "prompt is empty", param="prompt")
         return tokens
 
-    def chat_prompt(self, messages: Any) -> list[int]:
+    def chat_prompt(self, messages: Any, tools: list[dict] | None = None) -> list[int]:
         try:
-            return chat_tokens(self.llama, messages, self.template)
+            return chat_tokens(self.llama, messages, self.template, tools=tools)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         except UsageError as e:
@@ -256,8 +257,14 @@ def create_app(options: ServerOptions) -> FastAPI:
         if "messages" not in body:
             raise APIError(400, "messages is required", param="messages")
         params = server.sampling(body, chat=True)
-        tokens = server.chat_prompt(body["messages"])
-        return await _generate(request, body, tokens, params, chat=True)
+        try:
+            tools, grammar = tool_setup(body.get("tools"), body.get("tool_choice"))
+            if grammar is not None:
+                params = forcing_call(params, grammar)
+        except UsageError as e:
+            raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
+        tokens = server.chat_prompt(body["messages"], tools)
+        return await _generate(request, body, tokens, params, chat=True, tools=tools)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -306,7 +313,8 @@ def create_app(options: ServerOptions) -> FastAPI:
                 "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
-    async def _generate(request: Request, body: dict, tokens: list[int], params: SamplingParams, chat: bool):
+    async def _generate(request: Request, body: dict, tokens: list[int], params: SamplingParams, chat: bool,
+                        tools: list[dict] | None = None):
         reqs = server.submit(tokens, params, choices(body))  # one request per choice, started in the same step
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -361,10 +369,13 @@ def create_app(options: ServerOptions) -> FastAPI:
             offsets[i] += sum(map(len, body["tokens"]))
             return body
 
-        def event(i: int, delta_text: str | None, finish: str | None, role: bool = False, logprobs=None) -> str:
+        def event(i: int, delta_text: str | None, finish: str | None, role: bool = False, logprobs=None,
+                  calls: list[ToolCall] | None = None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else (
                     {"content": delta_text} if delta_text else {})
+                if calls:
+                    delta["tool_calls"] = [c.to_openai(j) for j, c in enumerate(calls)]
                 choice = {"index": i, "delta": delta, "logprobs": None if role else logprobs_body(i, logprobs),
                           "finish_reason": finish}
                 obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_id,
@@ -381,10 +392,17 @@ def create_app(options: ServerOptions) -> FastAPI:
                 if chat:
                     for i in range(len(reqs)):
                         yield event(i, None, None, role=True)
+                streams = [ToolStream(tools) for _ in reqs] if tools else None
                 async for i, chunk in chunks():
-                    reason = _finish(chunk.finish_reason)
-                    if chunk.text or reason or chunk.logprobs:
-                        yield event(i, chunk.text, reason, logprobs=chunk.logprobs or None)
+                    reason, text, calls = _finish(chunk.finish_reason), chunk.text, None
+                    if streams is not None:  # text that may be a tool call waits for the end
+                        text = streams[i].feed(text)
+                        if reason is not None:
+                            tail, calls = streams[i].finish()
+                            text += tail
+                            reason = "tool_calls" if calls else reason
+                    if text or reason or chunk.logprobs:
+                        yield event(i, text, reason, logprobs=chunk.logprobs or None, calls=calls)
                 if all(r.finish_reason not in (None, "cancelled") for r in reqs):
                     if stream_usage:
                         obj = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
@@ -417,8 +435,14 @@ def create_app(options: ServerOptions) -> FastAPI:
                                     status_code=499)
             logprobs = logprobs_body(i, req.completion().logprobs)
             reason = _finish(req.finish_reason)
-            out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                        "finish_reason": reason} if chat else
+            message = {"role": "assistant", "content": text}
+            if tools:
+                content, calls = parse_tool_calls(text, tools)
+                if calls:
+                    message = {"role": "assistant", "content": content or None,
+                               "tool_calls": [c.to_openai() for c in calls]}
+                    reason = "tool_calls"
+            out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason} if chat else
                        {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
         obj = {"id": rid, "object": kind, "created": created, "model": server.model_id, "choices": out,
                "usage": usage()}

@@ -44,7 +44,12 @@ def small():
     ([{"role": "robot", "content": "x"}], "must be one of system, user, assistant, tool"),
     ([{"role": "user"}], r"\['content'\] must be a string"),
     ([{"role": "user", "content": None}], r"\['content'\] must be a string"),
-    ([{"role": "user", "content": ["a"]}], r"\['content'\] must be a string"),  # no multimodal parts
+    ([{"role": "user", "content": ["a"]}], r"only text parts"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts"),
+    ([{"role": "user", "content": None, "tool_calls": []}], r"\['content'\] must be a string"),  # not assistant
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}],
+     r"tool_calls'\]\[0\] must be"),
+    ([{"role": "assistant", "content": None, "tool_calls": "f"}], "must be a list"),
     ([{"role": "user", "content": "x", "images": []}], "unknown key"),
     ([{"role": "tool", "content": "x", "name": 3}], r"\['name'\] must be a string"),
 ])

@@ -26,6 +26,8 @@ from datetime import datetime
 
 from edgelm.errors import ChatTemplateError, TemplateSecurityError, UsageError
 
+from .tools import HERMES_CLOSE, HERMES_OPEN, system_prompt
+
 ROLES = ("system", "user", "assistant", "tool")
 OPTIONAL_KEYS = ("name", "tool_call_id")  # passed through to the template when present
 
@@ -46,8 +48,12 @@ MAX_POWER_BITS = 1 << 16  # largest integer a template may build with `**`
 
 # ------------------------------------------------------------ messages
 
-def validate_messages(messages) -> list[dict[str, str]]:
-    """Checks the conversation and returns a fresh copy of plain str dicts (the template never sees the caller's)."""
+def validate_messages(messages) -> list[dict]:
+    """Checks the conversation and returns a fresh copy of plain dicts (the template never sees the caller's).
+
+    content is a string, a list of OpenAI text parts ({"type": "text", "text": ...}, joined by newlines), or None
+    in an assistant message that carries `tool_calls` (OpenAI's shape; arguments become dicts, as Hugging Face
+    templates expect them)."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, (list, tuple)):
         raise UsageError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
                          f"not {type(messages).__name__}")
@@ -57,22 +63,67 @@ def validate_messages(messages) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise UsageError(f"messages[{i}] must be a dict with 'role' and 'content', not {type(message).__name__}")
-        role, content = message.get("role"), message.get("content")
+        role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise UsageError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}, not {role!r}")
-        if not isinstance(content, str):
-            raise UsageError(f"messages[{i}]['content'] must be a string, not {type(content).__name__}")
-        unknown = sorted(str(k) for k in message if k not in ("role", "content", *OPTIONAL_KEYS))
+        calls = _tool_calls(message.get("tool_calls"), i) if role == "assistant" else None
+        content = _content(message.get("content"), i, may_be_none=bool(calls))
+        allowed = ("role", "content", *OPTIONAL_KEYS, *(("tool_calls",) if role == "assistant" else ()))
+        unknown = sorted(str(k) for k in message if k not in allowed)
         if unknown:
             raise UsageError(f"messages[{i}] has unknown key(s) {', '.join(unknown)} "
-                             f"(allowed: role, content, {', '.join(OPTIONAL_KEYS)})")
-        plain = {"role": str.__str__(role), "content": str.__str__(content)}  # drops str subclasses' methods
+                             f"(allowed: {', '.join(allowed)})")
+        plain = {"role": str.__str__(role), "content": content}
+        if calls:
+            plain["tool_calls"] = calls
         for key in OPTIONAL_KEYS:
             if key in message:
                 if not isinstance(message[key], str):
                     raise UsageError(f"messages[{i}]['{key}'] must be a string, not {type(message[key]).__name__}")
                 plain[key] = str.__str__(message[key])
         out.append(plain)
+    return out
+
+
+def _content(content, i: int, may_be_none: bool) -> str | None:
+    if content is None and may_be_none:
+        return None
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise UsageError(f"messages[{i}]['content'][{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
+                                 f"are supported, not {kind!r}")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise UsageError(f"messages[{i}]['content'] must be a string or a list of text parts, "
+                         f"not {type(content).__name__}")
+    return str.__str__(content)  # drops str subclasses' methods
+
+
+def _tool_calls(calls, i: int) -> list[dict] | None:
+    if calls is None:
+        return None
+    if not isinstance(calls, (list, tuple)):
+        raise UsageError(f"messages[{i}]['tool_calls'] must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        args = fn.get("arguments", "{}") if isinstance(fn, Mapping) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not isinstance(name, str) or not isinstance(args, dict):
+            raise UsageError(f"messages[{i}]['tool_calls'][{j}] must be {{'id': ..., 'type': 'function', "
+                             f"'function': {{'name': ..., 'arguments': a JSON object}}}}")
+        call_id = call.get("id", "")
+        out.append({"id": str(call_id), "type": "function", "function": {"name": str.__str__(name),
+                                                                        "arguments": json.loads(json.dumps(args))}})
     return out
 
 
@@ -198,12 +249,27 @@ class ChatTemplate:
     eos_token: str = ""
     name: str = "custom"  # "model", "chatml", "completion" or "custom"
 
-    def render(self, messages, *, add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`, ending with the assistant's turn opener when add_generation_prompt."""
+    def render(self, messages, *, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The prompt text for `messages`, ending with the assistant's turn opener when add_generation_prompt;
+        `tools` (runtime.tools.validate_tools) go to the template, or into the system message of one that
+        ignores them."""
         if not isinstance(add_generation_prompt, bool):
             raise UsageError(f"add_generation_prompt must be True or False, not {add_generation_prompt!r}")
-        variables = dict(messages=validate_messages(messages), add_generation_prompt=add_generation_prompt,
-                         bos_token=self.bos_token, eos_token=self.eos_token, tools=None, documents=None)
+        messages = validate_messages(messages)
+        if "tool_calls" not in self.source:  # the calls an assistant made, written as text in the Hermes form
+            for m in messages:
+                if m.get("tool_calls"):
+                    m["content"] = "\n".join([m["content"] or ""] + [
+                        f"{HERMES_OPEN}\n{json.dumps(c['function'], ensure_ascii=False)}\n{HERMES_CLOSE}"
+                        for c in m.pop("tool_calls")]).lstrip("\n")
+        if tools and "tools" not in self.source:
+            if messages[0]["role"] == "system":
+                messages[0]["content"] = system_prompt(tools) + "\n\n" + messages[0]["content"]
+            else:
+                messages.insert(0, {"role": "system", "content": system_prompt(tools)})
+            tools = None
+        variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                         bos_token=self.bos_token, eos_token=self.eos_token, tools=tools or None, documents=None)
         return _run(_compile(self.source), variables)
 
 
@@ -229,9 +295,10 @@ def template_for(model, override: str | None = None) -> ChatTemplate:
     return ChatTemplate(BUILTIN[name], name=name, **tokens)
 
 
-def chat_tokens(model, messages, template: ChatTemplate, *, add_generation_prompt: bool = True) -> list[int]:
+def chat_tokens(model, messages, template: ChatTemplate, *, add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
     """Render and tokenise a conversation: special-token texts become their ids, BOS appears once."""
-    text = template.render(messages, add_generation_prompt=add_generation_prompt)
+    text = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     # the tokenizer adds BOS / EOS itself where the model asks: drop the template's copies (as llama.cpp does)
     if model.add_bos and template.bos_token and text.startswith(template.bos_token):
         text = text[len(template.bos_token):]

@@ -44,6 +44,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop", "length" or None while running
     timings: Timings | None = None  # set on the last chunk
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
+    tool_calls: list | None = None  # on the last chunk of a chat offered tools: the calls made (runtime.tools)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Completion:
     finish_reason: str
     timings: Timings = field(default_factory=Timings)
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
+    tool_calls: list | None = None  # the calls a chat offered tools made (runtime.tools.ToolCall)
 
 
 REUSE = ("exact", "fast", "off")
@@ -220,8 +222,9 @@ def generate(ctx: Context, prompt: list[int], params: SamplingParams, cache=None
 def collect(chunks: Iterator[Chunk]) -> Completion:
     """A Completion from a stream of chunks (the last one carries the finish reason and timings)."""
     timings = Timings()
-    parts, ids, reason, logprobs = [], [], "length", None
+    parts, ids, reason, logprobs, calls = [], [], "length", None, None
     for chunk in chunks:
+        calls = chunk.tool_calls or calls
         timings = chunk.timings or timings
         parts.append(chunk.text)
         ids.extend(chunk.tokens)
@@ -229,4 +232,4 @@ def collect(chunks: Iterator[Chunk]) -> Completion:
         if chunk.logprobs is not None:
             logprobs = logprobs if logprobs is not None else []
             logprobs.extend(chunk.logprobs)
-    return Completion("".join(parts), ids, reason, timings, logprobs)
+    return Completion("".join(parts), ids, reason, timings, logprobs, calls)
