@@ -203,6 +203,34 @@ def test_n_choices(client):
     assert greedy.choices[0].text == greedy.choices[1].text and greedy.usage.completion_tokens == 16
 
 
+def test_tool_calls(server, client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model="x", messages=messages, tools=tools, tool_choice="required", max_tokens=96, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    deltas = [c.choices[0] for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert not any(d.delta.content for d in deltas) and deltas[-1].finish_reason == "tool_calls"
+    (streamed,) = [tc for d in deltas for tc in d.delta.tool_calls or []]
+    assert (streamed.index, streamed.function.name, streamed.function.arguments) == (
+        0, "get_weather", call.function.arguments)
+    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+    reply = client.chat.completions.create(model="x", messages=follow, tools=tools, max_tokens=8, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    for body, param in [({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+                        ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+                         "tool_choice")]:
+        r = httpx.post(server.base + "/v1/chat/completions", json={"messages": messages, **body},
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_json_response_format(client):
     out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "A person:"}],
                                          max_tokens=64, temperature=0, response_format={
