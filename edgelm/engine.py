@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import itertools
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Iterator
 
 import llama_cpp as lib
 
@@ -26,24 +24,12 @@ from .cache.prefix import common_prefix
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.backend import running_graphs
 from .runtime.canonical import ROW_GROUP, canonical_sequences, reusable
+from .request import POLL_S, QueueFullError, Request, RequestCancelled  # noqa: F401 (POLL_S: the consumers' tick)
 from .runtime.context import Context, ContextOptions
-from .runtime.generate import Chunk, Completion, StopMatcher, Timings
+from .runtime.generate import Chunk, StopMatcher
 from .runtime.logprobs import LogprobReader
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
-
-
-POLL_S = 0.02  # how often a consumer looks for new chunks
-
-
-class QueueFullError(EdgelmError):
-    """The engine's queue is full: retry later (the server answers 503 with Retry-After)."""
-
-    retry_after = 1
-
-
-class RequestCancelled(EdgelmError):
-    """The request was cancelled before it finished."""
 
 
 @dataclass(frozen=True)
@@ -67,87 +53,6 @@ class EngineOptions:
                 raise UsageError(f"{name} must be a positive integer, not {value!r}")
         if self.n_batch < self.n_parallel:
             raise UsageError(f"n_batch ({self.n_batch}) must be at least n_parallel ({self.n_parallel})")
-
-
-class Request:
-    """A submitted request: iterate it for text chunks (the last carries finish_reason and timings)."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, tokens: list[int], params: SamplingParams):
-        self.id = next(self._ids)
-        self.tokens = tokens
-        self.params = params
-        self.timings = Timings(prompt_tokens=len(tokens))
-        self.finish_reason: str | None = None
-        self._buffer: deque = deque()  # chunks (or an exception) not yet taken by the consumer
-        self._done = threading.Event()
-        self._parts: list[str] = []
-        self._ids: list[int] = []
-        self._logprobs = [] if params.logprobs is not None else None
-        self._cancelled = threading.Event()
-        self.submitted = time.perf_counter()
-
-    def cancel(self) -> None:
-        """Stop generating; the slot is freed within one decode step."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the request ends (True) or `timeout` seconds pass (False)."""
-        return self._done.wait(timeout)
-
-    def drain(self) -> list[Chunk]:
-        """The chunks generated since the last call (never blocks)."""
-        out = []
-        while self._buffer:
-            item = self._buffer.popleft()
-            if isinstance(item, BaseException):
-                raise item
-            out.append(item)
-        return out
-
-    def __iter__(self) -> Iterator[Chunk]:
-        # The consumer looks every POLL_S rather than being woken for each token: on a machine with as
-        # many cores as llama.cpp threads, a thread woken mid-decode takes a core from llama.cpp, whose
-        # workers then stall at every barrier of the graph (measured: 4x slower decoding at 2 threads).
-        while True:
-            for chunk in self.drain():
-                yield chunk
-                if chunk.finish_reason is not None:
-                    return
-            self._done.wait(POLL_S)
-
-    def result(self) -> Completion:
-        """Wait for the end, then the whole completion."""
-        for _ in self:
-            pass
-        return self.completion()
-
-    def completion(self) -> Completion:
-        """What has been generated so far (all of it once finish_reason is set)."""
-        logprobs = None if self._logprobs is None else list(self._logprobs)
-        return Completion("".join(self._parts), list(self._ids), self.finish_reason, self.timings, logprobs)
-
-    def _emit(self, chunk: Chunk) -> None:  # engine thread
-        self._parts.append(chunk.text)
-        self._ids.extend(chunk.tokens)
-        if chunk.logprobs:
-            self._logprobs.extend(chunk.logprobs)
-        self._buffer.append(chunk)
-        if chunk.finish_reason is not None:
-            self._done.set()
-
-    def _fail(self, error: BaseException) -> None:  # engine thread
-        self._buffer.append(error)
-        self._done.set()
 
 
 class _Slot:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import itertools
 import json
 import threading
 import time
@@ -31,33 +30,13 @@ from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageE
 from .metrics import Metrics, prometheus_text
 from .runtime.chat import chat_tokens, template_for
 from .runtime.model import LlamaModel, LoadOptions
-from .runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
+from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason, piece,
+                         sampling_params)
 from .runtime.sampling import SamplingParams
 from .runtime.tools import ToolCall, ToolStream, forcing_call, parse_tool_calls, tool_setup
 
 MAX_BODY_BYTES = 4 << 20
-MAX_CHOICES = 16  # n: completions of one prompt in one request
 DISCONNECT_EVERY = 10  # ticks between checks for a client that went away
-SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
-    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
-    "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p", "seed": "seed",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-    "repeat_penalty": "repeat_penalty", "logit_bias": "logit_bias", "stop": "stop", "grammar": "grammar",
-    "ignore_eos": "ignore_eos",
-}
-IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "response_format",
-                  "logprobs", "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls", "tools", "tool_choice"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.type, self.code, self.param, self.headers = status, type, code, param, headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -117,33 +96,7 @@ class Server:
     # ------------------------------------------------------------ request -> engine
 
     def sampling(self, body: dict, chat: bool) -> SamplingParams:
-        unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED_FIELDS)
-        if unknown:
-            raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
-        choices(body)
-        if body.get("echo") or body.get("best_of", 1) != 1 or body.get("suffix"):
-            field = next(f for f in ("echo", "best_of", "suffix") if body.get(f) not in (None, False, 1))
-            raise APIError(400, f"{field} is not supported", param=field)
-        kwargs = {SAMPLING_FIELDS[k]: v for k, v in body.items() if k in SAMPLING_FIELDS and v is not None}
-        kwargs["logprobs"] = _requested_logprobs(body, chat)
-        kwargs.setdefault("max_tokens", min(self.options.default_max_tokens, self.options.max_tokens_cap))
-        fmt = body.get("response_format")
-        if fmt is not None:
-            if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-                raise APIError(400, "response_format.type must be text, json_object or json_schema",
-                               param="response_format")
-            if fmt["type"] == "json_object":
-                kwargs["json_schema"] = {"type": "object"}
-            elif fmt["type"] == "json_schema":
-                schema = (fmt.get("json_schema") or {}).get("schema")
-                if not isinstance(schema, dict):
-                    raise APIError(400, "response_format.json_schema.schema must be an object",
-                                   param="response_format")
-                kwargs["json_schema"] = schema
-        try:
-            return SamplingParams.from_kwargs(**kwargs)
-        except (UsageError, TypeError) as e:
-            raise APIError(400, str(e)) from None
+        return sampling_params(body, chat, min(self.options.default_max_tokens, self.options.max_tokens_cap))
 
     def prompt_tokens(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -280,7 +233,7 @@ def create_app(options: ServerOptions) -> FastAPI:
             raise APIError(400, f"{bad} must be true or false", param=bad)
         tokens = server.llama.tokenize(content, add_special=flags["add_special"], parse_special=flags["parse_special"])
         if flags["with_pieces"]:
-            return {"tokens": [{"id": t, "piece": _piece(server.llama, t)} for t in tokens]}
+            return {"tokens": [{"id": t, "piece": piece(server.llama, t)} for t in tokens]}
         return {"tokens": tokens}
 
     @app.post("/detokenize")
@@ -394,7 +347,7 @@ def create_app(options: ServerOptions) -> FastAPI:
                         yield event(i, None, None, role=True)
                 streams = [ToolStream(tools) for _ in reqs] if tools else None
                 async for i, chunk in chunks():
-                    reason, text, calls = _finish(chunk.finish_reason), chunk.text, None
+                    reason, text, calls = finish_reason(chunk.finish_reason), chunk.text, None
                     if streams is not None:  # text that may be a tool call waits for the end
                         text = streams[i].feed(text)
                         if reason is not None:
@@ -434,7 +387,7 @@ def create_app(options: ServerOptions) -> FastAPI:
                 return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}},
                                     status_code=499)
             logprobs = logprobs_body(i, req.completion().logprobs)
-            reason = _finish(req.finish_reason)
+            reason = finish_reason(req.finish_reason)
             message = {"role": "assistant", "content": text}
             if tools:
                 content, calls = parse_tool_calls(text, tools)
@@ -489,70 +442,6 @@ class _Guard:
 
 KEYED = {"/tokenize", "/detokenize"}  # besides /v1/: what an API key guards
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED}
-
-
-def choices(body: dict) -> int:
-    """OpenAI's `n`: how many completions of the prompt to generate."""
-    n = body.get("n", 1)
-    if n is None:
-        return 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
-        raise APIError(400, f"n must be an integer in [1, {MAX_CHOICES}], not {n!r}", param="n")
-    return n
-
-
-def _requested_logprobs(body: dict, chat: bool):
-    """SamplingParams.logprobs from OpenAI's fields: chat has logprobs (bool) and top_logprobs (int), the legacy
-    completions endpoint logprobs (int). Values of the wrong type reach SamplingParams, which names them."""
-    if not chat:
-        return body.get("logprobs")
-    wanted, top = body.get("logprobs"), body.get("top_logprobs")
-    if wanted not in (None, True, False):
-        raise APIError(400, f"logprobs must be true or false, not {wanted!r}", param="logprobs")
-    if top is not None and wanted is not True:
-        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
-        raise APIError(400, f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], not {top!r}",
-                       param="top_logprobs")
-    return (0 if top is None else top) if wanted else None
-
-
-def _token_text(llama: LlamaModel, token: int) -> tuple[str, bytes]:
-    raw = llama.token_bytes(token)
-    return raw.decode("utf-8", errors="replace"), raw  # a piece of a UTF-8 sequence: its bytes say what it is
-
-
-def _piece(llama: LlamaModel, token: int) -> str | list[int]:
-    """A token's text, or its bytes where they are not whole UTF-8 characters (as llama-server's /tokenize)."""
-    raw = llama.token_bytes(token)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return list(raw)
-
-
-def chat_logprobs(llama: LlamaModel, logprobs: list[TokenLogprob]) -> dict:
-    """A chat choice's `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-    def item(token: int, logprob: float) -> dict:
-        text, raw = _token_text(llama, token)
-        return {"token": text, "logprob": logprob, "bytes": list(raw)}
-
-    return {"content": [{**item(lp.token, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]}
-                        for lp in logprobs]}
-
-
-def completion_logprobs(llama: LlamaModel, logprobs: list[TokenLogprob], n_top: int, offset: int = 0) -> dict:
-    """A completion choice's `logprobs` object: tokens, token_logprobs, top_logprobs and text_offset, the
-    offsets counted from `offset` over the token texts."""
-    tokens = [_token_text(llama, lp.token)[0] for lp in logprobs]
-    offsets = list(itertools.accumulate(map(len, tokens[:-1]), initial=offset)) if tokens else []
-    top = [{_token_text(llama, t)[0]: v for t, v in lp.top} for lp in logprobs] if n_top else None
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top,
-            "text_offset": offsets}
-
-
-def _finish(reason: str | None) -> str | None:
-    return reason if reason in (None, "stop", "length") else "stop"
 
 
 def _check_key(headers: dict[str, str], key: str) -> None:
