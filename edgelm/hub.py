@@ -166,6 +166,91 @@ def _cached_files(ref: HubRef) -> list[str] | None:
     return None
 
 
+# ------------------------------------------------------------ the cache: list and remove
+
+@dataclass(frozen=True)
+class CachedModel:
+    ref: str  # hf://owner/repo/file.gguf, with @commit where the file is cached under no branch or tag name
+    path: Path  # the snapshot entry llama.cpp loads
+    size: int  # bytes, every part of a split model included
+    refs: tuple[str, ...]  # the branches and tags that point at the cached revision
+    commit: str
+
+
+def cached_models() -> list[CachedModel]:
+    """Every GGUF model in huggingface_hub's cache (split models once, by their first part), sorted by reference."""
+    from huggingface_hub import CacheNotFound, scan_cache_dir
+
+    try:
+        cache = scan_cache_dir()
+    except CacheNotFound:
+        return []
+    out = []
+    for repo in cache.repos:
+        if repo.repo_type != "model":
+            continue
+        for rev in repo.revisions:
+            files = {f.file_path.relative_to(rev.snapshot_path).as_posix(): f for f in rev.files}
+            for name in sorted(n for n in files if n.lower().endswith(".gguf") and shards(n)[0] == n):
+                size = sum(files[part].size_on_disk for part in shards(name) if part in files)
+                at = "" if "main" in rev.refs else f"@{sorted(rev.refs)[0] if rev.refs else rev.commit_hash}"
+                out.append(CachedModel(f"{SCHEME}{repo.repo_id}/{name}{at}", files[name].file_path, size,
+                                       tuple(sorted(rev.refs)), rev.commit_hash))
+    return sorted(out, key=lambda m: m.ref)
+
+
+def remove(ref: str) -> list[Path]:
+    """Delete a reference's cached model (every part of a split one) without asking the Hub; returns the snapshot
+    entries removed. A blob another snapshot still links to stays."""
+    from huggingface_hub import constants
+
+    hub_ref = parse_ref(ref)
+    filename = hub_ref.filename
+    if filename is None:
+        files = _cached_files(hub_ref)
+        if files is None:
+            raise ModelNotFoundError(f"{ref}: nothing cached for {hub_ref.repo_id}"
+                                     + (f" at {hub_ref.revision}" if hub_ref.revision else ""))
+        filename = choose_file(files, hub_ref.quant, ref, "the cached snapshot")
+    root = Path(constants.HF_HUB_CACHE).resolve()
+    snapshot = _cached_snapshot(hub_ref)
+    entries = [snapshot / part for part in shards(filename)] if snapshot is not None else []
+    entries = [e for e in entries if e.is_symlink() or e.is_file()]
+    if not entries:
+        raise ModelNotFoundError(f"{ref}: {filename} is not in the cache ({root})")
+    linked = {p.resolve() for p in (snapshot.parent.glob("*/**/*")) if p.is_symlink() and p not in entries}
+    for entry in entries:
+        if not entry.resolve().is_relative_to(root) or not entry.absolute().is_relative_to(root):
+            raise UsageError(f"{ref}: {entry} is outside the cache ({root}); not removing it")
+    for entry in entries:
+        blob = entry.resolve() if entry.is_symlink() else None
+        entry.unlink()
+        if blob is not None and blob not in linked and blob.is_file():
+            blob.unlink()
+    for folder in {e.parent for e in entries}:  # folders inside the snapshot the removal left empty
+        while folder != snapshot and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+    return entries
+
+
+def _cached_snapshot(ref: HubRef) -> Path | None:
+    """The snapshot folder of ref's revision in the cache, None when there is none."""
+    from huggingface_hub import CacheNotFound, scan_cache_dir
+
+    try:
+        cache = scan_cache_dir()
+    except CacheNotFound:
+        return None
+    revision = ref.revision or "main"
+    for repo in cache.repos:
+        if repo.repo_id == ref.repo_id and repo.repo_type == "model":
+            for rev in repo.revisions:
+                if revision in rev.refs or rev.commit_hash == revision:
+                    return rev.snapshot_path
+    return None
+
+
 def _edgelm_error(e: Exception, ref: HubRef, filename: str | None) -> Exception:
     from huggingface_hub import constants
     from huggingface_hub import errors as hfe

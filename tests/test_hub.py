@@ -392,3 +392,46 @@ def test_killed_download_leaves_nothing_that_loads(standin, hub_env, expected_te
     assert partial[0].stat().st_size < default_model_path().stat().st_size
     standin.throttle = 0.0
     _loaded(client(hub_env, f"hf://{REPO}/{GGUF}")[0], hub_env, expected_text)
+
+
+# ------------------------------------------------------------ pull, list, rm
+
+def cli(env, *args: str, offline: bool = False) -> subprocess.CompletedProcess:
+    env = {**env, "HF_HUB_OFFLINE": "1"} if offline else env
+    return subprocess.run([sys.executable, "-m", "edgelm", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_pull_list_rm(standin, hub_env, expected_text):
+    pulled = cli(hub_env, "pull", f"hf://{REPO}:Q8_0")
+    assert pulled.returncode == 0, pulled.stderr
+    size = default_model_path().stat().st_size
+    assert f"({size / 2**20:.1f} MiB)" in pulled.stdout
+    listed = [json.loads(line) for line in cli(hub_env, "list", "--json", offline=True).stdout.splitlines()]
+    assert [(m["ref"], m["size"]) for m in listed] == [("(bundled)", size), (f"hf://{REPO}/{GGUF}", size)]
+    _loaded(client(hub_env, f"hf://{REPO}:Q8_0", offline=True)[0], hub_env, expected_text)  # pulled: no Hub needed
+
+    standin.reset()
+    removed = cli(hub_env, "rm", f"hf://{REPO}/{GGUF}", offline=True)
+    assert removed.returncode == 0 and "removed" in removed.stdout and standin.requests == []
+    blobs, entries, _ = _cache_state(hub_env)
+    assert blobs == [] and entries == []  # the file and its blob are gone
+    assert [m["ref"] for m in map(json.loads, cli(hub_env, "list", "--json").stdout.splitlines())] == ["(bundled)"]
+    again = cli(hub_env, "rm", f"hf://{REPO}:Q8_0", offline=True)
+    assert again.returncode != 0 and again.stderr.startswith("edgelm: error:") and again.stderr.count("\n") == 1
+    assert "nothing cached" in again.stderr
+    (out,) = client(hub_env, f"hf://{REPO}/{GGUF}", offline=True)
+    assert out["error"] == "DownloadError"
+    bad = cli(hub_env, "pull", "hf://o/r/../x.gguf")
+    assert bad.returncode != 0 and "bad file name" in bad.stderr
+
+
+def test_rm_keeps_a_blob_another_revision_links_to(standin, hub_env):
+    assert cli(hub_env, "pull", f"hf://{REPO}/{GGUF}").returncode == 0
+    (entry,) = _cache_state(hub_env)[1]
+    other = entry.parent.parent / ("0" * 40) / GGUF  # a second revision of the repo holding the same file
+    other.parent.mkdir()
+    other.symlink_to(os.readlink(entry))
+    assert cli(hub_env, "rm", f"hf://{REPO}/{GGUF}", offline=True).returncode == 0
+    blobs, entries, _ = _cache_state(hub_env)
+    assert len(blobs) == 1 and entries == [other] and other.read_bytes() == default_model_path().read_bytes()
