@@ -170,18 +170,6 @@ def create_app(options: ServerOptions) -> FastAPI:
 
     app.add_middleware(_Guard, server=server)
 
-    async def _body(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, ValueError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        return body
-
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -197,7 +185,7 @@ def create_app(options: ServerOptions) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request)
+        body = await read_body(request)
         if "prompt" not in body:
             raise APIError(400, "prompt is required", param="prompt")
         params = server.sampling(body, chat=False)
@@ -206,7 +194,7 @@ def create_app(options: ServerOptions) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _body(request)
+        body = await read_body(request)
         if "messages" not in body:
             raise APIError(400, "messages is required", param="messages")
         params = server.sampling(body, chat=True)
@@ -222,7 +210,7 @@ def create_app(options: ServerOptions) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: Request):
         """llama-server's /tokenize: {"content", "add_special"?, "parse_special"?, "with_pieces"?} -> {"tokens"}."""
-        body = await _body(request)
+        body = await read_body(request)
         content = body.get("content")
         if not isinstance(content, str):
             raise APIError(400, "content must be a string", param="content")
@@ -239,7 +227,7 @@ def create_app(options: ServerOptions) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(request: Request):
         """llama-server's /detokenize: {"tokens"} -> {"content"}."""
-        body = await _body(request)
+        body = await read_body(request)
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise APIError(400, "tokens must be a list of token ids", param="tokens")
@@ -251,7 +239,7 @@ def create_app(options: ServerOptions) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
-        body = await _body(request)
+        body = await read_body(request)
         texts = body.get("input")
         if isinstance(texts, str):
             texts = [texts]
@@ -273,36 +261,6 @@ def create_app(options: ServerOptions) -> FastAPI:
         created = int(time.time())
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         kind = ("chat.completion" if chat else "text_completion")
-
-        def cancel_unfinished() -> None:  # the client left, or the handler failed: free the slots
-            for req in reqs:
-                if req.finish_reason is None:
-                    req.cancel()
-
-        async def chunks():
-            """(choice, chunk) as the requests make them, looked for on a shared tick rather than on a wake-up per
-            token (see Engine's Request.__iter__), with a disconnect check every few ticks."""
-            loop = asyncio.get_running_loop()
-            waiting, ticks = set(range(len(reqs))), 0
-            first = set(waiting)
-            try:
-                while waiting:
-                    for i in sorted(waiting):
-                        for chunk in reqs[i].drain():
-                            if i in first and (chunk.text or chunk.tokens):
-                                server.metrics.observe_ttft(time.perf_counter() - reqs[i].submitted)
-                                first.discard(i)
-                            yield i, chunk
-                            if chunk.finish_reason is not None:
-                                waiting.discard(i)
-                    if not waiting:
-                        return
-                    ticks += 1
-                    if ticks % DISCONNECT_EVERY == 0 and await request.is_disconnected():
-                        return
-                    await asyncio.sleep(POLL_S - loop.time() % POLL_S)  # every stream wakes on the same tick
-            finally:
-                cancel_unfinished()
 
         def usage() -> dict:
             t = reqs[0].timings  # one prompt, counted once
@@ -346,7 +304,7 @@ def create_app(options: ServerOptions) -> FastAPI:
                     for i in range(len(reqs)):
                         yield event(i, None, None, role=True)
                 streams = [ToolStream(tools) for _ in reqs] if tools else None
-                async for i, chunk in chunks():
+                async for i, chunk in follow(server, request, reqs):
                     reason, text, calls = finish_reason(chunk.finish_reason), chunk.text, None
                     if streams is not None:  # text that may be a tool call waits for the end
                         text = streams[i].feed(text)
@@ -366,18 +324,7 @@ def create_app(options: ServerOptions) -> FastAPI:
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        # nothing to send until the end: wait for it in a worker thread that wakes only when the requests
-        # finish (or to look for a departed client), instead of looking at every tick
-        async def wait_all() -> None:
-            for req in reqs:
-                while not await asyncio.to_thread(req.wait, DISCONNECT_EVERY * POLL_S):
-                    if await request.is_disconnected():
-                        return
-
-        try:
-            await wait_all()
-        finally:
-            cancel_unfinished()
+        await wait_for(request, reqs)  # nothing to send until the end
         out = []
         for i, req in enumerate(reqs):
             if req.timings.completion_tokens:
@@ -404,6 +351,66 @@ def create_app(options: ServerOptions) -> FastAPI:
         return obj
 
     return app
+
+
+async def read_body(request: Request) -> dict:
+    """The request's JSON object; APIError for one too large, not JSON, or not an object."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+async def follow(server: Server, request: Request, reqs: list):
+    """(choice, chunk) as the engine's requests make them, looked for on a shared tick rather than on a wake-up per
+    token (see Request.__iter__), with a disconnect check every few ticks; requests still running when it stops
+    (the client left, or the handler failed) are cancelled, which frees their slots."""
+    loop = asyncio.get_running_loop()
+    waiting, ticks = set(range(len(reqs))), 0
+    first = set(waiting)
+    try:
+        while waiting:
+            for i in sorted(waiting):
+                for chunk in reqs[i].drain():
+                    if i in first and (chunk.text or chunk.tokens):
+                        server.metrics.observe_ttft(time.perf_counter() - reqs[i].submitted)
+                        first.discard(i)
+                    yield i, chunk
+                    if chunk.finish_reason is not None:
+                        waiting.discard(i)
+            if not waiting:
+                return
+            ticks += 1
+            if ticks % DISCONNECT_EVERY == 0 and await request.is_disconnected():
+                return
+            await asyncio.sleep(POLL_S - loop.time() % POLL_S)  # every stream wakes on the same tick
+    finally:
+        cancel_unfinished(reqs)
+
+
+async def wait_for(request: Request, reqs: list) -> bool:
+    """Wait for every request to end, in a worker thread that wakes only then or to look for a departed client
+    (instead of at every tick); False, with the requests cancelled, if the client left."""
+    try:
+        for req in reqs:
+            while not await asyncio.to_thread(req.wait, DISCONNECT_EVERY * POLL_S):
+                if await request.is_disconnected():
+                    return False
+        return True
+    finally:
+        cancel_unfinished(reqs)
+
+
+def cancel_unfinished(reqs: list) -> None:
+    for req in reqs:
+        if req.finish_reason is None:
+            req.cancel()
 
 
 class _Guard:
