@@ -32,8 +32,10 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.type, self.code, self.param, self.headers = status, type, code, param, headers or {}
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+    def response(self, ollama: bool = False) -> JSONResponse:
+        """OpenAI's error body, or Ollama's {"error": message} for its routes (ollama_api.py)."""
+        body = {"error": str(self)} if ollama else {
+            "error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 

@@ -32,6 +32,7 @@ from .runtime.chat import chat_tokens, template_for
 from .runtime.model import LlamaModel, LoadOptions
 from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason, piece,
                          sampling_params)
+from .ollama_api import add_routes
 from .runtime.sampling import SamplingParams
 from .runtime.tools import ToolCall, ToolStream, forcing_call, parse_tool_calls, tool_setup
 
@@ -151,24 +152,32 @@ def create_app(options: ServerOptions) -> FastAPI:
     app = FastAPI(title="edgelm", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
 
+    def error(request: Request, exc: APIError):
+        return exc.response(ollama=request.url.path.startswith(OLLAMA))
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return exc.response()
+        return error(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return APIError(400, f"invalid request: {exc.errors()[0].get('msg', 'bad value')}").response()
+        return error(request, APIError(400, f"invalid request: {exc.errors()[0].get('msg', 'bad value')}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        return error(request, APIError(exc.status_code, str(exc.detail), type=kind))
 
     @app.exception_handler(EdgelmError)
     async def _edgelm(request: Request, exc: EdgelmError):
-        return APIError(400, str(exc)).response()
+        return error(request, APIError(400, str(exc)))
 
     app.add_middleware(_Guard, server=server)
+    add_routes(app, server)  # Ollama's API beside OpenAI's
+
+    @app.get("/")
+    async def root():
+        return PlainTextResponse("edgelm is running")
 
     @app.get("/health")
     async def health():
@@ -434,21 +443,23 @@ class _Guard:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             key = self.server.options.api_key
-            if key is not None and (path.startswith("/v1/") or path in KEYED):
+            if key is not None and (path.startswith(("/v1/", OLLAMA)) or path in KEYED):
                 _check_key(headers, key)
             size = headers.get("content-length")
             if scope["method"] == "POST" and size is not None and (not size.isdecimal() or int(size) > MAX_BODY_BYTES):
                 raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
         except APIError as e:
-            await e.response()(scope, receive, send_status)
+            await e.response(ollama=path.startswith(OLLAMA))(scope, receive, send_status)
         else:
             await self.app(scope, receive, send_status)
         finally:
             self.server.metrics.request(path if path in ROUTES else "other", status[0])
 
 
-KEYED = {"/tokenize", "/detokenize"}  # besides /v1/: what an API key guards
-ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED}
+OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
+KEYED = {"/tokenize", "/detokenize"}  # besides /v1/ and /api/: what an API key guards
+ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED,
+          *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version"))}
 
 
 def _check_key(headers: dict[str, str], key: str) -> None:

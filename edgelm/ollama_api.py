@@ -1,0 +1,273 @@
+"""Ollama's REST API over the same engine, so that apps written for Ollama (its Python and JavaScript clients,
+Open WebUI, editor plugins) talk to `edgelm serve` unchanged.
+
+/api/generate, /api/chat (NDJSON streaming by default, tools), /api/embed and /api/embeddings, /api/tags,
+/api/ps, /api/show, /api/version. One model is loaded: a request's "model" is echoed, not used to choose one.
+Errors are Ollama's {"error": "..."} bodies (server.py picks the shape by path). Options that size the server
+(num_ctx, num_thread, num_gpu, ...) are set when it starts (`edgelm serve --ctx ...`) and ignored per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import datetime, timezone
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from ._version import __version__
+from .errors import ChatTemplateError, ContextOverflowError, UsageError
+from .gguf_reader import describe
+from .openai_api import APIError
+from .runtime.chat import chat_tokens
+from .runtime.sampling import SamplingParams
+from .runtime.tools import ToolStream, parse_tool_calls, tool_setup
+
+OPTIONS = {  # Ollama option -> SamplingParams field
+    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "typical_p": "typical_p",
+    "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "repeat_last_n": "penalty_last_n", "seed": "seed", "stop": "stop",
+    "num_predict": "max_tokens",
+}
+SERVER_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap", "use_mlock",
+                  "numa", "low_vram", "f16_kv", "vocab_only", "penalize_newline", "tfs_z", "mirostat",
+                  "mirostat_tau", "mirostat_eta"}
+MESSAGE_KEYS = {"role", "content", "images", "tool_calls", "tool_name", "thinking"}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def sampling(body: dict, max_tokens_cap: int) -> SamplingParams:
+    """SamplingParams from a request's options and format; num_predict < 0 (Ollama: no limit) is the server's cap."""
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise APIError(400, "options must be an object")
+    unknown = sorted(set(options) - set(OPTIONS) - SERVER_OPTIONS)
+    if unknown:
+        raise APIError(400, f"unknown option(s): {', '.join(unknown)}")
+    kwargs = {OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None}
+    if isinstance(kwargs.get("max_tokens"), int) and not isinstance(kwargs["max_tokens"], bool):
+        if kwargs["max_tokens"] < 0:
+            kwargs["max_tokens"] = max_tokens_cap
+    else:
+        kwargs.setdefault("max_tokens", max_tokens_cap)
+    fmt = body.get("format")
+    if fmt == "json":
+        kwargs["json_schema"] = {"type": "object"}
+    elif isinstance(fmt, dict):
+        kwargs["json_schema"] = fmt
+    elif fmt not in (None, ""):
+        raise APIError(400, f"format must be \"json\" or a JSON schema, not {fmt!r}")
+    try:
+        return SamplingParams.from_kwargs(**kwargs)
+    except (UsageError, TypeError) as e:
+        raise APIError(400, str(e)) from None
+
+
+def chat_messages(messages) -> list[dict]:
+    """Ollama's messages in OpenAI's shape (runtime.chat validates the rest): tool_name becomes name, tool
+    calls keep their object arguments; images are refused, since no model edgelm loads can see them."""
+    if not isinstance(messages, list):
+        raise APIError(400, "messages must be a list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object")
+        unknown = sorted(set(m) - MESSAGE_KEYS)
+        if unknown:
+            raise APIError(400, f"messages[{i}] has unknown key(s) {', '.join(unknown)}")
+        if m.get("images"):
+            raise APIError(400, f"messages[{i}]: images are not supported (no vision model is loaded)")
+        msg = {"role": m.get("role"), "content": m.get("content", "")}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = m["tool_calls"]
+        if m.get("tool_name") is not None:
+            msg["name"] = m["tool_name"]
+        out.append(msg)
+    return out
+
+
+def add_routes(app: FastAPI, server) -> None:
+    """Ollama's routes on the server's app (`server`: edgelm.server.Server)."""
+    from .server import follow, read_body, wait_for
+
+    llama = server.llama
+    summary = describe(llama.gguf)
+
+    def details() -> dict:
+        types = list(summary["bytes_by_type"])
+        return {"parent_model": "", "format": "gguf", "family": summary["architecture"] or "",
+                "families": [summary["architecture"] or ""], "parameter_size": summary["size_label"] or "",
+                "quantization_level": types[0].upper() if types else ""}
+
+    def entry() -> dict:
+        return {"name": server.model_id, "model": server.model_id, "size": summary["file_size"],
+                "digest": llama.fingerprint, "details": details(),
+                "modified_at": datetime.fromtimestamp(llama.path.stat().st_mtime, timezone.utc).isoformat()}
+
+    def submit(tokens: list[int], params: SamplingParams):
+        (req,) = server.submit(tokens, params)
+        return req
+
+    def final(model: str, req, t0: float, extra: dict) -> dict:
+        t = req.timings
+        return {"model": model, "created_at": now(), **extra, "done": True,
+                "done_reason": "length" if req.finish_reason == "length" else "stop",
+                "total_duration": ns(time.perf_counter() - t0), "load_duration": 0,
+                "prompt_eval_count": t.prompt_tokens - t.cached_tokens, "prompt_eval_duration": ns(t.prompt_s),
+                "eval_count": t.completion_tokens, "eval_duration": ns(t.gen_s)}
+
+    def ndjson(lines) -> StreamingResponse:
+        async def body():
+            async for obj in lines:
+                yield json.dumps(obj, ensure_ascii=False) + "\n"
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    @app.get("/api/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/api/tags")
+    async def tags():
+        return {"models": [entry()]}
+
+    @app.get("/api/ps")
+    async def ps():
+        return {"models": [{**entry(), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0}]}
+
+    @app.post("/api/show")
+    async def show(request: Request):
+        await read_body(request)
+        keys = ("general.architecture", "general.name", "general.parameter_count", "general.file_type")
+        info = {k: llama.gguf.get(k) for k in keys if llama.gguf.get(k) is not None}
+        arch = summary["architecture"]
+        info.update({f"{arch}.{k}": llama.gguf.get(f"{arch}.{k}") for k in
+                     ("context_length", "embedding_length", "block_count", "attention.head_count")
+                     if llama.gguf.get(f"{arch}.{k}") is not None})
+        return {"modelfile": "", "parameters": "", "template": llama.chat_template or server.template.source,
+                "details": details(), "model_info": info, "capabilities": ["completion", "tools", "embedding"],
+                "modified_at": entry()["modified_at"]}
+
+    @app.post("/api/generate")
+    async def generate(request: Request):
+        body = await read_body(request)
+        model, t0 = body.get("model") or server.model_id, time.perf_counter()
+        prompt, system, context = body.get("prompt", ""), body.get("system"), body.get("context") or []
+        if not isinstance(prompt, str) or not isinstance(system, (str, type(None))):
+            raise APIError(400, "prompt and system must be strings")
+        if body.get("images"):
+            raise APIError(400, "images are not supported (no vision model is loaded)")
+        if not isinstance(context, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
+            raise APIError(400, "context must be a list of token ids")
+        params = sampling(body, server.options.max_tokens_cap)
+        if not prompt and not context:  # Ollama's way to load a model: answer at once
+            return {"model": model, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
+        try:
+            llama.check_tokens(context)
+            if body.get("raw") or not llama.chat_template:  # a model without a template of its own: the text itself
+                text = f"{system}\n\n{prompt}" if system and not body.get("raw") else prompt
+                tokens = context + llama.tokenize(text, add_special=not context)
+            else:
+                turns = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": prompt}]
+                tokens = context + chat_tokens(llama, turns, server.template)
+        except (UsageError, ChatTemplateError) as e:
+            raise APIError(400, str(e)) from None
+        req = submit(tokens, params)
+
+        def last(text: str = "") -> dict:
+            return final(model, req, t0, {"response": text, "context": tokens + req.completion().tokens})
+
+        if body.get("stream", True):
+            async def lines():
+                async for _, chunk in follow(server, request, [req]):
+                    if chunk.finish_reason is not None:
+                        if chunk.finish_reason != "cancelled":
+                            yield last(chunk.text)
+                    elif chunk.text:
+                        yield {"model": model, "created_at": now(), "response": chunk.text, "done": False}
+            return ndjson(lines())
+        if not await wait_for(request, [req]):
+            raise APIError(499, "client disconnected")
+        return last(req.completion().text)
+
+    @app.post("/api/chat")
+    async def chat(request: Request):
+        body = await read_body(request)
+        model, t0 = body.get("model") or server.model_id, time.perf_counter()
+        params = sampling(body, server.options.max_tokens_cap)
+        try:
+            tools, _ = tool_setup(body.get("tools") or None, None)  # its clients send [] for none
+            tokens = chat_tokens(llama, chat_messages(body.get("messages")), server.template, tools=tools)
+        except (UsageError, ChatTemplateError) as e:
+            raise APIError(400, str(e)) from None
+        req = submit(tokens, params)
+
+        def message(text: str, calls=None) -> dict:
+            out = {"role": "assistant", "content": text}
+            if calls:
+                out["tool_calls"] = [{"function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                                     for c in calls]
+            return out
+
+        if body.get("stream", True):
+            async def lines():
+                stream = ToolStream(tools) if tools else None
+                async for _, chunk in follow(server, request, [req]):
+                    text, calls = chunk.text, None
+                    if stream is not None:
+                        text = stream.feed(text)
+                        if chunk.finish_reason is not None:
+                            tail, calls = stream.finish()
+                            text += tail
+                    if chunk.finish_reason is None:
+                        if text:
+                            yield {"model": model, "created_at": now(), "message": message(text), "done": False}
+                        continue
+                    if chunk.finish_reason == "cancelled":
+                        return
+                    if text or calls:
+                        yield {"model": model, "created_at": now(), "message": message(text, calls), "done": False}
+                    yield final(model, req, t0, {"message": message("")})
+            return ndjson(lines())
+        if not await wait_for(request, [req]):
+            raise APIError(499, "client disconnected")
+        text, calls = req.completion().text, None
+        if tools:
+            content, calls = parse_tool_calls(text, tools)
+            text = content if calls else text
+        return final(model, req, t0, {"message": message(text, calls)})
+
+    async def embed_texts(texts: list[str]):
+        try:
+            return await asyncio.wrap_future(server.engine.call(lambda: server.embed(texts)))
+        except ContextOverflowError as e:
+            raise APIError(400, str(e)) from None
+
+    @app.post("/api/embed")
+    async def embed(request: Request):
+        body = await read_body(request)
+        t0 = time.perf_counter()
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise APIError(400, "input must be a non-empty string or list of non-empty strings")
+        vectors = await embed_texts(texts)
+        return {"model": body.get("model") or server.model_id, "embeddings": [v.tolist() for v in vectors],
+                "total_duration": ns(time.perf_counter() - t0), "load_duration": 0,
+                "prompt_eval_count": sum(len(llama.tokenize(t)) for t in texts)}
+
+    @app.post("/api/embeddings")
+    async def embeddings(request: Request):  # the older single-text form
+        body = await read_body(request)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError(400, "prompt must be a non-empty string")
+        return {"embedding": (await embed_texts([prompt]))[0].tolist()}

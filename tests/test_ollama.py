@@ -1,0 +1,122 @@
+"""Ollama's REST API on `edgelm serve`, driven by the official `ollama` Python client against a real server."""
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import ollama
+import pytest
+from test_server import KEY, ServerProcess
+
+import edgelm
+from edgelm.runtime.model import default_model_path
+
+PROMPT = "def fibonacci(n):"
+GREEDY = {"temperature": 0, "num_predict": 12}
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess("--parallel", "2", "--ctx", "1024", "--api-key", KEY)
+    yield s
+    err = s.stop()
+    assert "Traceback" not in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return ollama.Client(host=server.base, headers={"Authorization": f"Bearer {KEY}"})
+
+
+@pytest.fixture(scope="module")
+def model():
+    with edgelm.load(n_ctx=1024, n_threads=2, prefix_cache_bytes=0) as m:
+        yield m
+
+
+def test_model_listing(client):
+    (listed,) = client.list().models
+    assert listed.model == "edgelm-small-q8_0" and listed.size == default_model_path().stat().st_size
+    assert listed.details.format == "gguf" and listed.details.family == "llama"
+    assert listed.details.quantization_level == "Q8_0" and listed.details.parameter_size == "17M"
+    assert [m.model for m in client.ps().models] == ["edgelm-small-q8_0"]
+    shown = client.show("edgelm")
+    assert shown.details.family == "llama" and "tools" in shown.capabilities
+    assert shown.modelinfo["llama.block_count"] == 16
+
+
+def test_generate_applies_the_template_and_streams(client, model):
+    ref = model.chat([{"role": "user", "content": PROMPT}], temperature=0, max_tokens=12)
+    out = client.generate(model="any-name", prompt=PROMPT, options=GREEDY)
+    assert out.model == "any-name" and out.done and out.done_reason == "length" and out.eval_count == 12
+    assert out.response == ref.text and out.context[-12:] == ref.tokens
+    parts = list(client.generate(model="m", prompt=PROMPT, options=GREEDY, stream=True))
+    assert "".join(p.response for p in parts) == out.response and [p.done for p in parts].count(True) == 1
+    raw = client.generate(model="m", prompt=PROMPT, options=GREEDY, raw=True)
+    assert raw.response == model.generate(PROMPT, temperature=0, max_tokens=12).text
+    assert client.generate(model="m", prompt="").done_reason == "load"
+
+
+def test_chat(client, model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    ref = model.chat(messages, temperature=0, max_tokens=12)
+    out = client.chat(model="m", messages=messages, options=GREEDY)
+    assert out.message.role == "assistant" and out.message.content == ref.text and out.eval_count == 12
+    parts = list(client.chat(model="m", messages=messages, options=GREEDY, stream=True))
+    assert "".join(p.message.content for p in parts) == ref.text and parts[-1].done
+
+
+def test_a_call_the_model_writes_becomes_tool_calls(client):
+    """The format schema makes the model write a Llama 3.x style call, which the reply turns into tool_calls."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}}]
+    call = {"type": "object", "properties": {"name": {"const": "get_weather"},
+                                             "parameters": tools[0]["function"]["parameters"]},
+            "required": ["name", "parameters"]}
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    for stream in (False, True):
+        out = client.chat(model="m", messages=messages, tools=tools, format=call, stream=stream,
+                          options={"temperature": 0, "num_predict": 64})
+        parts = list(out) if stream else [out]
+        calls = [c for p in parts for c in p.message.tool_calls or []]
+        assert [c.function.name for c in calls] == ["get_weather"], parts
+        assert isinstance(calls[0].function.arguments["city"], str)
+        assert "".join(p.message.content for p in parts) == ""
+    plain = client.chat(model="m", messages=messages, tools=tools, options=GREEDY)
+    assert plain.message.tool_calls is None and plain.message.content
+
+
+def test_embed_matches_the_python_api(client, model):
+    out = client.embed(model="m", input=["def f(): pass", "hello world"])
+    ref = model.embed(["def f(): pass", "hello world"])
+    assert np.allclose(np.array(out.embeddings), ref, atol=1e-5)
+    legacy = client.embeddings(model="m", prompt="hello world")
+    assert np.allclose(legacy.embedding, ref[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda c: c.generate(model="m", prompt="x", options={"temperature": -1}), "temperature"),
+    (lambda c: c.generate(model="m", prompt="x", options={"warp_speed": 9}), "unknown option"),
+    (lambda c: c.chat(model="m", messages=[{"role": "user", "content": "x", "images": ["aGk="]}]), "images"),
+    (lambda c: c.chat(model="m", messages=[{"role": "robot", "content": "x"}]), "role"),
+    (lambda c: c.generate(model="m", prompt="word " * 3000), "context"),
+])
+def test_bad_requests_are_400_with_ollamas_error_body(client, call, match):
+    with pytest.raises(ollama.ResponseError, match=match) as e:
+        call(client)
+    assert e.value.status_code == 400
+
+
+def test_bad_raw_requests(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for body, match in [({"prompt": "x", "format": "yaml"}, "format"), ({"prompt": 3}, "prompt"),
+                        ({"prompt": "x", "context": [1, "a"]}, "context"), ({"prompt": "x", "options": 5}, "options")]:
+        r = httpx.post(server.base + "/api/generate", json=body, headers=auth)
+        assert r.status_code == 400 and match in r.json()["error"], r.text
+    r = httpx.post(server.base + "/api/embed", json={"input": []}, headers=auth)
+    assert r.status_code == 400 and "input" in r.json()["error"]
+
+
+def test_the_api_key_guards_ollamas_routes(server):
+    r = httpx.post(server.base + "/api/generate", json={"model": "m", "prompt": "x"})
+    assert r.status_code == 401 and "API key" in r.json()["error"]
+    assert httpx.get(server.base + "/api/tags", headers={"X-Api-Key": KEY}).status_code == 200
