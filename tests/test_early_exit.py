@@ -27,6 +27,7 @@ from edgelm.errors import ConversionError, ModelLoadError, NativeError, UsageErr
 from edgelm.gguf_reader import read_gguf
 from edgelm.runtime import ggml
 from edgelm.runtime.context import Context, ContextOptions
+from edgelm.runtime.exits import block_output
 from edgelm.runtime.model import LlamaModel, default_model_path
 from edgelm.runtime.splits import choose_split
 
@@ -458,6 +459,8 @@ def test_an_exit_block_is_the_drafts_last_layer(small, tmp_path, prompts, refere
     silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
     out = h + block["ffn_down"] @ (silu(block["ffn_gate"] @ x) * (block["ffn_up"] @ x))
     expected = head @ rms_norm(out, block["output_norm"], eps)  # the f32 block: the split stores f16 matrices
+    f32 = {name: w.astype(np.float32) for name, w in block.items()}
+    np.testing.assert_allclose(block_output(h[None], f32, eps)[0], out, rtol=1e-4, atol=1e-4)  # `edgelm exits`' copy
     scale = np.abs(expected).max()
     np.testing.assert_allclose(logits, expected, atol=0.02 * scale)  # Q8_0 head: activations quantized too
     assert logits.argmax() == expected.argmax()
@@ -678,6 +681,30 @@ def test_exits_command_reports_and_writes_a_split(tmp_path, capsys):
     with edgelm.load(model, early_exit=True, **GEN) as m, edgelm.load(model, **GEN) as plain:
         assert m.generate("import os\n", temperature=0, max_tokens=16).tokens == \
             plain.generate("import os\n", temperature=0, max_tokens=16).tokens
+
+
+def test_exits_command_scores_and_writes_an_exit_block(tmp_path, capsys):
+    """An exit block beside the model: its layer is scored through the block, and --write puts it in the draft."""
+    from safetensors.numpy import save_file
+
+    from edgelm.cli import main
+
+    model = tmp_path / "m.gguf"
+    shutil.copy(default_model_path(), model)
+    block = random_exit_block(256, 32, seed=3)
+    save_file({f"exit_block.4.{name}.weight": w.astype(np.float32) for name, w in block.items()},
+              str(tmp_path / "m.exit_blocks.safetensors"))
+    argv = ["exits", str(model), "--tokens", "128", "--layers", "4", "--draft-max", "2", "--threads", "1", "--json"]
+    assert main([*argv, "--write", "4"]) == 0
+    with_block = {row["k"]: row for row in json.loads(capsys.readouterr().out.splitlines()[0])["layers"]}
+    assert with_block[4]["exit"] == "block" and with_block[3]["exit"] == "final" and with_block[4]["draft_ms"] > 0
+    assert check_split(model, split_paths(model, 4)).exit_norm == "trained block"
+    (tmp_path / "m.exit_blocks.safetensors").unlink()
+    assert main(argv) == 0
+    without = {row["k"]: row for row in json.loads(capsys.readouterr().out.splitlines()[0])["layers"]}
+    assert without[4]["exit"] == "final" and without[4]["agreement"] != with_block[4]["agreement"]
+    assert without[5]["agreement"] == with_block[5]["agreement"]
+    assert main(["exits", str(model), "--exit-blocks", str(tmp_path / "none.safetensors")]) == 2
 
 
 def test_exits_command_bad_input(tmp_path):

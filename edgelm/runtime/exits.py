@@ -1,7 +1,8 @@
 """Exit analysis: how often would an exit at each layer agree with the full model, and what would it gain?
 
 For every layer i the hidden state after it (graph node `l_out-{i}`) goes through the exit norm (the
-final norm, or a trained one) and the output head, in numpy from the GGUF's own weights; its argmax
+final norm, or a trained one; after a trained exit block's FFN where there is one) and the output head, in
+numpy from the GGUF's own weights; its argmax
 is compared with the full model's, and its top probability kept. The speedup of an early-exit split at
 k is then predicted by replaying the decode loop of edgelm.runtime.speculative over the calibration
 positions (draft while the exit's top probability is at least the threshold, up to draft_max drafts;
@@ -36,7 +37,7 @@ class ExitReport:
     n_layer: int
     tokens: int
     agreement: list[float]  # per layer i (exit after layer i, i.e. k = i + 1)
-    trained: list[bool]  # whether layer i's exit used a trained exit norm
+    exits: list[str]  # layer i's exit: "final" (the final norm reused), "norm" (trained) or "block" (trained)
     full_ms: float = 0.0
     draft_ms: dict[int, float] = field(default_factory=dict)  # k -> what one more draft adds to a round
     round_ms: dict[int, dict[int, float]] = field(default_factory=dict)  # k -> n -> a round of n D steps + T(n)
@@ -114,19 +115,33 @@ def _head_and_norm(path) -> tuple[np.ndarray, np.ndarray]:
     return dense("output.weight" if "output.weight" in tensors else "token_embd.weight"), dense("output_norm.weight")
 
 
-def agreement(model_path, text: str, *, exit_norms: dict[int, np.ndarray] | None = None, max_tokens: int = 2048,
+def block_output(h: np.ndarray, block: dict[str, np.ndarray], eps: float) -> np.ndarray:
+    """An exit block (converters.early_exit.EXIT_BLOCK_TENSORS) on hidden states h (n, n_embd): h + FFN(norm(h)),
+    the residual SwiGLU FFN of a Llama block, before the block's exit norm."""
+    x = _rms(h, eps) * block["ffn_norm"]
+    gate, up = x @ block["ffn_gate"].T.astype(np.float32), x @ block["ffn_up"].T.astype(np.float32)
+    return h + (gate / (1 + np.exp(-gate)) * up) @ block["ffn_down"].T.astype(np.float32)
+
+
+def _rms(h: np.ndarray, eps: float) -> np.ndarray:
+    return h / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + eps)
+
+
+def agreement(model_path, text: str, *, exit_norms: dict[int, np.ndarray] | None = None,
+              exit_blocks: dict[int, dict[str, np.ndarray]] | None = None, max_tokens: int = 2048,
               n_ctx: int = 512, n_threads: int | None = None) -> ExitReport:
-    """Per-layer agreement of exits with the full model's argmax over `text` (windows of n_ctx tokens)."""
+    """Per-layer agreement of exits with the full model's argmax over `text` (windows of n_ctx tokens); a layer
+    with an exit block uses it (and its exit norm), else its trained exit norm, else the final norm."""
     model = LlamaModel(model_path)
     try:
         tokens = model.tokenize(text)[:max_tokens]
         if len(tokens) < 2:
             raise UsageError("calibration text too short: it needs at least 2 tokens")
         n_layer = model.n_layer
-        exit_norms = exit_norms or {}
-        bad = [k for k in exit_norms if not 1 <= k < n_layer]
+        exit_norms, exit_blocks = exit_norms or {}, exit_blocks or {}
+        bad = [k for k in (*exit_norms, *exit_blocks) if not 1 <= k < n_layer]
         if bad:
-            raise UsageError(f"exit norms for layers {bad}: exits lie in [1, {n_layer - 1}]")
+            raise UsageError(f"exits for layers {bad}: exits lie in [1, {n_layer - 1}]")
         head, final_norm = _head_and_norm(model.path)
         eps = float(model.gguf.get(f"{model.architecture}.attention.layer_norm_rms_epsilon", 1e-5))
         hidden = _Hidden(n_layer)
@@ -149,9 +164,12 @@ def agreement(model_path, text: str, *, exit_norms: dict[int, np.ndarray] | None
                 target = ctx.all_logits(len(chunk)).argmax(axis=1)
                 for i in range(n_layer):
                     h = np.concatenate(hidden.rows[i])[-len(chunk):]
-                    norm = exit_norms.get(i + 1, final_norm)
-                    x = h / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + eps) * norm
-                    logits = x @ head.T
+                    block = exit_blocks.get(i + 1)
+                    if block is not None:
+                        h, norm = block_output(h, block, eps), block["output_norm"]
+                    else:
+                        norm = exit_norms.get(i + 1, final_norm)
+                    logits = (_rms(h, eps) * norm) @ head.T
                     hit = logits.argmax(axis=1) == target
                     agree[i] += np.count_nonzero(hit)
                     agrees[i].append(hit)
@@ -159,7 +177,8 @@ def agreement(model_path, text: str, *, exit_norms: dict[int, np.ndarray] | None
                 counted += len(chunk)
         finally:
             ctx.close()
-        return ExitReport(n_layer, counted, list(agree / counted), [i + 1 in exit_norms for i in range(n_layer)],
+        kinds = ["block" if k in exit_blocks else "norm" if k in exit_norms else "final" for k in range(1, n_layer + 1)]
+        return ExitReport(n_layer, counted, list(agree / counted), kinds,
                           agrees={i + 1: np.concatenate(v) for i, v in agrees.items()},
                           confidence={i + 1: np.concatenate(v) for i, v in confidence.items()})
     finally:
@@ -175,11 +194,13 @@ def _time(fn, repeat: int) -> float:
 
 
 def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_max: int = 8,
-                  n_threads: int | None = None, repeat: int = 40, rounds: int = 3) -> None:
+                  n_threads: int | None = None, repeat: int = 40, rounds: int = 3,
+                  exit_blocks: dict[int, dict[str, np.ndarray]] | None = None) -> None:
     """Time, for each k, whole rounds of the decode loop on a split written to a temporary folder: n draft
     steps, the tail verifying the n positions, the cut back to one new position (so positions advance as in
     decoding, past a 200-token prompt), for n = 1..draft_max + 1; alternating with the full model's decode
-    step so that a shared machine's drift falls on both (medians over `rounds`). Fills report.full_ms,
+    step so that a shared machine's drift falls on both (medians over `rounds`); a layer with one of
+    `exit_blocks` is timed with the block in its draft. Fills report.full_ms,
     draft_ms, round_ms and speedup (replay over the calibration positions; 1.0 when no setting gains)."""
     import statistics
 
@@ -208,7 +229,7 @@ def measure_costs(model_path, report: ExitReport, layers: list[int], *, draft_ma
 
         try:
             for k in layers:
-                paths = split_model(copy, k)
+                paths = split_model(copy, k, exit_block=(exit_blocks or {}).get(k))
                 # as the runtime reads it; the split was just written from `copy`, so no fingerprint check of it
                 passthrough = check_split(None, paths).passthrough
                 d = LlamaModel(paths.draft, parts=[paths.shared])
