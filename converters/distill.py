@@ -27,12 +27,12 @@ try:
 except ImportError:  # pragma: no cover - torch is the train/test extra
     raise ConversionError("distillation needs torch: pip install 'edgelm[train]'") from None
 
+from .early_exit import EXIT_HEADS
 from .export import atomic_folder, check_new_folder
 from .surgery import copy_side_files
 from .teacher import check_same_vocabulary, load_teacher
 
 CHECKPOINT = ".distill-checkpoint"
-EXIT_WEIGHTS = "exit_heads.safetensors"  # what converters/early_exit.py reads beside a checkpoint
 
 
 @dataclass
@@ -430,6 +430,6 @@ def _write_output(model, exits, student: Path, out: Path, report: DistillReport)
         copy_side_files(student, tmp)
         if exits:
             save_file({f"exit_norm.{k}.weight": n.weight.detach().float().cpu().contiguous() for k, n in exits.items()},
-                      str(tmp / EXIT_WEIGHTS), metadata={"format": "pt"})
+                      str(tmp / EXIT_HEADS), metadata={"format": "pt"})
         (tmp / "distill_report.json").write_text(json.dumps(asdict(report) | {"gap_recovered": report.gap_recovered},
                                                             indent=2) + "\n")

@@ -35,8 +35,8 @@ from train_reference import (  # noqa: E402
     ROOT, Recipe, encode_split, heldout_perplexity, lr_at, save_checkpoint,
 )
 from edgelm import corpus  # noqa: E402  (train_reference put ROOT on sys.path)
+from edgelm.converters.early_exit import EXIT_BLOCKS, EXIT_HEADS  # noqa: E402
 
-EXIT_WEIGHTS = "exit_heads.safetensors"
 EXIT_JSON = "exit_heads.json"
 
 
@@ -109,7 +109,7 @@ def save_exit_heads(out: Path, norms, stats: dict) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"exit_norm.{k}.weight": norm.weight.detach().float().contiguous() for k, norm in norms.items()}
-    save_file(tensors, str(out / EXIT_WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, str(out / EXIT_HEADS), metadata={"format": "pt"})
     (out / EXIT_JSON).write_text(json.dumps(stats, indent=2) + "\n")
 
 
@@ -219,8 +219,6 @@ def train_exit_block(model_dir: Path, k: int, *, width: int = 768, steps: int = 
     import torch
     from safetensors.torch import save_file
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    from edgelm.converters.early_exit import EXIT_BLOCKS
 
     model, _, train, heldout = _setup(model_dir, threads, seed)
     model.requires_grad_(False)
