@@ -21,6 +21,7 @@ from typing import Any
 import llama_cpp as lib
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,6 +45,7 @@ DISCONNECT_EVERY = 10  # ticks between checks for a client that went away
 class ServerOptions:
     model: str | None = None
     api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API from a browser ("*": any)
     n_parallel: int = 4
     n_ctx: int = 2048
     n_batch: int = 512
@@ -173,6 +175,9 @@ def create_app(options: ServerOptions) -> FastAPI:
         return error(request, APIError(400, str(exc)))
 
     app.add_middleware(_Guard, server=server)
+    if options.cors_origins:  # outermost: a browser's preflight is answered before the API key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-Api-Key", "Content-Type"])
     add_routes(app, server)  # Ollama's API beside OpenAI's
 
     @app.get("/")

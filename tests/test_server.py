@@ -231,6 +231,25 @@ def test_tool_calls(server, client):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_cors_only_for_the_origins_given(server):
+    pre = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    assert "access-control-allow-origin" not in httpx.options(server.base + "/v1/chat/completions", headers=pre).headers
+    cors = ServerProcess("--cors", "http://localhost:3000", "--api-key", KEY)
+    try:
+        r = httpx.options(cors.base + "/v1/chat/completions", headers=pre)  # the preflight needs no key
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.get(cors.base + "/v1/models", headers={"Origin": "http://localhost:3000",
+                                                         "Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.get(cors.base + "/v1/models", headers={"Origin": "http://evil.example"})
+        assert r.status_code == 401 and "access-control-allow-origin" not in r.headers
+        assert httpx.options(cors.base + "/v1/models", headers={**pre, "Origin": "http://evil.example"}
+                             ).status_code == 400
+    finally:
+        assert "Traceback" not in cors.stop()
+
+
 def test_json_response_format(client):
     out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "A person:"}],
                                          max_tokens=64, temperature=0, response_format={

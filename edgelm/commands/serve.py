@@ -15,6 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY or X-Api-Key); /health stays open")
+    p.add_argument("--cors", metavar="ORIGIN", action="append", default=[],
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API from a browser "
+                        "(repeatable; default: none)")
     p.add_argument("--parallel", type=int, default=4, help="requests decoded together (default 4)")
     p.add_argument("--ctx", type=int, default=2048, help="context of each request in tokens")
     p.add_argument("--batch", type=int, default=512, help="tokens per decode step")
@@ -44,7 +47,7 @@ def main(argv: list[str]) -> int:
         from edgelm.runtime.backend import set_verbose
 
         set_verbose(True)
-    options = ServerOptions(model=args.model, api_key=args.api_key,
+    options = ServerOptions(model=args.model, api_key=args.api_key, cors_origins=tuple(args.cors),
                             n_parallel=args.parallel, n_ctx=args.ctx, n_batch=args.batch, n_threads=args.threads,
                             n_gpu_layers=args.gpu_layers, max_queue=args.max_queue,
                             max_tokens_cap=args.max_tokens_cap, prompt_cache=args.prompt_cache,
