@@ -20,7 +20,8 @@ from .runtime.early_exit import EARLY_EXIT_BATCH, EarlyExit
 from .runtime.speculative import (DRAFT_MAX, THRESHOLD, ContextVerifier, DraftModel, Lookup, SpecStats,
                                   SpeculativeOptions, same_vocabulary, speculative_tokens)
 from .runtime.splits import choose_split
-from .runtime.tools import forcing_call, tool_setup, with_tool_calls
+from .runtime.reasoning import prompt_opens_thinking
+from .runtime.tools import forcing_call, reply_chunks, tool_setup
 
 TRUNCATE = ("error", "left")  # what a prompt longer than the context does
 
@@ -275,19 +276,21 @@ class Model:
     def chat(self, messages: list[dict], *, chat_template: str | None = None, tools: list[dict] | None = None,
              tool_choice: str | dict | None = None, **sampling) -> Completion:
         """Reply to `messages` ([{"role": ..., "content": ...}]); stops at the model's end-of-turn token.
-        `tools` and `tool_choice` as in OpenAI's API: the reply's calls are in .tool_calls (runtime/tools.py)."""
+        `tools` and `tool_choice` as in OpenAI's API: the reply's calls are in .tool_calls (runtime/tools.py).
+        A reasoning model's <think> block is in .reasoning, not in .text (runtime/reasoning.py)."""
         tokens, params, offered = self._chat_tokens(messages, chat_template, sampling, tools, tool_choice)
-        if offered is None:
-            return self._complete(tokens, params)
-        return collect(with_tool_calls(iter([Chunk(**vars(self._complete(tokens, params)))]), offered))
+        return collect(self._reply(iter([Chunk(**vars(self._complete(tokens, params)))]), tokens, offered))
 
     def chat_stream(self, messages: list[dict], *, chat_template: str | None = None, tools: list[dict] | None = None,
                     tool_choice: str | dict | None = None, **sampling) -> Iterator[Chunk]:
         """Like chat(), as text chunks; the last one carries finish_reason, timings and any tool calls (text that
         may be a call is held back until it is known)."""
         tokens, params, offered = self._chat_tokens(messages, chat_template, sampling, tools, tool_choice)
-        chunks = self._stream(tokens, params)
-        return chunks if offered is None else with_tool_calls(chunks, offered)
+        return self._reply(self._stream(tokens, params), tokens, offered)
+
+    def _reply(self, chunks: Iterator[Chunk], prompt: list[int], tools: list[dict] | None) -> Iterator[Chunk]:
+        """A chat reply's chunks with its thinking in chunk.reasoning and, when tools were offered, its calls."""
+        return reply_chunks(chunks, tools, prompt_opens_thinking(self.llama, prompt))
 
     # ------------------------------------------------------------ analysis
 

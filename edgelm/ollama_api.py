@@ -22,7 +22,8 @@ from .gguf_reader import describe
 from .openai_api import APIError
 from .runtime.chat import chat_tokens
 from .runtime.sampling import SamplingParams
-from .runtime.tools import ToolStream, parse_tool_calls, tool_setup
+from .runtime.reasoning import prompt_opens_thinking
+from .runtime.tools import ReplyStream, split_reply, tool_setup
 
 OPTIONS = {  # Ollama option -> SamplingParams field
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "typical_p": "typical_p",
@@ -209,9 +210,12 @@ def add_routes(app: FastAPI, server) -> None:
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
         req = submit(tokens, params)
+        opened = prompt_opens_thinking(llama, tokens)
 
-        def message(text: str, calls=None) -> dict:
+        def message(text: str, calls=None, thinking: str | None = None) -> dict:
             out = {"role": "assistant", "content": text}
+            if thinking:
+                out["thinking"] = thinking
             if calls:
                 out["tool_calls"] = [{"function": {"name": c.name, "arguments": json.loads(c.arguments)}}
                                      for c in calls]
@@ -219,31 +223,25 @@ def add_routes(app: FastAPI, server) -> None:
 
         if body.get("stream", True):
             async def lines():
-                stream = ToolStream(tools) if tools else None
+                reply = ReplyStream(tools, opened)
                 async for _, chunk in follow(server, request, [req]):
-                    text, calls = chunk.text, None
-                    if stream is not None:
-                        text = stream.feed(text)
-                        if chunk.finish_reason is not None:
-                            tail, calls = stream.finish()
-                            text += tail
-                    if chunk.finish_reason is None:
-                        if text:
-                            yield {"model": model, "created_at": now(), "message": message(text), "done": False}
-                        continue
+                    thinking, text = reply.feed(chunk.text)
+                    calls = None
+                    if chunk.finish_reason is not None:
+                        more, rest, calls = reply.finish()
+                        thinking, text = thinking + more, text + rest
                     if chunk.finish_reason == "cancelled":
                         return
-                    if text or calls:
-                        yield {"model": model, "created_at": now(), "message": message(text, calls), "done": False}
-                    yield final(model, req, t0, {"message": message("")})
+                    if text or thinking or calls:
+                        yield {"model": model, "created_at": now(), "message": message(text, calls, thinking),
+                               "done": False}
+                    if chunk.finish_reason is not None:
+                        yield final(model, req, t0, {"message": message("")})
             return ndjson(lines())
         if not await wait_for(request, [req]):
             raise APIError(499, "client disconnected")
-        text, calls = req.completion().text, None
-        if tools:
-            content, calls = parse_tool_calls(text, tools)
-            text = content if calls else text
-        return final(model, req, t0, {"message": message(text, calls)})
+        thinking, text, calls = split_reply(req.completion().text, tools, opened)
+        return final(model, req, t0, {"message": message(text, calls, thinking)})
 
     async def embed_texts(texts: list[str]):
         try:

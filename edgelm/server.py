@@ -35,7 +35,8 @@ from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, 
                          sampling_params)
 from .ollama_api import add_routes
 from .runtime.sampling import SamplingParams
-from .runtime.tools import ToolCall, ToolStream, forcing_call, parse_tool_calls, tool_setup
+from .runtime.reasoning import prompt_opens_thinking
+from .runtime.tools import ReplyStream, ToolCall, forcing_call, split_reply, tool_setup
 
 MAX_BODY_BYTES = 4 << 20
 DISCONNECT_EVERY = 10  # ticks between checks for a client that went away
@@ -275,6 +276,7 @@ def create_app(options: ServerOptions) -> FastAPI:
         created = int(time.time())
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         kind = ("chat.completion" if chat else "text_completion")
+        opened = chat and prompt_opens_thinking(server.llama, tokens)  # the template started the thinking
 
         def usage() -> dict:
             t = reqs[0].timings  # one prompt, counted once
@@ -295,10 +297,12 @@ def create_app(options: ServerOptions) -> FastAPI:
             return body
 
         def event(i: int, delta_text: str | None, finish: str | None, role: bool = False, logprobs=None,
-                  calls: list[ToolCall] | None = None) -> str:
+                  calls: list[ToolCall] | None = None, reasoning: str = "") -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else (
                     {"content": delta_text} if delta_text else {})
+                if reasoning:  # a reasoning model's thinking, as llama-server and DeepSeek's API send it
+                    delta["reasoning_content"] = reasoning
                 if calls:
                     delta["tool_calls"] = [c.to_openai(j) for j, c in enumerate(calls)]
                 choice = {"index": i, "delta": delta, "logprobs": None if role else logprobs_body(i, logprobs),
@@ -317,17 +321,18 @@ def create_app(options: ServerOptions) -> FastAPI:
                 if chat:
                     for i in range(len(reqs)):
                         yield event(i, None, None, role=True)
-                streams = [ToolStream(tools) for _ in reqs] if tools else None
+                replies = [ReplyStream(tools, opened) for _ in reqs] if chat else None
                 async for i, chunk in follow(server, request, reqs):
-                    reason, text, calls = finish_reason(chunk.finish_reason), chunk.text, None
-                    if streams is not None:  # text that may be a tool call waits for the end
-                        text = streams[i].feed(text)
+                    reason, text, calls, reasoning = finish_reason(chunk.finish_reason), chunk.text, None, ""
+                    if replies is not None:  # thinking apart; text that may be a tool call waits for the end
+                        reasoning, text = replies[i].feed(text)
                         if reason is not None:
-                            tail, calls = streams[i].finish()
-                            text += tail
+                            more, rest, calls = replies[i].finish()
+                            reasoning, text = reasoning + more, text + rest
                             reason = "tool_calls" if calls else reason
-                    if text or reason or chunk.logprobs:
-                        yield event(i, text, reason, logprobs=chunk.logprobs or None, calls=calls)
+                    if text or reasoning or reason or chunk.logprobs:
+                        yield event(i, text, reason, logprobs=chunk.logprobs or None, calls=calls,
+                                    reasoning=reasoning)
                 if all(r.finish_reason not in (None, "cancelled") for r in reqs):
                     if stream_usage:
                         obj = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
@@ -349,12 +354,14 @@ def create_app(options: ServerOptions) -> FastAPI:
                                     status_code=499)
             logprobs = logprobs_body(i, req.completion().logprobs)
             reason = finish_reason(req.finish_reason)
-            message = {"role": "assistant", "content": text}
-            if tools:
-                content, calls = parse_tool_calls(text, tools)
+            message = None
+            if chat:
+                reasoning, content, calls = split_reply(text, tools, opened)
+                message = {"role": "assistant", "content": content or None if calls else content}
+                if reasoning is not None:
+                    message["reasoning_content"] = reasoning
                 if calls:
-                    message = {"role": "assistant", "content": content or None,
-                               "tool_calls": [c.to_openai() for c in calls]}
+                    message["tool_calls"] = [c.to_openai() for c in calls]
                     reason = "tool_calls"
             out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason} if chat else
                        {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})

@@ -250,6 +250,19 @@ def test_cors_only_for_the_origins_given(server):
         assert "Traceback" not in cors.stop()
 
 
+def test_reasoning_content(client):
+    """A reply that thinks first (forced here by a grammar) has its thinking in reasoning_content, not in content."""
+    grammar = r'root ::= "<think>\n" [a-z]{2,6} " " [a-z]{2,6} "\n</think>\n\n" [a-z]{1,8}'
+    kw = dict(model="x", messages=[{"role": "user", "content": "Two plus two?"}], max_tokens=48, temperature=0,
+              extra_body={"grammar": grammar})
+    message = client.chat.completions.create(**kw).choices[0].message
+    thinking = message.model_extra["reasoning_content"]
+    assert " " in thinking and "<think>" not in message.content and message.content.isalpha()
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas).strip() == thinking
+    assert "".join(d.content or "" for d in deltas) == message.content
+
+
 def test_json_response_format(client):
     out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "A person:"}],
                                          max_tokens=64, temperature=0, response_format={

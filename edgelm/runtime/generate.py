@@ -45,6 +45,7 @@ class Chunk:
     timings: Timings | None = None  # set on the last chunk
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
     tool_calls: list | None = None  # on the last chunk of a chat offered tools: the calls made (runtime.tools)
+    reasoning: str | None = None  # a chat reply's thinking in this chunk, kept out of text (runtime.reasoning)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Completion:
     timings: Timings = field(default_factory=Timings)
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
     tool_calls: list | None = None  # the calls a chat offered tools made (runtime.tools.ToolCall)
+    reasoning: str | None = None  # a chat reply's thinking (<think>...</think>), kept out of text
 
 
 REUSE = ("exact", "fast", "off")
@@ -222,9 +224,11 @@ def generate(ctx: Context, prompt: list[int], params: SamplingParams, cache=None
 def collect(chunks: Iterator[Chunk]) -> Completion:
     """A Completion from a stream of chunks (the last one carries the finish reason and timings)."""
     timings = Timings()
-    parts, ids, reason, logprobs, calls = [], [], "length", None, None
+    parts, ids, reason, logprobs, calls, thoughts = [], [], "length", None, None, []
     for chunk in chunks:
         calls = chunk.tool_calls or calls
+        if chunk.reasoning is not None:
+            thoughts.append(chunk.reasoning)
         timings = chunk.timings or timings
         parts.append(chunk.text)
         ids.extend(chunk.tokens)
@@ -232,4 +236,5 @@ def collect(chunks: Iterator[Chunk]) -> Completion:
         if chunk.logprobs is not None:
             logprobs = logprobs if logprobs is not None else []
             logprobs.extend(chunk.logprobs)
-    return Completion("".join(parts), ids, reason, timings, logprobs, calls)
+    return Completion("".join(parts), ids, reason, timings, logprobs, calls,
+                      "".join(thoughts).rstrip() if thoughts else None)

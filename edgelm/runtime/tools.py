@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from edgelm.errors import UsageError
 
 from .json_schema import schema_to_gbnf
+from .reasoning import ThinkSplitter, split_reasoning
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL = "[TOOL_CALLS]"
@@ -182,23 +183,6 @@ def forcing_call(params, grammar: str):
     return forced
 
 
-def with_tool_calls(chunks, tools: list[dict]):
-    """A chunk stream (runtime.generate) with tool-call text held back; the last chunk carries the calls, and
-    finish_reason "tool_calls" when there are any."""
-    from .generate import Chunk
-
-    stream = ToolStream(tools)
-    for chunk in chunks:
-        text = stream.feed(chunk.text)
-        if chunk.finish_reason is None:
-            yield Chunk(text, chunk.tokens, None, chunk.timings, chunk.logprobs)
-            continue
-        tail, calls = stream.finish()
-        yield Chunk(text + tail, chunk.tokens, "tool_calls" if calls else chunk.finish_reason, chunk.timings,
-                    chunk.logprobs, calls or None)
-        return
-
-
 class ToolStream:
     """Streams a reply's content while holding back what may be a tool call, for parse_tool_calls at the end."""
 
@@ -226,3 +210,47 @@ class ToolStream:
         """(the held-back content to pass on, the calls): what is held starts where a call may."""
         content, calls = parse_tool_calls(self.held, self.tools)
         return (content, calls) if calls else (self.held, [])
+
+
+class ReplyStream:
+    """A streamed chat reply split into its thinking (runtime.reasoning), its content, and its tool calls."""
+
+    def __init__(self, tools: list[dict] | None, thinking_opened: bool = False):
+        self.think = ThinkSplitter(thinking_opened)
+        self.calls = ToolStream(tools) if tools else None
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) safe to pass on now."""
+        reasoning, content = self.think.feed(text)
+        return reasoning, self.calls.feed(content) if self.calls is not None else content
+
+    def finish(self) -> tuple[str, str, list[ToolCall]]:
+        """(reasoning, content, calls) still held at the end of the reply."""
+        reasoning, content = self.think.finish()
+        if self.calls is None:
+            return reasoning, content, []
+        content = self.calls.feed(content)
+        tail, calls = self.calls.finish()
+        return reasoning, content + tail, calls
+
+
+def reply_chunks(chunks, tools: list[dict] | None, thinking_opened: bool = False):
+    """A chat's chunk stream (runtime.generate) with the thinking in chunk.reasoning, the calls on the last chunk
+    (finish_reason "tool_calls" when there are any) and neither in chunk.text."""
+    reply = ReplyStream(tools, thinking_opened)
+    for chunk in chunks:
+        reasoning, content = reply.feed(chunk.text)
+        if chunk.finish_reason is None:
+            yield replace(chunk, text=content, reasoning=reasoning or None)
+            continue
+        more, rest, calls = reply.finish()
+        yield replace(chunk, text=content + rest, reasoning=(reasoning + more) or None, tool_calls=calls or None,
+                      finish_reason="tool_calls" if calls else chunk.finish_reason)
+        return
+
+
+def split_reply(text: str, tools: list[dict] | None, thinking_opened: bool = False):
+    """(reasoning or None, content, calls) of a whole chat reply."""
+    reasoning, content = split_reasoning(text, thinking_opened)
+    content, calls = parse_tool_calls(content, tools) if tools else (content, [])
+    return reasoning, content, calls
