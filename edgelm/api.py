@@ -261,31 +261,41 @@ class Model:
         return self._chat_template
 
     def chat_prompt(self, messages: list[dict], *, chat_template: str | None = None,
-                    add_generation_prompt: bool = True) -> str:
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    chat_template_kwargs: dict | None = None) -> str:
         """The prompt text chat() would send for `messages` (see edgelm/runtime/chat.py)."""
-        return self._template(chat_template).render(messages, add_generation_prompt=add_generation_prompt)
+        offered, _ = tool_setup(tools, None)
+        return self._template(chat_template).render(messages, add_generation_prompt=add_generation_prompt,
+                                                    tools=offered, extra=chat_template_kwargs)
 
-    def _chat_tokens(self, messages: list[dict], chat_template: str | None, sampling: dict, tools, tool_choice):
+    def _chat_tokens(self, messages: list[dict], sampling: dict, *, chat_template: str | None = None, tools=None,
+                     tool_choice=None, chat_template_kwargs: dict | None = None):
         offered, grammar = tool_setup(tools, tool_choice)
-        tokens = chat_tokens(self.llama, messages, self._template(chat_template), tools=offered)
+        tokens = chat_tokens(self.llama, messages, self._template(chat_template), tools=offered,
+                             extra=chat_template_kwargs)
         params, truncate = self._params(sampling)
         if grammar is not None:
             params = forcing_call(params, grammar)
         return self._prompt_tokens(tokens, params, truncate), params, offered
 
     def chat(self, messages: list[dict], *, chat_template: str | None = None, tools: list[dict] | None = None,
-             tool_choice: str | dict | None = None, **sampling) -> Completion:
+             tool_choice: str | dict | None = None, chat_template_kwargs: dict | None = None,
+             **sampling) -> Completion:
         """Reply to `messages` ([{"role": ..., "content": ...}]); stops at the model's end-of-turn token.
         `tools` and `tool_choice` as in OpenAI's API: the reply's calls are in .tool_calls (runtime/tools.py).
-        A reasoning model's <think> block is in .reasoning, not in .text (runtime/reasoning.py)."""
-        tokens, params, offered = self._chat_tokens(messages, chat_template, sampling, tools, tool_choice)
+        A reasoning model's <think> block is in .reasoning, not in .text (runtime/reasoning.py).
+        chat_template_kwargs: more template variables, e.g. {"enable_thinking": False} for Qwen3."""
+        tokens, params, offered = self._chat_tokens(messages, sampling, chat_template=chat_template, tools=tools,
+                                                    tool_choice=tool_choice, chat_template_kwargs=chat_template_kwargs)
         return collect(self._reply(iter([Chunk(**vars(self._complete(tokens, params)))]), tokens, offered))
 
     def chat_stream(self, messages: list[dict], *, chat_template: str | None = None, tools: list[dict] | None = None,
-                    tool_choice: str | dict | None = None, **sampling) -> Iterator[Chunk]:
+                    tool_choice: str | dict | None = None, chat_template_kwargs: dict | None = None,
+                    **sampling) -> Iterator[Chunk]:
         """Like chat(), as text chunks; the last one carries finish_reason, timings and any tool calls (text that
         may be a call is held back until it is known)."""
-        tokens, params, offered = self._chat_tokens(messages, chat_template, sampling, tools, tool_choice)
+        tokens, params, offered = self._chat_tokens(messages, sampling, chat_template=chat_template, tools=tools,
+                                                    tool_choice=tool_choice, chat_template_kwargs=chat_template_kwargs)
         return self._reply(self._stream(tokens, params), tokens, offered)
 
     def _reply(self, chunks: Iterator[Chunk], prompt: list[int], tools: list[dict] | None) -> Iterator[Chunk]:

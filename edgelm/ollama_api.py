@@ -204,9 +204,13 @@ def add_routes(app: FastAPI, server) -> None:
         body = await read_body(request)
         model, t0 = body.get("model") or server.model_id, time.perf_counter()
         params = sampling(body, server.options.max_tokens_cap)
+        think = body.get("think")
+        if think not in (None, True, False):  # levels ("high", ...) are for models edgelm does not run
+            raise APIError(400, f"think must be true or false, not {think!r}")
         try:
             tools, _ = tool_setup(body.get("tools") or None, None)  # its clients send [] for none
-            tokens = chat_tokens(llama, chat_messages(body.get("messages")), server.template, tools=tools)
+            tokens = chat_tokens(llama, chat_messages(body.get("messages")), server.template, tools=tools,
+                                 extra=None if think is None else {"enable_thinking": think})  # Qwen3's switch
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
         req = submit(tokens, params)

@@ -23,7 +23,8 @@ SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
     "ignore_eos": "ignore_eos",
 }
 IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "response_format",
-                  "logprobs", "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls", "tools", "tool_choice"}
+                  "logprobs", "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls", "tools", "tool_choice",
+                  "chat_template_kwargs"}
 
 
 class APIError(Exception):

@@ -29,7 +29,7 @@ from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
 from .engine import POLL_S, Engine, EngineOptions, QueueFullError
 from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
 from .metrics import Metrics, prometheus_text
-from .runtime.chat import chat_tokens, template_for
+from .runtime.chat import chat_tokens, template_for, template_kwargs
 from .runtime.model import LlamaModel, LoadOptions
 from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason, piece,
                          sampling_params)
@@ -117,9 +117,9 @@ class Server:
             raise APIError(400, "prompt is empty", param="prompt")
         return tokens
 
-    def chat_prompt(self, messages: Any, tools: list[dict] | None = None) -> list[int]:
+    def chat_prompt(self, messages: Any, tools: list[dict] | None = None, extra: Any = None) -> list[int]:
         try:
-            return chat_tokens(self.llama, messages, self.template, tools=tools)
+            return chat_tokens(self.llama, messages, self.template, tools=tools, extra=extra)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         except UsageError as e:
@@ -219,7 +219,11 @@ def create_app(options: ServerOptions) -> FastAPI:
                 params = forcing_call(params, grammar)
         except UsageError as e:
             raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
-        tokens = server.chat_prompt(body["messages"], tools)
+        try:
+            extra = template_kwargs(body.get("chat_template_kwargs"))
+        except UsageError as e:
+            raise APIError(400, str(e), param="chat_template_kwargs") from None
+        tokens = server.chat_prompt(body["messages"], tools, extra)
         return await _generate(request, body, tokens, params, chat=True, tools=tools)
 
     @app.post("/tokenize")

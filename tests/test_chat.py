@@ -295,3 +295,27 @@ def test_chat_validates_before_generating(small):
         small.chat(USER, nonsense=1)
     with pytest.raises(UsageError):
         next(small.chat_stream("just a string"))
+
+
+THINK_SWITCH = ("{% if enable_thinking is defined and not enable_thinking %}[no thinking]{% endif %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+
+
+def test_chat_template_kwargs_reach_the_template(small):
+    messages = [{"role": "user", "content": "hi"}]
+    assert ChatTemplate(THINK_SWITCH).render(messages, extra={"enable_thinking": False}) == "[no thinking]hi"
+    assert ChatTemplate(THINK_SWITCH).render(messages, extra={"enable_thinking": True}) == "hi"
+    assert small.chat_prompt(messages, chat_template=THINK_SWITCH, chat_template_kwargs={"enable_thinking": False}) \
+        == "[no thinking]hi"
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"messages": []}, "cannot be a template variable"),  # the template's own variables stay edgelm's
+    ({"_secret": 1}, "cannot be a template variable"),
+    ({"not a name": 1}, "cannot be a template variable"),
+    ({"x": object()}, "JSON values"),
+    ("enable_thinking", "must be an object"),
+])
+def test_bad_chat_template_kwargs(extra, match):
+    with pytest.raises(UsageError, match=match):
+        ChatTemplate(THINK_SWITCH).render([{"role": "user", "content": "hi"}], extra=extra)

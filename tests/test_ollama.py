@@ -108,6 +108,11 @@ def test_bad_requests_are_400_with_ollamas_error_body(client, call, match):
 
 def test_bad_raw_requests(server):
     auth = {"Authorization": f"Bearer {KEY}"}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 2}}
+    assert httpx.post(server.base + "/api/chat", json={**chat, "think": False, "stream": False},
+                      headers=auth).status_code == 200
+    r = httpx.post(server.base + "/api/chat", json={**chat, "think": "high"}, headers=auth)
+    assert r.status_code == 400 and "think" in r.json()["error"]
     for body, match in [({"prompt": "x", "format": "yaml"}, "format"), ({"prompt": 3}, "prompt"),
                         ({"prompt": "x", "context": [1, "a"]}, "context"), ({"prompt": "x", "options": 5}, "options")]:
         r = httpx.post(server.base + "/api/generate", json=body, headers=auth)

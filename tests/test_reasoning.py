@@ -39,7 +39,7 @@ THINKING = r'root ::= "<think>\n" [a-z]{2,6} " " [a-z]{2,6} "\n</think>\n\n" [a-
 def test_chat_keeps_the_thinking_apart(model):
     messages = [{"role": "user", "content": "What is two plus two?"}]
     out = model.chat(messages, grammar=THINKING, temperature=0, max_tokens=48)
-    raw = model.generate(model._chat_tokens(messages, None, {}, None, None)[0], grammar=THINKING, temperature=0,
+    raw = model.generate(model._chat_tokens(messages, {})[0], grammar=THINKING, temperature=0,
                          max_tokens=48).text
     assert raw.startswith("<think>\n") and out.reasoning is not None and out.reasoning in raw
     assert " " in out.reasoning and "<think>" not in out.text and raw.endswith(out.text) and out.text

@@ -263,6 +263,15 @@ def test_reasoning_content(client):
     assert "".join(d.content or "" for d in deltas) == message.content
 
 
+def test_chat_template_kwargs(server, client):
+    out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert out.choices[0].finish_reason in ("stop", "length")
+    r = httpx.post(server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tools": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+
+
 def test_json_response_format(client):
     out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "A person:"}],
                                          max_tokens=64, temperature=0, response_format={

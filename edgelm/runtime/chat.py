@@ -249,10 +249,12 @@ class ChatTemplate:
     eos_token: str = ""
     name: str = "custom"  # "model", "chatml", "completion" or "custom"
 
-    def render(self, messages, *, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    def render(self, messages, *, add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               extra: Mapping | None = None) -> str:
         """The prompt text for `messages`, ending with the assistant's turn opener when add_generation_prompt;
         `tools` (runtime.tools.validate_tools) go to the template, or into the system message of one that
-        ignores them."""
+        ignores them; `extra`: more template variables (llama-server's chat_template_kwargs, such as Qwen3's
+        enable_thinking)."""
         if not isinstance(add_generation_prompt, bool):
             raise UsageError(f"add_generation_prompt must be True or False, not {add_generation_prompt!r}")
         messages = validate_messages(messages)
@@ -268,9 +270,29 @@ class ChatTemplate:
             else:
                 messages.insert(0, {"role": "system", "content": system_prompt(tools)})
             tools = None
-        variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
+        variables = dict(template_kwargs(extra), messages=messages, add_generation_prompt=add_generation_prompt,
                          bos_token=self.bos_token, eos_token=self.eos_token, tools=tools or None, documents=None)
         return _run(_compile(self.source), variables)
+
+
+RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "documents")
+
+
+def template_kwargs(extra: Mapping | None) -> dict:
+    """Extra template variables, checked: names that are identifiers and not the template's own, JSON values
+    (copied, so the template never holds the caller's objects)."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise UsageError(f"chat_template_kwargs must be an object of template variables, not {type(extra).__name__}")
+    for name in extra:
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_") or name in RESERVED:
+            raise UsageError(f"chat_template_kwargs: {name!r} cannot be a template variable "
+                             f"(identifiers only, not starting with _, none of {', '.join(RESERVED)})")
+    try:
+        return json.loads(json.dumps(dict(extra)))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"chat_template_kwargs must hold JSON values: {e}") from None
 
 
 def has_chatml_markers(model) -> bool:
@@ -296,9 +318,9 @@ def template_for(model, override: str | None = None) -> ChatTemplate:
 
 
 def chat_tokens(model, messages, template: ChatTemplate, *, add_generation_prompt: bool = True,
-                tools: list[dict] | None = None) -> list[int]:
+                tools: list[dict] | None = None, extra: Mapping | None = None) -> list[int]:
     """Render and tokenise a conversation: special-token texts become their ids, BOS appears once."""
-    text = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+    text = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, extra=extra)
     # the tokenizer adds BOS / EOS itself where the model asks: drop the template's copies (as llama.cpp does)
     if model.add_bos and template.bos_token and text.startswith(template.bos_token):
         text = text[len(template.bos_token):]
