@@ -129,8 +129,9 @@ class Model:
             drafter = DraftModel(self._draft_ctx, s.threshold) if self._draft_ctx is not None else Lookup()
         timings = Timings()
         timings.speculative = stats = SpecStats()
-        gen = speculative_tokens(verifier, drafter, tokens, params, timings, stats, s.draft_max)
-        return text_stream(self.llama, gen, params, timings)
+        logprobs = [] if params.logprobs is not None else None
+        gen = speculative_tokens(verifier, drafter, tokens, params, timings, stats, s.draft_max, logprobs)
+        return text_stream(self.llama, gen, params, timings, logprobs)
 
     def _no_early_exit(self, what: str) -> None:
         if self._pair is not None:
@@ -153,11 +154,7 @@ class Model:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
         if self.seed is not None and sampling.get("seed") is None:
             sampling["seed"] = self.seed
-        params = SamplingParams.from_kwargs(**sampling)
-        if params.logprobs is not None and self.speculative.enabled:
-            raise UsageError("logprobs need plain decoding; this model decodes speculatively "
-                             "(early exit, a draft model or lookup)")
-        return params, truncate
+        return SamplingParams.from_kwargs(**sampling), truncate
 
     def generate(self, prompt: str | list[int], **sampling) -> Completion:
         """Complete `prompt`; `sampling` takes SamplingParams' fields and truncate="error"|"left"."""

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import edgelm
-from edgelm.errors import UsageError
 from edgelm.runtime.context import Context, ContextOptions
 from edgelm.runtime.logprobs import token_logprob
 
@@ -95,8 +94,16 @@ def test_the_response_cache_does_not_answer_a_logprobs_request():
         assert m.generate(PROMPT, max_tokens=4, temperature=0).timings.response_cache == "exact"
 
 
-def test_speculative_decoding_refuses_logprobs():
-    with edgelm.load(n_ctx=512, n_threads=2, lookup=True) as m:
-        with pytest.raises(UsageError, match="logprobs"):
-            m.generate(PROMPT, max_tokens=4, temperature=0, logprobs=1)
-        assert m.generate(PROMPT, max_tokens=4, temperature=0).logprobs is None
+@pytest.mark.parametrize("speculative", [{"lookup": True}, {"early_exit": True}])
+def test_speculative_decoding_reports_the_verifiers_logprobs(model, speculative):
+    """Drafted and verified tokens get the logprobs of the verifier's row that chose them: the full model's."""
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n" * 2
+    plain = model.generate(prompt, max_tokens=24, temperature=0, logprobs=2)
+    with edgelm.load(n_ctx=512, n_threads=2, prefix_cache_bytes=0, draft_threshold=0.0, **speculative) as m:
+        out = m.generate(prompt, max_tokens=24, temperature=0, logprobs=2)
+        assert out.timings.speculative.accepted > 0  # some tokens came from accepted drafts
+        chunks = list(m.stream(prompt, max_tokens=24, temperature=0, logprobs=2))
+    assert out.tokens == plain.tokens and [lp.token for lp in out.logprobs] == out.tokens
+    for a, b in zip(out.logprobs, plain.logprobs):  # verify batches round differently from one-token steps
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3) and [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert [lp for c in chunks for lp in c.logprobs] == out.logprobs

@@ -29,6 +29,7 @@ from edgelm.errors import ContextOverflowError, UsageError
 
 from .context import Context
 from .generate import Timings, common_prefix, prefill, release
+from .logprobs import TokenLogprob, token_logprob
 from .sampling import (Candidates, SamplerChain, SamplingParams, add_truncation_and_temperature,
                        logit_bias_sampler)
 
@@ -272,8 +273,11 @@ class Lookup(Drafter):
 
 
 def speculative_tokens(verifier: Verifier, drafter: Drafter, prompt: list[int], params: SamplingParams,
-                       timings: Timings, stats: SpecStats, draft_max: int = DRAFT_MAX) -> Iterator[int]:
-    """Like generate.generate_tokens, through draft-and-verify rounds; the return value is the finish reason."""
+                       timings: Timings, stats: SpecStats, draft_max: int = DRAFT_MAX,
+                       logprobs: list[TokenLogprob] | None = None) -> Iterator[int]:
+    """Like generate.generate_tokens, through draft-and-verify rounds; the return value is the finish reason.
+    With a `logprobs` list, each token's TokenLogprob (from the verifier's row that chose it) is appended to it
+    before the token is yielded."""
     model = verifier.model
     if len(prompt) >= verifier.n_ctx:
         raise ContextOverflowError(f"prompt of {len(prompt)} tokens does not fit the context of {verifier.n_ctx}")
@@ -290,6 +294,13 @@ def speculative_tokens(verifier: Verifier, drafter: Drafter, prompt: list[int], 
         timings.prompt_tokens = len(prompt)
         timings.prompt_s = time.perf_counter() - t0
         token = _first(verifier, chain, dist, rng, mode)
+        n_top = params.logprobs
+
+        def scored(row, t: int | None):  # the TokenLogprob of t, drawn from the verifier's `row`
+            return token_logprob(row, t, n_top) if logprobs is not None and t is not None else None
+
+        token_lp = scored(np.ctypeslib.as_array(lib.llama_get_logits_ith(verifier.ctx_ptr, -1),
+                                                shape=(model.n_vocab,)), token)
         timings.ttft_s = time.perf_counter() - t0
         t_first = time.perf_counter()
         history = list(prompt)
@@ -303,6 +314,8 @@ def speculative_tokens(verifier: Verifier, drafter: Drafter, prompt: list[int], 
                 return "stop"
             n_out += 1
             timings.completion_tokens = n_out
+            if logprobs is not None:
+                logprobs.append(token_lp)
             yield token
             history.append(token)
             if n_out >= params.max_tokens:
@@ -322,14 +335,18 @@ def speculative_tokens(verifier: Verifier, drafter: Drafter, prompt: list[int], 
             else:
                 accepted, token = _accept(drafts, rows, q, dist, rng, mode)
                 stats.accepted += len(accepted)
+            scores = [scored(rows[j], t) for j, t in enumerate(accepted)]  # rows[j] verified draft j
+            token_lp = scored(rows[len(accepted)], token)
             verifier.rollback(pos + 1 + len(accepted))
             if verifier is not drafter:
                 drafter.rollback(pos + 1 + len(accepted))
-            for t in accepted:
+            for t, lp in zip(accepted, scores):
                 if model.is_eog(t) and not params.ignore_eos:
                     return "stop"
                 n_out += 1
                 timings.completion_tokens = n_out
+                if logprobs is not None:
+                    logprobs.append(lp)
                 yield t
                 history.append(t)
             timings.gen_s = time.perf_counter() - t_first
