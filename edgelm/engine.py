@@ -453,7 +453,7 @@ class Engine:
         """Free the slot. Its canonically evaluated prompt prefix stays in the KV for a request sharing it
         (and goes to the prompt cache, when there is one); the rest is dropped."""
         slot.sampler.close()
-        slot.req = None
+        slot.req = slot.donor = None
         keep_n = min(slot.exact, len(slot.held)) if keep else 0
         if not self.ctx.remove(slot.seq, keep_n):
             self.ctx.remove(slot.seq)

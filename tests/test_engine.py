@@ -152,6 +152,26 @@ def test_a_waiting_request_goes_on_when_the_prefill_it_waits_for_is_cancelled(mo
         engine.close()
 
 
+def test_a_request_cancelled_while_it_waits_leaves_the_others_running(model):
+    from edgelm import corpus
+
+    system = corpus.text("heldout", max_chars=1200)
+    a, b = model.tokenize(system + "\nFirst?"), model.tokenize(system + "\nSecond?")
+    engine = Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=512, n_batch=64, n_threads=2), threaded=False)
+    try:
+        first, second = engine.submit_many([(a, params()), (b, params())])
+        with engine._cv:
+            engine._admit()
+        engine._guarded_step()
+        assert engine._slots[1].donor is not None  # the second waits for the first's prefill
+        second.cancel()
+        engine.run_until_idle()
+        assert second.result().finish_reason == "cancelled"
+        assert first.result().tokens == model.generate(a, max_tokens=16, temperature=0).tokens
+    finally:
+        engine.close()
+
+
 # ---------------------------------------------------------------------------- canonical chunks (exact reuse)
 
 
