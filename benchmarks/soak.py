@@ -9,6 +9,8 @@ token (a plain ASCII word) by +100 and asks for 4 greedy tokens, so its text mus
 times: a response that is lost, cut short or cross-wired with another request's shows, whatever the model
 would say on its own. 15% of the streaming requests close the connection after 1-3 events; they ask for 200
 tokens, so that they are still generating when the client leaves and the server has something to cancel.
+Half of the requests start with one shared 800-character text (a system prompt), so that requests arriving
+together wait for one another's prefill and copy its KV, and some of them leave while they wait.
 
 Goals: no HTTP 5xx; every request that stays connected gets exactly its own marker text; the server's RSS
 after the soak within 10% of its RSS after a 100-request warm-up. Also checked: the engine is idle afterwards
@@ -58,6 +60,18 @@ class Outcome:
     detail: str = ""
 
 
+SHARED_SHARE = 0.5  # requests whose prompt starts with SHARED
+
+
+def _shared_prefix() -> str:
+    from edgelm import corpus
+
+    return corpus.text("heldout", max_chars=800) + "\n"
+
+
+SHARED = _shared_prefix()
+
+
 def markers(path: Path) -> dict[int, str]:
     """Token id -> text for tokens that are one plain lower-case ASCII word after a space."""
     from edgelm.runtime.model import LlamaModel, LoadOptions
@@ -74,6 +88,8 @@ def specs(n: int, start: int, words: dict[int, str], rng: random.Random) -> list
         stream = rng.random() < 0.5
         close_after = rng.randint(1, 3) if stream and rng.random() < DISCONNECT_SHARE else 0
         prompt = f"Request {i}:" + "".join(words[t] for t in rng.sample(ids, 6))
+        if rng.random() < SHARED_SHARE:
+            prompt = SHARED + prompt
         out.append(Spec(i, rng.random() < 0.5, stream, close_after, rng.choice(ids), prompt))
     return out
 
