@@ -17,6 +17,30 @@ HELP = """commands:
   /exit, /bye   leave (Ctrl-D too); Ctrl-C stops the current reply"""
 
 
+class ReplyPrinter:
+    """Writes a chat reply as it streams, a reasoning model's thinking first and set apart (dim at a terminal),
+    as Ollama's CLI shows it; the thinking stays out of the conversation's history."""
+
+    def __init__(self, write: Callable[[str], None], dim: bool = False):
+        self.write, self.dim = write, dim
+        self.state = "before"  # -> "thinking" -> "after"
+
+    def __call__(self, chunk) -> None:
+        if chunk.reasoning and self.state == "before":
+            self.write("Thinking...\n" + ("\x1b[2m" if self.dim else ""))
+            self.state = "thinking"
+        if chunk.reasoning:
+            self.write(chunk.reasoning)
+        if chunk.text:
+            self.end_thinking()
+            self.write(chunk.text)
+
+    def end_thinking(self) -> None:
+        if self.state == "thinking":
+            self.write(("\x1b[0m" if self.dim else "") + "\n...done thinking.\n\n")
+            self.state = "after"
+
+
 class ChatSession:
     """A conversation: the message history and the model call that extends it."""
 
@@ -28,17 +52,19 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def reply(self, text: str, write: Callable[[str], None]):
+    def reply(self, text: str, write: Callable[[str], None], dim: bool = False):
         """Stream the assistant's reply to `write`; Ctrl-C ends it early. Returns the last chunk (None if cut)."""
         self.messages.append({"role": "user", "content": text})
         parts, last = [], None
+        printer = ReplyPrinter(write, dim)
         chunks = self.model.chat_stream(self.messages, **self.sampling)
         try:
             for last in chunks:
                 parts.append(last.text)
-                write(last.text)
+                printer(last)
         except KeyboardInterrupt:
             chunks.close()  # releases the model for the next turn
+            printer.end_thinking()
             write(" [interrupted]")
             last = None
         # a cut reply stays in the history as far as it got, so the next turn can refer to it
@@ -104,7 +130,7 @@ def repl(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout
             elif cmd.startswith("/") and " " not in cmd and len(cmd) > 1 and cmd[1:].isalpha():
                 raise UsageError(f"unknown command {cmd} (/help lists them)")
             else:
-                last = session.reply(line, write)
+                last = session.reply(line, write, dim=out.isatty())
                 write("\n")
                 if on_reply is not None and last is not None:
                     on_reply(last)

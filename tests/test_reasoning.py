@@ -56,3 +56,35 @@ def test_a_template_that_opens_the_thinking(model):
     out = model.chat([{"role": "user", "content": "Hi"}], chat_template=template, grammar=grammar, temperature=0,
                      max_tokens=32)
     assert out.reasoning and out.text and "</think>" not in out.text
+
+
+def test_the_chat_repl_shows_the_thinking_apart_and_keeps_it_out_of_the_history(model):
+    from edgelm.repl import ChatSession
+
+    session = ChatSession(model, grammar=THINKING, temperature=0, max_tokens=48)
+    written = []
+    last = session.reply("What is two plus two?", written.append)
+    shown = "".join(written)
+    thinking, answer = shown.split("\n...done thinking.\n\n")
+    assert thinking.startswith("Thinking...\n") and " " in thinking and "<think>" not in shown
+    assert answer and session.messages[-1] == {"role": "assistant", "content": answer}
+    assert last.finish_reason in ("stop", "length")
+
+
+def test_run_json_has_the_reasoning(model, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    grammar = tmp_path / "think.gbnf"
+    grammar.write_text(THINKING)
+    r = subprocess.run([sys.executable, "-m", "edgelm", "run", "-p", "Two plus two?", "--chat", "--temp", "0",
+                        "-n", "48", "--grammar-file", str(grammar), "--json", "--threads", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["reasoning"] and "<think>" not in out["text"] and out["text"]
+    shown = subprocess.run([sys.executable, "-m", "edgelm", "run", "-p", "Two plus two?", "--chat", "--temp", "0",
+                            "-n", "48", "--grammar-file", str(grammar), "--threads", "2"],
+                           capture_output=True, text=True, timeout=300).stdout
+    assert shown.startswith("Thinking...\n") and shown.rstrip().endswith(out["text"])

@@ -8,6 +8,7 @@ import sys
 from typing import TextIO
 
 from edgelm.errors import UsageError
+from edgelm.repl import ReplyPrinter
 
 
 def peak_rss_mb() -> float:
@@ -43,7 +44,8 @@ def record(text: str, last) -> dict:
 
 def run(model, prompt: str, *, chat: bool = False, system: str | None = None, out: TextIO | None = sys.stdout,
         **sampling):
-    """Generate from `prompt` with a loaded model, streaming text to `out`; returns (text, last chunk).
+    """Generate from `prompt` with a loaded model, streaming text to `out`; returns (text, last chunk, the
+    reply's thinking or None).
 
     `chat` (implied by `system`) wraps the prompt in the model's chat template as a user message.
     """
@@ -52,13 +54,21 @@ def run(model, prompt: str, *, chat: bool = False, system: str | None = None, ou
         chunks = model.chat_stream(messages, **sampling)
     else:
         chunks = model.stream(prompt, **sampling)
-    parts, last = [], None
+    parts, thoughts, last = [], [], None
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    printer = ReplyPrinter(write, dim=out.isatty()) if out is not None else None
     for last in chunks:
         parts.append(last.text)
-        if out is not None and last.text:
-            out.write(last.text)
-            out.flush()
-    return "".join(parts), last
+        thoughts.append(last.reasoning or "")
+        if printer is not None:
+            printer(last)
+    if printer is not None:
+        printer.end_thinking()  # a reply cut off while thinking
+    return "".join(parts), last, "".join(thoughts).strip() or None
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -209,10 +219,11 @@ def main(argv: list[str]) -> int:
             session = ChatSession(model, args.system, **sampling)
             return repl(session, on_reply=lambda last: print(stats_line(last.timings), file=sys.stderr))
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-        text, last = run(model, prompt, chat=args.chat, system=args.system,
-                         out=None if args.json else sys.stdout, **sampling)
+        text, last, reasoning = run(model, prompt, chat=args.chat, system=args.system,
+                                    out=None if args.json else sys.stdout, **sampling)
     if args.json:
-        print(json.dumps(record(text, last), ensure_ascii=False))
+        print(json.dumps({**record(text, last), **({"reasoning": reasoning} if reasoning else {})},
+                         ensure_ascii=False))
     else:
         sys.stdout.write("\n")
         print(stats_line(last.timings), file=sys.stderr)
