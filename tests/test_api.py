@@ -126,3 +126,19 @@ def test_warm_up_leaves_the_kv_empty_and_the_output_unchanged(tiny_gguf, options
             assert all(lib.llama_memory_seq_pos_max(c.memory, 0) == -1 and not c.seq_tokens(0) for c in contexts)
             outputs.append(m.generate("The little dog", max_tokens=16, temperature=0).tokens)
     assert outputs[0] == outputs[1] and len(outputs[0]) == 16
+
+
+@pytest.mark.parametrize("which", ["bundled", "stories"])
+def test_generate_is_what_the_stream_joins_to(which, request):
+    """generate() without stop strings decodes the text once at the end; it must equal the stream's chunks, split
+    UTF-8 (byte-fallback tokens of the SentencePiece stories model) included."""
+    path = request.getfixturevalue("stories") if which == "stories" else None
+    with edgelm.load(path, n_ctx=256, n_threads=2, prefix_cache_bytes=0) as m:
+        for seed in range(4):
+            for prompt in ("Once upon a time", "Lily saw a café", "日本の"):
+                whole = m.generate(prompt, max_tokens=32, temperature=1.0, seed=seed, logprobs=0)
+                chunks = list(m.stream(prompt, max_tokens=32, temperature=1.0, seed=seed, logprobs=0))
+                assert whole.text == "".join(c.text for c in chunks)
+                assert whole.tokens == [t for c in chunks for t in c.tokens]
+                assert whole.finish_reason == chunks[-1].finish_reason
+                assert [lp.token for lp in whole.logprobs] == whole.tokens

@@ -218,7 +218,20 @@ def text_stream(model, tokens: Iterator[int], params: SamplingParams, timings: T
 
 
 def generate(ctx: Context, prompt: list[int], params: SamplingParams, cache=None, reuse: str = "exact") -> Completion:
-    return collect(stream(ctx, prompt, params, cache=cache, reuse=reuse))
+    if params.stop:  # stop strings are looked for in the text as it grows
+        return collect(stream(ctx, prompt, params, cache=cache, reuse=reuse))
+    # nothing to look at before the end: the tokens alone, their text decoded once (what the chunks would join to)
+    timings = Timings()
+    logprobs = [] if params.logprobs is not None else None
+    tokens = generate_tokens(ctx, prompt, params, timings, 0, cache, reuse, logprobs)
+    ids: list[int] = []
+    try:
+        while True:
+            ids.append(next(tokens))
+    except StopIteration as done:
+        reason = done.value
+    text = b"".join(map(ctx.model.token_bytes, ids)).decode("utf-8", errors="replace")
+    return Completion(text, ids, reason, timings, logprobs)
 
 
 def collect(chunks: Iterator[Chunk]) -> Completion:
