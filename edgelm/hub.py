@@ -151,18 +151,32 @@ def _list_files(ref: HubRef) -> tuple[list[str], str]:
 
 def _cached_files(ref: HubRef) -> list[str] | None:
     """The files of the cached snapshot of ref's revision, None when none was downloaded."""
+    rev = _cached_revision(ref)
+    return _revision_files(rev) if rev is not None and rev.files else None  # failed downloads leave bare refs
+
+
+def _revision_files(rev) -> list[str]:
+    return [f.file_path.relative_to(rev.snapshot_path).as_posix() for f in rev.files]
+
+
+def _cached_repos() -> list:
+    """huggingface_hub's CachedRepoInfo of every model repository in its cache."""
     from huggingface_hub import CacheNotFound, scan_cache_dir
 
     try:
-        cache = scan_cache_dir()
+        return [repo for repo in scan_cache_dir().repos if repo.repo_type == "model"]
     except CacheNotFound:
-        return None
+        return []
+
+
+def _cached_revision(ref: HubRef):
+    """huggingface_hub's CachedRevisionInfo of ref's revision (a branch, tag or commit; default main), or None."""
     revision = ref.revision or "main"
-    for repo in cache.repos:
-        if repo.repo_id == ref.repo_id and repo.repo_type == "model":
+    for repo in _cached_repos():
+        if repo.repo_id == ref.repo_id:
             for rev in repo.revisions:
-                if (revision in rev.refs or rev.commit_hash == revision) and rev.files:  # failed downloads leave refs
-                    return [f.file_path.relative_to(rev.snapshot_path).as_posix() for f in rev.files]
+                if revision in rev.refs or rev.commit_hash == revision:
+                    return rev
     return None
 
 
@@ -179,16 +193,8 @@ class CachedModel:
 
 def cached_models() -> list[CachedModel]:
     """Every GGUF model in huggingface_hub's cache (split models once, by their first part), sorted by reference."""
-    from huggingface_hub import CacheNotFound, scan_cache_dir
-
-    try:
-        cache = scan_cache_dir()
-    except CacheNotFound:
-        return []
     out = []
-    for repo in cache.repos:
-        if repo.repo_type != "model":
-            continue
+    for repo in _cached_repos():
         for rev in repo.revisions:
             files = {f.file_path.relative_to(rev.snapshot_path).as_posix(): f for f in rev.files}
             for name in sorted(n for n in files if n.lower().endswith(".gguf") and shards(n)[0] == n):
@@ -205,15 +211,14 @@ def remove(ref: str) -> list[Path]:
     from huggingface_hub import constants
 
     hub_ref = parse_ref(ref)
-    filename = hub_ref.filename
+    rev, filename = _cached_revision(hub_ref), hub_ref.filename
     if filename is None:
-        files = _cached_files(hub_ref)
-        if files is None:
+        if rev is None or not rev.files:
             raise ModelNotFoundError(f"{ref}: nothing cached for {hub_ref.repo_id}"
                                      + (f" at {hub_ref.revision}" if hub_ref.revision else ""))
-        filename = choose_file(files, hub_ref.quant, ref, "the cached snapshot")
+        filename = choose_file(_revision_files(rev), hub_ref.quant, ref, "the cached snapshot")
     root = Path(constants.HF_HUB_CACHE).resolve()
-    snapshot = _cached_snapshot(hub_ref)
+    snapshot = rev.snapshot_path if rev is not None else None
     entries = [snapshot / part for part in shards(filename)] if snapshot is not None else []
     entries = [e for e in entries if e.is_symlink() or e.is_file()]
     if not entries:
@@ -232,23 +237,6 @@ def remove(ref: str) -> list[Path]:
             folder.rmdir()
             folder = folder.parent
     return entries
-
-
-def _cached_snapshot(ref: HubRef) -> Path | None:
-    """The snapshot folder of ref's revision in the cache, None when there is none."""
-    from huggingface_hub import CacheNotFound, scan_cache_dir
-
-    try:
-        cache = scan_cache_dir()
-    except CacheNotFound:
-        return None
-    revision = ref.revision or "main"
-    for repo in cache.repos:
-        if repo.repo_id == ref.repo_id and repo.repo_type == "model":
-            for rev in repo.revisions:
-                if revision in rev.refs or rev.commit_hash == revision:
-                    return rev.snapshot_path
-    return None
 
 
 def _edgelm_error(e: Exception, ref: HubRef, filename: str | None) -> Exception:
