@@ -21,7 +21,7 @@ from .runtime.speculative import (DRAFT_MAX, THRESHOLD, ContextVerifier, DraftMo
                                   SpeculativeOptions, same_vocabulary, speculative_tokens)
 from .runtime.splits import choose_split
 from .runtime.reasoning import prompt_opens_thinking
-from .runtime.tools import forcing_call, reply_chunks, tool_setup
+from .runtime.tools import forcing_call, reply_chunks, split_reply, tool_setup
 
 TRUNCATE = ("error", "left")  # what a prompt longer than the context does
 
@@ -284,7 +284,10 @@ class Model:
         chat_template_kwargs: more template variables, e.g. {"enable_thinking": False} for Qwen3."""
         tokens, params, offered = self._chat_tokens(messages, sampling, chat_template=chat_template, tools=tools,
                                                     tool_choice=tool_choice, chat_template_kwargs=chat_template_kwargs)
-        return collect(self._reply(iter([Chunk(**vars(self._complete(tokens, params)))]), tokens, offered))
+        out = self._complete(tokens, params)
+        reasoning, content, calls = split_reply(out.text, offered, prompt_opens_thinking(self.llama, tokens))
+        return dataclasses.replace(out, text=content, reasoning=reasoning, tool_calls=calls or None,
+                                   finish_reason="tool_calls" if calls else out.finish_reason)
 
     def chat_stream(self, messages: list[dict], *, chat_template: str | None = None, tools: list[dict] | None = None,
                     tool_choice: str | dict | None = None, chat_template_kwargs: dict | None = None,

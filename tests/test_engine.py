@@ -131,16 +131,23 @@ def test_prompts_arriving_together_prefill_their_shared_prefix_once(model):
         assert out.tokens == model.generate(p, max_tokens=16, temperature=0).tokens
 
 
-def test_a_waiting_request_goes_on_when_the_prefill_it_waits_for_is_cancelled(model):
+def behind_one_prefix(model):
+    """An unthreaded engine with two prompts behind one system prompt admitted (the second waits for the first's
+    prefill in 64-token chunks): (engine, first prompt, second prompt, first request, second request)."""
     from edgelm import corpus
 
     system = corpus.text("heldout", max_chars=1200)
     a, b = model.tokenize(system + "\nFirst?"), model.tokenize(system + "\nSecond?")
     engine = Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=512, n_batch=64, n_threads=2), threaded=False)
+    first, second = engine.submit_many([(a, params()), (b, params())])
+    with engine._cv:
+        engine._admit()
+    return engine, a, b, first, second
+
+
+def test_a_waiting_request_goes_on_when_the_prefill_it_waits_for_is_cancelled(model):
+    engine, a, b, first, second = behind_one_prefix(model)
     try:
-        first, second = engine.submit_many([(a, params()), (b, params())])
-        with engine._cv:
-            engine._admit()
         assert engine._slots[1].donor is not None and engine._slots[1].donor[0] is engine._slots[0]
         engine._guarded_step()  # the first prompt's first chunk; the second waits
         assert engine._slots[1].cursor == 0
@@ -153,15 +160,8 @@ def test_a_waiting_request_goes_on_when_the_prefill_it_waits_for_is_cancelled(mo
 
 
 def test_a_request_cancelled_while_it_waits_leaves_the_others_running(model):
-    from edgelm import corpus
-
-    system = corpus.text("heldout", max_chars=1200)
-    a, b = model.tokenize(system + "\nFirst?"), model.tokenize(system + "\nSecond?")
-    engine = Engine(model.llama, EngineOptions(n_parallel=2, n_ctx=512, n_batch=64, n_threads=2), threaded=False)
+    engine, a, b, first, second = behind_one_prefix(model)
     try:
-        first, second = engine.submit_many([(a, params()), (b, params())])
-        with engine._cv:
-            engine._admit()
         engine._guarded_step()
         assert engine._slots[1].donor is not None  # the second waits for the first's prefill
         second.cancel()
