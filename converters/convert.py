@@ -6,6 +6,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from edgelm._version import __version__
 from edgelm.errors import ConversionError
@@ -59,7 +62,18 @@ def _vocab_metadata(v: Vocab) -> dict[str, object]:
     return kv
 
 
-def plan_tensors(ckpt: Checkpoint, arch: Arch, hp: HParams, outtype: str) -> list[PlannedTensor]:
+def plan_tensors(ckpt: Checkpoint, arch: Arch, hp: HParams, outtype: str,
+                 deltas: dict[str, tuple[tuple[int, int], Callable[[], np.ndarray]]] | None = None
+                 ) -> list[PlannedTensor]:
+    """`deltas`: HF tensor name -> (shape, what to add to it before its transform): a merged LoRA's s * B A."""
+    deltas = deltas or {}
+    for hf_name, (shape, _) in sorted(deltas.items()):
+        ref = ckpt.tensors.get(hf_name)
+        if ref is None:
+            raise ConversionError(f"{ckpt.path}: the LoRA adapts {hf_name}, which this checkpoint does not have")
+        if tuple(ref.shape) != shape:
+            raise ConversionError(f"{ckpt.path}: the LoRA's update of {hf_name} is {list(shape)}, the weight is "
+                                  f"{list(ref.shape)} (another base model?)")
     planned: dict[str, PlannedTensor] = {}
     for hf_name, ref in ckpt.tensors.items():
         mapped = arch.gguf_tensor(hf_name)
@@ -69,14 +83,16 @@ def plan_tensors(ckpt: Checkpoint, arch: Arch, hp: HParams, outtype: str) -> lis
             raise ConversionError(f"{ckpt.path}: unexpected tensor {hf_name} for {arch.gguf_name}")
         name, transform = mapped
 
-        def load(hf_name=hf_name, transform=transform):
+        def load(hf_name=hf_name, transform=transform, delta=deltas.get(hf_name)):
             w = ckpt.array(hf_name)
+            if delta is not None:
+                w += delta[1]()
             return transform(w, hp) if transform else w
 
         planned[name] = PlannedTensor(
             name, ref.shape, tensor_type(name, ref.shape, outtype), load,
             # untransformed tensors (the large ones: embeddings, FFN) stream in row blocks
-            load_rows=None if transform else (lambda lo, hi, n=hf_name: ckpt.array(n, (lo, hi))),
+            load_rows=None if transform or hf_name in deltas else (lambda lo, hi, n=hf_name: ckpt.array(n, (lo, hi))),
             release=lambda n=hf_name: ckpt.release(n),
         )
     missing = [n for n in arch.expected_tensors(hp) if n not in planned]
@@ -112,6 +128,8 @@ def convert(
     name: str | None = None,
     progress: bool | None = None,
     allow_pickle: bool = False,
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
 ) -> ConvertResult:
     """Convert a transformers checkpoint directory into a GGUF file at `out`.
 
@@ -119,20 +137,37 @@ def convert(
     llama.cpp's own quantizer; `tensor_types` maps tensor-name patterns to types.
     `imatrix` is "auto" (computed from `calib` text, default the reference corpus)
     or the path of an imatrix GGUF. `allow_pickle` lets pickled .bin/.pt weights load
-    through torch's `weights_only` unpickler; without it they are refused.
+    through torch's `weights_only` unpickler; without it they are refused. `lora` (a PEFT adapter folder) is
+    merged into the weights first, scaled by `lora_scale`, so the result can be quantized as one model.
     """
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     if imatrix is not None and quant is None:
         raise ConversionError("--imatrix needs --quant")
+    merge = _Merge(lora, lora_scale) if lora is not None else None  # a bad adapter fails before any work
     if quant is not None or tensor_types:
         return _convert_quantized(hf_dir, Path(out), outtype, quant or outtype, tensor_types, imatrix, calib,
-                                  name, progress, allow_pickle)
-    return _convert(hf_dir, Path(out), outtype, name, progress, [f"convert:{outtype}"], allow_pickle)
+                                  name, progress, allow_pickle, merge)
+    return _convert(hf_dir, Path(out), outtype, name, progress, [f"convert:{outtype}"], allow_pickle, merge)
+
+
+class _Merge:
+    """A PEFT LoRA adapter to fold into the checkpoint's weights: W + lora_scale * s * B A."""
+
+    def __init__(self, path: str | Path, scale: float):
+        from .lora import PeftAdapter
+
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ConversionError(f"lora_scale must be a finite number, not {scale!r}")
+        self.adapter, self.scale = PeftAdapter(path), float(scale)
+
+    def deltas(self) -> dict[str, tuple[tuple[int, int], Callable[[], np.ndarray]]]:
+        return {f"{p.module}.weight": ((p.b.shape[0], p.a.shape[1]), lambda p=p: self.scale * self.adapter.delta(p))
+                for p in self.adapter.pairs}
 
 
 def _convert_quantized(hf_dir, out: Path, outtype: str, quant: str, tensor_types, imatrix, calib, name,
-                       progress, allow_pickle: bool) -> ConvertResult:
+                       progress, allow_pickle: bool, merge: "_Merge | None" = None) -> ConvertResult:
     from .imatrix import compute_imatrix, load_imatrix
     from .quantize import NEEDS_IMATRIX, QUANT_TYPES, quantize
 
@@ -145,7 +180,7 @@ def _convert_quantized(hf_dir, out: Path, outtype: str, quant: str, tensor_types
     mid = out.with_name(f".{out.name}.{outtype}.intermediate")
     steps = [f"convert:{outtype}"] + (["imatrix"] if imatrix is not None else []) + [f"quantize:{quant}"]
     try:
-        first = _convert(hf_dir, mid, outtype, name, progress, steps, allow_pickle)
+        first = _convert(hf_dir, mid, outtype, name, progress, steps, allow_pickle, merge)
         if imatrix == "auto":
             from edgelm import corpus
 
@@ -158,13 +193,15 @@ def _convert_quantized(hf_dir, out: Path, outtype: str, quant: str, tensor_types
 
 
 def _convert(hf_dir, out: Path, outtype: str, name, progress, pipeline: list[str],
-             allow_pickle: bool = False) -> ConvertResult:
+             allow_pickle: bool = False, merge: _Merge | None = None) -> ConvertResult:
     t0 = time.perf_counter()
     ckpt = Checkpoint.open(hf_dir, allow_pickle=allow_pickle)
     try:
         arch = arch_for(ckpt.config)
         hp = arch.hparams(ckpt.config)
-        tensors = plan_tensors(ckpt, arch, hp, outtype)
+        tensors = plan_tensors(ckpt, arch, hp, outtype, merge.deltas() if merge else None)
+        if merge:
+            pipeline = [f"merge-lora:{merge.adapter.fingerprint()[:12]}", *pipeline]
         vocab = load_vocab(ckpt, hp.n_vocab)
         n_params = sum(math.prod(t.shape) for t in tensors)
         metadata: dict[str, object] = {

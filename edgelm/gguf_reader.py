@@ -491,4 +491,14 @@ def describe(gguf: GGUFFile) -> dict[str, Any]:
         "n_tensors": len(gguf.tensors),
         "n_metadata": len(gguf.metadata),
         "bytes_by_type": gguf.bytes_by_type(),
+        **_adapter_summary(gguf),
     }
+
+
+def _adapter_summary(gguf: GGUFFile) -> dict[str, Any]:
+    """A LoRA adapter's kind, alpha and largest rank (the rank is the rows of its .lora_a tensors)."""
+    if gguf.get("general.type") != "adapter":
+        return {}
+    ranks = [t.shape[1] for t in gguf.tensors if t.name.endswith(".lora_a") and len(t.shape) == 2]
+    return {"adapter": gguf.get("adapter.type"), "lora_alpha": gguf.get("adapter.lora.alpha"),
+            "lora_rank": max(ranks, default=None), "lora_targets": len(ranks)}

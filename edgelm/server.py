@@ -61,6 +61,7 @@ class ServerOptions:
     type_k: str = "f16"
     type_v: str = "f16"
     warmup: bool = True
+    lora: tuple = ()  # LoRA adapters: paths or (path, scale) pairs (runtime/lora.py)
 
 
 class Server:
@@ -68,7 +69,7 @@ class Server:
 
     def __init__(self, options: ServerOptions):
         self.options = options
-        self.llama = LlamaModel(options.model, LoadOptions(n_gpu_layers=options.n_gpu_layers))
+        self.llama = LlamaModel(options.model, LoadOptions(n_gpu_layers=options.n_gpu_layers), lora=options.lora or None)
         self.model_id = self.llama.path.stem
         self.created = int(time.time())
         self.engine = Engine(self.llama, EngineOptions(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgelm.errors import ChatTemplateError, ContextOverflowError, UsageError
 
-from .run import add_sampling_arguments, sampling_from_args
+from .run import add_lora_arguments, add_sampling_arguments, lora_from_args, sampling_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048, help="context of each prompt in tokens")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_arguments(p)
     add_sampling_arguments(p)
     return p
 
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
     from edgelm.runtime.model import LlamaModel, LoadOptions
 
     # the weights and vocabulary only: the engine makes the one context (and KV cache) that decodes
-    with LlamaModel(args.model, LoadOptions()) as llama:
+    with LlamaModel(args.model, LoadOptions(), lora=lora_from_args(args)) as llama:
         requests = []
         for i in todo:  # everything is checked before anything runs
             item = items[i]

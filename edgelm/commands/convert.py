@@ -1,4 +1,5 @@
-"""`edgelm convert HF_DIR -o OUT.gguf`: a Hugging Face checkpoint to a GGUF llama.cpp runs unchanged."""
+"""`edgelm convert HF_DIR -o OUT.gguf`: a Hugging Face checkpoint to a GGUF llama.cpp runs unchanged.
+`edgelm convert ADAPTER_DIR --base HF_DIR -o OUT.gguf`: a PEFT LoRA adapter to a GGUF LoRA (`--lora` loads it)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,8 @@ def build_parser() -> argparse.ArgumentParser:
     from edgelm.converters.export import OUTTYPES
 
     p = argparse.ArgumentParser(prog="edgelm convert", description=__doc__)
-    p.add_argument("hf_dir", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("hf_dir", help="checkpoint directory (config.json, *.safetensors, tokenizer.json), or a PEFT "
+                                  "LoRA adapter directory (adapter_config.json) with --base")
     p.add_argument("-o", "--output", required=True, help="GGUF file to write (atomically)")
     p.add_argument("--outtype", choices=sorted(OUTTYPES), default="f16")
     p.add_argument("--quant", metavar="TYPE", help="quantize with llama.cpp's quantizer: q4_k_m, q6_k, iq4_xs, …")
@@ -29,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-steps", type=int, default=300)
     p.add_argument("--distill-exit-layers", type=int, nargs="+", default=(), metavar="K",
                    help="train exit norms at these layers while distilling (for --early-exit)")
+    p.add_argument("--base", metavar="HF_DIR", help="for a LoRA adapter: its base model's checkpoint directory "
+                                                    "(only config.json is read)")
+    p.add_argument("--lora", metavar="ADAPTER_DIR", help="merge this PEFT LoRA adapter into the weights first "
+                                                          "(then --quant quantizes the merged model)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="scale of the merged --lora (default 1)")
     p.add_argument("--threads", type=int)
     p.add_argument("--name", help="general.name (default: the directory name)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -41,6 +48,14 @@ def main(argv: list[str]) -> int:
     from edgelm.converters.quantize import parse_tensor_types
 
     args = build_parser().parse_args(argv)
+    from edgelm.converters.lora import is_adapter
+
+    if is_adapter(args.hf_dir):
+        return _adapter(args)
+    if args.base is not None:
+        from edgelm.errors import UsageError
+
+        raise UsageError(f"--base is for LoRA adapters; {args.hf_dir} has no adapter_config.json")
     from edgelm.converters.early_exit import parse_exit_layer, write_early_exit
 
     exit_layer = parse_exit_layer(args.early_exit) if args.early_exit is not None else None
@@ -67,14 +82,35 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"{args.calib}: no such calibration text file")
         calib = Path(args.calib).read_text(encoding="utf-8", errors="replace")
     if args.prune or args.distill:
+        if args.lora:
+            from edgelm.errors import UsageError
+
+            raise UsageError("--lora merges into a plain conversion; it does not combine with --prune/--distill")
         return _pipeline(args, calib, exit_layer)
     result = convert(args.hf_dir, args.output, outtype=args.outtype, quant=args.quant,
                      tensor_types=parse_tensor_types(args.tensor_type), imatrix=args.imatrix, calib=calib,
-                     name=args.name, allow_pickle=args.allow_pickle)
+                     name=args.name, allow_pickle=args.allow_pickle, lora=args.lora, lora_scale=args.lora_scale)
     print(result.summary(), file=sys.stderr)
     if exit_layer is not None:
         k, paths, _ = write_early_exit(args.output, exit_layer, hf_dir=args.hf_dir, calib=calib)
         print(f"early exit at layer {k}: {paths.draft.name}, {paths.tail.name}, {paths.shared.name}", file=sys.stderr)
+    return 0
+
+
+def _adapter(args) -> int:
+    from edgelm.converters.lora import convert_lora
+    from edgelm.errors import UsageError
+
+    if args.base is None:
+        raise UsageError(f"{args.hf_dir} is a LoRA adapter: give its base model's checkpoint with --base HF_DIR")
+    others = [flag for flag, value in (("--quant", args.quant), ("--tensor-type", args.tensor_type),
+                                       ("--imatrix", args.imatrix), ("--early-exit", args.early_exit),
+                                       ("--prune", args.prune), ("--distill", args.distill), ("--lora", args.lora))
+              if value]
+    if others:
+        raise UsageError(f"{', '.join(others)} do not apply to a LoRA adapter (only --outtype and --name do)")
+    result = convert_lora(args.hf_dir, args.base, args.output, outtype=args.outtype, name=args.name)
+    print(result.summary().replace(" bits/weight", " bits/weight (LoRA)"), file=sys.stderr)
     return 0
 
 

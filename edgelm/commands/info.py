@@ -79,6 +79,10 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
         ("gguf", f"v{s['gguf_version']}, {s['n_tensors']} tensors, {s['n_metadata']} metadata keys"),
         ("tensor types", ", ".join(s["bytes_by_type"]) or "-"),
     ]
+    if s.get("adapter"):
+        alpha = "none (scaling folded in)" if s["lora_alpha"] is None else f"{s['lora_alpha']:g}"
+        rows.insert(1, ("adapter", f"{s['adapter']}, rank {_or_dash(s['lora_rank'])}, alpha {alpha}, "
+                                   f"{s['lora_targets']} weights adapted"))
     lines = [s["path"]] + [f"  {label:<16} {value}" for label, value in rows]
     lines.append("  bytes by type")
     total = s["tensor_bytes"] or 1

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
     m.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     m.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
+    add_lora_arguments(m)
     add_context_arguments(m)
     m.add_argument("--truncate", choices=("error", "left"), default="error",
                    help="a prompt longer than the context: fail, or keep its end")
@@ -134,6 +135,26 @@ def add_context_arguments(p) -> None:
 def context_from_args(args) -> dict:
     return {"flash_attn": FLASH_ATTN[args.flash_attn], "type_k": args.cache_type_k, "type_v": args.cache_type_v,
             "warmup": not args.no_warmup}
+
+
+def add_lora_arguments(p) -> None:
+    """llama.cpp's --lora FILE and --lora-scaled FILE SCALE."""
+    p.add_argument("--lora", metavar="FILE", action="append", default=[],
+                   help="apply a LoRA adapter GGUF (repeatable; `edgelm convert ADAPTER_DIR --base BASE_DIR` "
+                        "writes one from a PEFT adapter)")
+    p.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action="append", default=[],
+                   help="apply a LoRA adapter with a user-defined scale (repeatable)")
+
+
+def lora_from_args(args) -> list | None:
+    """--lora and --lora-scaled as the API's lora= list (None: no adapters)."""
+    pairs = [(path, 1.0) for path in args.lora]
+    for path, scale in args.lora_scaled:
+        try:
+            pairs.append((path, float(scale)))
+        except ValueError:
+            raise UsageError(f"--lora-scaled {path} {scale}: the scale must be a number") from None
+    return pairs or None
 
 
 def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
@@ -211,7 +232,7 @@ def main(argv: list[str]) -> int:
     if not interactive:  # one request: an in-memory copy of its KV would never be read
         caching["prefix_cache_bytes"] = 0
     with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     truncate=args.truncate, **context_from_args(args), **caching,
+                     truncate=args.truncate, lora=lora_from_args(args), **context_from_args(args), **caching,
                      **speculative_from_args(args)) as model:
         if interactive:
             from edgelm.repl import ChatSession, repl

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from edgelm.errors import ModelLoadError, ModelNotFoundError, UsageError
 from edgelm.gguf_reader import GGUFFile, read_gguf
 
 from .backend import ensure_backend
+from .lora import LoraAdapters, lora_specs
 
 DEFAULT_MODEL = "edgelm-small-q8_0.gguf"
 
@@ -54,18 +56,21 @@ class LlamaModel:
     """Weights and vocabulary; contexts (KV caches) are created from it."""
 
     def __init__(self, path: str | os.PathLike | None = None, options: LoadOptions | None = None, *,
-                 parts: list[Path] | None = None, unused: tuple[str, ...] = (), metadata_arrays: bool = True):
+                 parts: list[Path] | None = None, unused: tuple[str, ...] = (), metadata_arrays: bool = True,
+                 lora=None):
         """`parts`: the later files of a split model whose first file is `path` (split.no 1, 2, ...).
         `unused`: tensors this model never reads (an early-exit tail's token_embd), whose pages of the
         memory map are released after load so they do not count in RSS twice (see release_unused).
         `metadata_arrays=False`: keep no tokenizer arrays in Python (a model loaded for its weights only, such as
-        an early-exit tail, whose vocabulary the draft already holds; llama.cpp still reads them)."""
+        an early-exit tail, whose vocabulary the draft already holds; llama.cpp still reads them).
+        `lora`: LoRA adapters every context of this model applies (runtime/lora.py: a path, (path, scale), or a
+        list of them)."""
         self.options = options or LoadOptions()
         self.path = resolve_model(path)
         self.gguf: GGUFFile = read_gguf(self.path, keep_arrays=metadata_arrays)
         self.parts = [resolve_model(p) for p in parts or ()]
-        for p in self.parts:
-            read_gguf(p, keep_arrays=False)
+        part_infos = [read_gguf(p, keep_arrays=False) for p in self.parts]
+        specs = lora_specs(lora)
         ensure_backend()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = self.options.n_gpu_layers
@@ -95,6 +100,7 @@ class LlamaModel:
                 populate_mapping(p)
         if unused and self.options.use_mmap and not self.options.use_mlock:
             release_unused([self.path, *self.parts], set(unused), before)
+        self.lora = LoraAdapters(self, specs, [self.gguf, *part_infos]) if specs else None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -134,8 +140,11 @@ class LlamaModel:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """What caches key their entries by: see GGUFFile.fingerprint."""
-        return self.gguf.fingerprint()
+        """What caches key their entries by: see GGUFFile.fingerprint (and the LoRA adapters, which change
+        every KV state and answer)."""
+        if self.lora is None:
+            return self.gguf.fingerprint()
+        return hashlib.sha256(f"{self.gguf.fingerprint()}+lora:{self.lora.fingerprint}".encode()).hexdigest()
 
     @property
     def chat_template(self) -> str | None:

@@ -1,0 +1,136 @@
+"""LoRA adapters applied at run time to an unchanged base model, as llama.cpp's `--lora` / `--lora-scaled`.
+
+An adapter GGUF (`edgelm convert ADAPTER_DIR --base BASE_DIR`, or llama.cpp's convert_lora_to_gguf.py) holds
+`<base tensor>.lora_a` [in, r] and `.lora_b` [r, out]; every context of the model then computes
+W x + scale * alpha / r * B (A x) for each adapted weight. llama.cpp throws on most bad adapters but reads the
+file with its own parser first, so the file and its fit to the base model are checked here before it does.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import llama_cpp as lib
+
+from edgelm.errors import GGUFError, ModelLoadError, ModelNotFoundError, UsageError
+from edgelm.gguf_reader import GGUFFile, TensorInfo, read_gguf
+
+if TYPE_CHECKING:
+    from .model import LlamaModel
+
+_FLOAT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's and edgelm's converters write
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: Path
+    scale: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.path}" if self.scale == 1.0 else f"{self.path} (scale {self.scale:g})"
+
+
+def lora_specs(value) -> tuple[LoraSpec, ...]:
+    """`lora=` as the API takes it: a path, a (path, scale) pair, or a list of either."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, os.PathLike, LoraSpec)) or (isinstance(value, tuple) and len(value) == 2
+                                                          and not isinstance(value[1], (str, os.PathLike))):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"lora must be a path, a (path, scale) pair or a list of them, not {type(value).__name__}")
+    specs = []
+    for item in value:
+        if isinstance(item, LoraSpec):
+            specs.append(item)
+            continue
+        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else _pair(item)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise UsageError(f"lora scale must be a finite number, not {scale!r}")
+        specs.append(LoraSpec(Path(path).expanduser(), float(scale)))
+    if len({s.path.resolve() for s in specs}) != len(specs):
+        raise UsageError("lora: the same adapter is given twice")
+    return tuple(specs)
+
+
+def _pair(item):
+    if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], (str, os.PathLike)):
+        raise UsageError(f"lora entries are paths or (path, scale) pairs, not {item!r}")
+    return item
+
+
+def check_adapter(adapter: GGUFFile, base: Iterable[GGUFFile], path: Path) -> None:
+    """What llama.cpp's loader requires of an adapter, checked before it reads the file."""
+    kind = adapter.get("general.type")
+    if kind != "adapter":
+        raise GGUFError(f"{path}: general.type is {kind!r}, not 'adapter': this is not a LoRA adapter"
+                        + (" but a model" if kind == "model" else ""))
+    if adapter.get("adapter.type") != "lora":
+        raise GGUFError(f"{path}: adapter.type is {adapter.get('adapter.type')!r}; only 'lora' adapters load")
+    if adapter.get("adapter.alora.invocation_tokens") is not None:
+        raise GGUFError(f"{path}: activated LoRA (aLoRA) adapters are not supported")
+    base = list(base)
+    arch = base[0].architecture
+    if adapter.architecture != arch:
+        raise GGUFError(f"{path}: an adapter for {adapter.architecture!r} models; this model is {arch!r}")
+    weights: dict[str, TensorInfo] = {t.name: t for f in base for t in f.tensors}
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    for t in adapter.tensors:
+        target, dot, suffix = t.name.rpartition(".")
+        if suffix not in ("lora_a", "lora_b"):
+            if t.name.endswith("_norm.weight"):
+                continue  # llama.cpp skips norm vectors in adapters
+            raise GGUFError(f"{path}: tensor {t.name} is neither a .lora_a nor a .lora_b")
+        if t.type_name not in _FLOAT_TYPES or len(t.shape) != 2:
+            raise GGUFError(f"{path}: {t.name} must be a matrix of {'/'.join(_FLOAT_TYPES)}, "
+                            f"not {t.type_name} {list(t.shape)}")
+        pairs.setdefault(target, {})[suffix] = t
+    if not pairs:
+        raise GGUFError(f"{path}: the adapter holds no LoRA tensors")
+    for target, ab in sorted(pairs.items()):
+        if len(ab) != 2:
+            raise GGUFError(f"{path}: {target} has {next(iter(ab))} without its pair")
+        w = weights.get(target)
+        if w is None:
+            raise GGUFError(f"{path}: adapts {target}, which this model does not have (another base model?)")
+        a, b = ab["lora_a"].shape, ab["lora_b"].shape
+        fits = (w.shape[0], w.shape[1]) == (b[1], a[1]) if target == "token_embd.weight" else \
+            (w.shape[0], w.shape[1]) == (a[0], b[1]) and a[1] == b[0]
+        if not fits:
+            raise GGUFError(f"{path}: {target} is {list(w.shape)} in the model, the adapter's pair is "
+                            f"{list(a)} and {list(b)} (another base model?)")
+
+
+class LoraAdapters:
+    """Adapters loaded into one model, applied to each context created from it."""
+
+    def __init__(self, model: "LlamaModel", specs: tuple[LoraSpec, ...], base: list[GGUFFile]):
+        self.specs = specs
+        fingerprints = []
+        for spec in specs:
+            if not spec.path.is_file():
+                raise ModelNotFoundError(f"{spec.path}: no such LoRA adapter file")
+            info = read_gguf(spec.path, keep_arrays=False)
+            check_adapter(info, base, spec.path)
+            fingerprints.append(f"{info.fingerprint()}*{spec.scale!r}")
+        ptrs = []
+        for spec in specs:
+            ptr = lib.llama_adapter_lora_init(model.ptr, os.fsencode(spec.path))
+            if not ptr:
+                raise ModelLoadError(f"{spec.path}: llama.cpp could not load this LoRA adapter "
+                                     "(run with --verbose for its log)")
+            ptrs.append(ptr)
+        # freed with the model (llama_model_free frees its adapters)
+        self._ptrs = (lib.llama_adapter_lora_p_ctypes * len(ptrs))(*ptrs)
+        self._scales = (ctypes.c_float * len(specs))(*(s.scale for s in specs))
+        self.fingerprint = hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()
+
+    def apply(self, ctx) -> None:
+        """Set the adapters on a new llama_context (llama.cpp then builds every graph with them)."""
+        if lib.llama_set_adapters_lora(ctx, self._ptrs, len(self.specs), self._scales) != 0:
+            raise ModelLoadError("llama.cpp could not set the LoRA adapters on a context")
