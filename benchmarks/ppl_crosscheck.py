@@ -38,12 +38,13 @@ def _scored_nll(ctx, tokens: list[int], first_row: int, targets: list[int]) -> f
     return -float(log_softmax_at(rows, np.asarray(targets)).sum())
 
 
-def llama_chunks_ppl(model_path: Path, text: str, window: int = 512, threads: int | None = None) -> tuple[float, int]:
+def llama_chunks_ppl(model_path: Path, text: str, window: int = 512, threads: int | None = None,
+                     lora: Path | None = None) -> tuple[float, int]:
     """llama-perplexity's default scheme through edgelm's runtime: (perplexity, tokens scored)."""
     from edgelm.runtime.context import Context, ContextOptions
     from edgelm.runtime.model import LlamaModel
 
-    with LlamaModel(model_path) as llama:
+    with LlamaModel(model_path, lora=lora) as llama:
         tokens = llama.tokenize(text)
         ctx = Context(llama, ContextOptions(n_ctx=window, n_batch=window, n_threads=threads))
         try:
@@ -83,7 +84,7 @@ def llama_stride_ppl(model_path: Path, text: str, window: int, stride: int,
 
 
 def run_llama_perplexity(model_path: Path, text_file: Path, *, ctx: int, stride: int | None = None,
-                         threads: int | None = None, attempts: int = 5) -> dict:
+                         threads: int | None = None, attempts: int = 5, lora: Path | None = None) -> dict:
     """llama-perplexity's result: perplexity, the window it used, wall seconds.
 
     llama.cpp's logger is a deliberately leaked singleton whose worker thread is not flushed at
@@ -95,6 +96,8 @@ def run_llama_perplexity(model_path: Path, text_file: Path, *, ctx: int, stride:
            "-t", threads or default_threads(), "--no-warmup"]
     if stride:
         cmd += ["--ppl-stride", stride]
+    if lora:
+        cmd += ["--lora", lora]
     for _ in range(attempts):
         r = run_measured(cmd).check()
         log = r.stdout + r.stderr

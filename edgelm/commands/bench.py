@@ -13,11 +13,11 @@ import numpy as np
 
 
 def bench(model: str | None = None, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
-          n_threads: int | None = None, seed: int = 0) -> dict:
+          n_threads: int | None = None, seed: int = 0, lora=None) -> dict:
     from edgelm.runtime.context import Context, ContextOptions
     from edgelm.runtime.model import LlamaModel
 
-    llama = LlamaModel(model)
+    llama = LlamaModel(model, lora=lora)
     ctx = Context(llama, ContextOptions(n_ctx=n_prompt + n_gen + 16, n_batch=max(n_prompt, 1), n_threads=n_threads))
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, llama.n_vocab, n_prompt + n_gen).tolist()
@@ -62,11 +62,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-t", "--threads", type=int)
     p.add_argument("--json", action="store_true")
+    from .run import add_lora_arguments, lora_from_args
+
+    add_lora_arguments(p)
     args = p.parse_args(argv)
     if args.n_prompt < 1 or args.n_gen < 1 or args.repetitions < 1:
         p.error("-p, -n and -r must be positive")
     r = bench(args.model, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions,
-              n_threads=args.threads)
+              n_threads=args.threads, lora=lora_from_args(args))
     if args.json:
         print(json.dumps(r))
     else:

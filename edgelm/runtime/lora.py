@@ -28,7 +28,7 @@ _FLOAT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's and edgelm's c
 
 @dataclass(frozen=True)
 class LoraSpec:
-    path: Path
+    path: Path | str  # a file, or an hf://owner/repo/file.gguf reference fetched into the Hub cache
     scale: float = 1.0
 
     def __str__(self) -> str:
@@ -52,8 +52,9 @@ def lora_specs(value) -> tuple[LoraSpec, ...]:
         path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else _pair(item)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise UsageError(f"lora scale must be a finite number, not {scale!r}")
-        specs.append(LoraSpec(Path(path).expanduser(), float(scale)))
-    if len({s.path.resolve() for s in specs}) != len(specs):
+        ref = path if isinstance(path, str) and path.startswith("hf://") else Path(path).expanduser()
+        specs.append(LoraSpec(ref, float(scale)))
+    if len({s.path if isinstance(s.path, str) else s.path.resolve() for s in specs}) != len(specs):
         raise UsageError("lora: the same adapter is given twice")
     return tuple(specs)
 
@@ -111,16 +112,20 @@ class LoraAdapters:
 
     def __init__(self, model: "LlamaModel", specs: tuple[LoraSpec, ...], base: list[GGUFFile]):
         self.specs = specs
-        fingerprints = []
+        from .model import resolve_model
+
+        fingerprints, paths = [], []
         for spec in specs:
-            if not spec.path.is_file():
+            if isinstance(spec.path, Path) and not spec.path.is_file():
                 raise ModelNotFoundError(f"{spec.path}: no such LoRA adapter file")
-            info = read_gguf(spec.path, keep_arrays=False)
-            check_adapter(info, base, spec.path)
+            path = resolve_model(spec.path)  # an hf:// reference downloads here
+            info = read_gguf(path, keep_arrays=False)
+            check_adapter(info, base, path)
             fingerprints.append(f"{info.fingerprint()}*{spec.scale!r}")
+            paths.append(path)
         ptrs = []
-        for spec in specs:
-            ptr = lib.llama_adapter_lora_init(model.ptr, os.fsencode(spec.path))
+        for spec, path in zip(specs, paths):
+            ptr = lib.llama_adapter_lora_init(model.ptr, os.fsencode(path))
             if not ptr:
                 raise ModelLoadError(f"{spec.path}: llama.cpp could not load this LoRA adapter "
                                      "(run with --verbose for its log)")
