@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .errors import UsageError
+from .errors import ContextOverflowError, EdgelmError, UsageError
 from .fsutil import atomic_write
 
 HELP = """commands:
@@ -52,12 +52,38 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def reply(self, text: str, write: Callable[[str], None], dim: bool = False):
-        """Stream the assistant's reply to `write`; Ctrl-C ends it early. Returns the last chunk (None if cut)."""
-        self.messages.append({"role": "user", "content": text})
+    def fitted(self, messages: list[dict]) -> list[dict]:
+        """`messages` without their oldest turns (never the system message or the newest message), so that the
+        conversation leaves room for a reply in the context, as Ollama does."""
+        n_ctx = self.model.n_ctx
+        room = n_ctx - min(self.sampling.get("max_tokens") or 256, n_ctx // 2)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        messages = list(messages)
+        while len(messages) - first > 1 and self.n_tokens(messages) > room:
+            del messages[first]
+            while len(messages) - first > 1 and messages[first]["role"] != "user":
+                del messages[first]  # the conversation goes on from a user's turn
+        return messages
+
+    def n_tokens(self, messages: list[dict]) -> int:
+        return len(self.model.tokenize(self.model.chat_prompt(messages), parse_special=True))
+
+    def reply(self, text: str, write: Callable[[str], None], dim: bool = False,
+              note: Callable[[str], None] | None = None):
+        """Stream the assistant's reply to `write`; Ctrl-C ends it early. Returns the last chunk (None if cut).
+        `note` hears when older turns were dropped to fit the context."""
+        messages = self.fitted([*self.messages, {"role": "user", "content": text}])
+        try:
+            chunks = self.model.chat_stream(messages, **self.sampling)
+        except ContextOverflowError as e:  # the message alone does not fit: the conversation stays as it was
+            raise UsageError(f"this message does not fit the context: {e}") from None
+        dropped = len(self.messages) + 1 - len(messages)
+        self.messages = messages
+        if dropped and note is not None:
+            note(f"(dropped the {dropped} oldest message{'s' * (dropped > 1)} to fit the "
+                 f"{self.model.n_ctx}-token context)")
         parts, last = [], None
         printer = ReplyPrinter(write, dim)
-        chunks = self.model.chat_stream(self.messages, **self.sampling)
         try:
             for last in chunks:
                 parts.append(last.text)
@@ -130,11 +156,11 @@ def repl(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout
             elif cmd.startswith("/") and " " not in cmd and len(cmd) > 1 and cmd[1:].isalpha():
                 raise UsageError(f"unknown command {cmd} (/help lists them)")
             else:
-                last = session.reply(line, write, dim=out.isatty())
+                last = session.reply(line, write, dim=out.isatty(), note=lambda text: print(text, file=err))
                 write("\n")
                 if on_reply is not None and last is not None:
                     on_reply(last)
-        except UsageError as e:
+        except EdgelmError as e:  # a turn's error (a template that rejects the conversation, ...): the chat goes on
             print(f"edgelm: {e}", file=err)
         except KeyboardInterrupt:
             write("\n")
