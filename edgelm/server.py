@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI on uvicorn).
 
 Endpoints: /v1/chat/completions, /v1/completions (streaming as Server-Sent Events in OpenAI's chunk
-format, or not), /v1/embeddings, /v1/models, /tokenize and /detokenize (llama-server's), /health (always
-public), /metrics (Prometheus text).
+format, or not), /v1/embeddings, /v1/models, /tokenize, /detokenize and /lora-adapters (llama-server's),
+/health (always public), /metrics (Prometheus text).
 Errors are OpenAI-style bodies: bad input is a 400, a missing or wrong API key a 401, a full queue
 a 503 with Retry-After. A client that disconnects cancels its sequence within one decode step.
 """
@@ -194,6 +194,11 @@ def create_app(options: ServerOptions) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
                                             "owned_by": "edgelm"}]}
+
+    @app.get("/lora-adapters")
+    async def lora_adapters():  # llama-server's listing: the adapters every request runs with
+        specs = server.llama.lora.specs if server.llama.lora else ()
+        return [{"id": i, "path": str(spec.path), "scale": spec.scale} for i, spec in enumerate(specs)]
 
     @app.get("/metrics")
     async def metrics():
@@ -474,7 +479,7 @@ class _Guard:
 
 
 OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
-KEYED = {"/tokenize", "/detokenize"}  # besides /v1/ and /api/: what an API key guards
+KEYED = {"/tokenize", "/detokenize", "/lora-adapters"}  # besides /v1/ and /api/: what an API key guards
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED,
           *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version"))}
 

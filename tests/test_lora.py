@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -238,6 +239,7 @@ def test_server_applies_the_adapter(made):
     try:
         body = {"prompt": TEXT, "max_tokens": 12, "temperature": 0}
         got = httpx_post(server.base + "/v1/completions", body)["choices"][0]["text"]
+        assert httpx.get(server.base + "/lora-adapters").json() == [{"id": 0, "path": gguf, "scale": 0.5}]
     finally:
         assert "Traceback" not in server.stop()
     with edgelm.load(made["base"], n_ctx=512, n_threads=2, lora=(gguf, 0.5)) as m:
@@ -247,8 +249,6 @@ def test_server_applies_the_adapter(made):
 
 
 def httpx_post(url: str, body: dict) -> dict:
-    import httpx
-
     r = httpx.post(url, json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
