@@ -152,7 +152,7 @@ def add_routes(app: FastAPI, server) -> None:
         info.update({f"{arch}.{k}": llama.gguf.get(f"{arch}.{k}") for k in
                      ("context_length", "embedding_length", "block_count", "attention.head_count")
                      if llama.gguf.get(f"{arch}.{k}") is not None})
-        return {"modelfile": "", "parameters": "", "template": llama.chat_template or server.template.source,
+        return {"modelfile": "", "parameters": "", "template": server.template.source,
                 "details": details(), "model_info": info, "capabilities": ["completion", "tools", "embedding"],
                 "modified_at": entry()["modified_at"]}
 
@@ -172,7 +172,7 @@ def add_routes(app: FastAPI, server) -> None:
             return {"model": model, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
         try:
             llama.check_tokens(context)
-            if body.get("raw") or not llama.chat_template:  # a model without a template of its own: the text itself
+            if body.get("raw") or not (llama.chat_template or server.options.chat_template):  # no template: the text
                 text = f"{system}\n\n{prompt}" if system and not body.get("raw") else prompt
                 tokens = context + llama.tokenize(text, add_special=not context)
             else:

@@ -62,6 +62,8 @@ class ServerOptions:
     type_v: str = "f16"
     warmup: bool = True
     lora: tuple = ()  # LoRA adapters: paths or (path, scale) pairs (runtime/lora.py)
+    chat_template: str | None = None  # a built-in name or Jinja source instead of the model's own
+    alias: str | None = None  # the model's name in /v1/models and answers (default: the file's stem)
 
 
 class Server:
@@ -70,7 +72,8 @@ class Server:
     def __init__(self, options: ServerOptions):
         self.options = options
         self.llama = LlamaModel(options.model, LoadOptions(n_gpu_layers=options.n_gpu_layers), lora=options.lora or None)
-        self.model_id = self.llama.path.stem
+        self.template = template_for(self.llama, options.chat_template)  # a bad template fails before serving
+        self.model_id = options.alias or self.llama.path.stem
         self.created = int(time.time())
         self.engine = Engine(self.llama, EngineOptions(
             n_parallel=options.n_parallel, n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
@@ -79,7 +82,6 @@ class Server:
         if options.prompt_cache is not None:
             self.engine.prompt_cache = PromptCache(self.engine.ctx, ram_bytes=0, path=options.prompt_cache,
                                                    disk_bytes=options.prompt_cache_bytes)
-        self.template = template_for(self.llama)
         self.metrics = Metrics()
         self._embedder = None
         self._embed_lock = threading.Lock()

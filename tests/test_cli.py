@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from edgelm.api import load
 from edgelm.runtime.model import default_model_path
 
 
@@ -212,3 +213,24 @@ def test_run_prompt_cache_is_reused_by_a_later_run(tmp_path):
     assert second["text"] == json.loads(cold.stdout)["text"]
     bad = edgelm("run", "-p", "x", "--prompt-cache", str(cache), "--prompt-cache-size", "lots")
     assert bad.returncode != 0 and "not a size" in bad.stderr
+
+
+def test_run_chat_template_flags(tiny_gguf, tmp_path):
+    """--chat-template NAME|JINJA and --chat-template-file replace the model's template, checked before use."""
+    model = str(tiny_gguf["q8_0"])
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] ")
+    base = ("run", model, "--chat", "-p", "Say hi", "-n", "8", "--temp", "0", "--json")
+    for flags, override in ((("--chat-template", "chatml"), "chatml"),
+                            (("--chat-template-file", str(template)), template.read_text())):
+        with load(model, n_threads=2, chat_template=override) as m:
+            want = m.chat([{"role": "user", "content": "Say hi"}], max_tokens=8, temperature=0).text
+        r = edgelm(*base, *flags)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["text"] == want
+    evil = tmp_path / "evil.jinja"
+    evil.write_text("{{ messages.__class__.__mro__ }}")
+    r = edgelm(*base, "--chat-template-file", str(evil))
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = edgelm(*base, "--chat-template", "chatml", "--chat-template-file", str(template))
+    assert r.returncode == 2 and "not both" in r.stderr

@@ -399,3 +399,22 @@ def test_a_non_streaming_client_that_leaves_is_cancelled_too(server):
                    timeout=httpx.Timeout(5, read=0.2),  # leaves long before 2,000 tokens are done
                    json={"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True, "temperature": 0})
     assert_cancelled_since(server, before)
+
+
+def test_alias_and_chat_template_file(tiny_gguf, tmp_path):
+    """--alias names the model; --chat-template-file replaces the model's template for OpenAI and Ollama chat."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>")
+    s = ServerProcess(str(tiny_gguf["q8_0"]), "--alias", "my-model", "--chat-template-file", str(template))
+    try:
+        c = openai.OpenAI(base_url=s.base + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["my-model"]
+        messages = [{"role": "user", "content": "Say hi"}]
+        out = c.chat.completions.create(model="my-model", messages=messages, max_tokens=8, temperature=0)
+        assert out.model == "my-model"
+        show = httpx.post(s.base + "/api/show", json={"model": "my-model"}).json()
+        assert show["template"] == template.read_text()
+    finally:
+        assert "Traceback" not in s.stop()
+    with edgelm.load(tiny_gguf["q8_0"], n_threads=2, chat_template=template.read_text()) as m:
+        assert out.choices[0].message.content == m.chat(messages, max_tokens=8, temperature=0).text

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from edgelm.errors import ChatTemplateError, ContextOverflowError, UsageError
 
-from .run import add_lora_arguments, add_sampling_arguments, lora_from_args, sampling_from_args
+from .run import (add_lora_arguments, add_sampling_arguments, add_template_arguments, lora_from_args,
+                  sampling_from_args, template_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_lora_arguments(p)
+    add_template_arguments(p)
     add_sampling_arguments(p)
     return p
 
@@ -97,13 +99,14 @@ def main(argv: list[str]) -> int:
 
     # the weights and vocabulary only: the engine makes the one context (and KV cache) that decodes
     with LlamaModel(args.model, LoadOptions(), lora=lora_from_args(args)) as llama:
+        template = template_for(llama, template_from_args(args))
         requests = []
         for i in todo:  # everything is checked before anything runs
             item = items[i]
             overrides = {k: v for k, v in item.items() if k not in ("prompt", "messages", "id", "_line")}
             try:
                 params = SamplingParams.from_kwargs(**{**base, **overrides})
-                tokens = (chat_tokens(llama, item["messages"], template_for(llama)) if "messages" in item
+                tokens = (chat_tokens(llama, item["messages"], template) if "messages" in item
                           else item["prompt"])
                 tokens = prompt_tokens(llama, tokens, args.ctx, params.max_tokens)
             except (UsageError, ContextOverflowError, ChatTemplateError) as e:

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     m.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
     add_lora_arguments(m)
+    add_template_arguments(m)
     add_context_arguments(m)
     m.add_argument("--truncate", choices=("error", "left"), default="error",
                    help="a prompt longer than the context: fail, or keep its end")
@@ -135,6 +136,21 @@ def add_context_arguments(p) -> None:
 def context_from_args(args) -> dict:
     return {"flash_attn": FLASH_ATTN[args.flash_attn], "type_k": args.cache_type_k, "type_v": args.cache_type_v,
             "warmup": not args.no_warmup}
+
+
+def add_template_arguments(p) -> None:
+    """llama.cpp's --chat-template NAME|JINJA and --chat-template-file FILE."""
+    p.add_argument("--chat-template", metavar="NAME|JINJA",
+                   help="chat template instead of the model's own: chatml, completion, or Jinja source")
+    p.add_argument("--chat-template-file", metavar="FILE", help="the same, read from a Jinja file")
+
+
+def template_from_args(args) -> str | None:
+    if args.chat_template is not None and args.chat_template_file is not None:
+        raise UsageError("give --chat-template or --chat-template-file, not both")
+    if args.chat_template_file is not None:
+        return _read(args.chat_template_file, "chat template")
+    return args.chat_template
 
 
 def add_lora_arguments(p) -> None:
@@ -232,7 +248,8 @@ def main(argv: list[str]) -> int:
     if not interactive:  # one request: an in-memory copy of its KV would never be read
         caching["prefix_cache_bytes"] = 0
     with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     truncate=args.truncate, lora=lora_from_args(args), **context_from_args(args), **caching,
+                     truncate=args.truncate, lora=lora_from_args(args), chat_template=template_from_args(args),
+                     **context_from_args(args), **caching,
                      **speculative_from_args(args)) as model:
         if interactive:
             from edgelm.repl import ChatSession, repl

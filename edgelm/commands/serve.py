@@ -8,7 +8,7 @@ from edgelm.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .run import add_context_arguments, add_lora_arguments, parse_size
+    from .run import add_context_arguments, add_lora_arguments, add_template_arguments, parse_size
 
     p = argparse.ArgumentParser(prog="edgelm serve", description=__doc__)
     p.add_argument("model", nargs="?", help="GGUF file or hf:// reference (default: the bundled model)")
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-layers", type=int, default=0)
     add_context_arguments(p)
     add_lora_arguments(p)
+    add_template_arguments(p)
+    p.add_argument("--alias", metavar="NAME", help="the model's name in /v1/models and answers (default: the file's)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 503")
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="no request may ask for more tokens")
     p.add_argument("--prompt-cache", metavar="DIR", help="keep prompt KV states in DIR across restarts")
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
 
     from edgelm.server import ServerOptions, create_app
 
-    from .run import context_from_args, lora_from_args
+    from .run import context_from_args, lora_from_args, template_from_args
 
     if args.verbose:
         from edgelm.runtime.backend import set_verbose
@@ -52,7 +54,8 @@ def main(argv: list[str]) -> int:
                             n_parallel=args.parallel, n_ctx=args.ctx, n_batch=args.batch, n_threads=args.threads,
                             n_gpu_layers=args.gpu_layers, max_queue=args.max_queue,
                             max_tokens_cap=args.max_tokens_cap, prompt_cache=args.prompt_cache,
-                            lora=tuple(lora_from_args(args) or ()), **context_from_args(args))
+                            lora=tuple(lora_from_args(args) or ()), chat_template=template_from_args(args),
+                            alias=args.alias, **context_from_args(args))
     if args.prompt_cache_size is not None:
         options.prompt_cache_bytes = args.prompt_cache_size
     app = create_app(options)
