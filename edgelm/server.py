@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI on uvicorn).
 
 Endpoints: /v1/chat/completions, /v1/completions (streaming as Server-Sent Events in OpenAI's chunk
-format, or not), /v1/embeddings, /v1/models, /tokenize, /detokenize and /lora-adapters (llama-server's),
+format, or not), /v1/embeddings, /v1/models, /tokenize, /detokenize, /props and /lora-adapters (llama-server's),
 /health (always public), /metrics (Prometheus text).
 Errors are OpenAI-style bodies: bad input is a 400, a missing or wrong API key a 401, a full queue
 a 503 with Retry-After. A client that disconnects cancels its sequence within one decode step.
@@ -15,7 +15,7 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import llama_cpp as lib
@@ -25,6 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ._version import __version__
 from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
 from .engine import POLL_S, Engine, EngineOptions, QueueFullError
 from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
@@ -196,6 +197,16 @@ def create_app(options: ServerOptions) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
                                             "owned_by": "edgelm"}]}
+
+    @app.get("/props")
+    async def props():  # llama-server's: what clients read the context size and template from
+        o = server.options
+        return {"model_path": str(server.llama.path), "model_alias": server.model_id, "total_slots": o.n_parallel,
+                "chat_template": server.template.source, "modalities": {"vision": False, "audio": False},
+                "build_info": f"edgelm {__version__}",
+                "default_generation_settings": {"n_ctx": o.n_ctx, "model": server.model_id,
+                                                "params": {"n_predict": o.default_max_tokens,
+                                                           **asdict(SamplingParams())}}}
 
     @app.get("/lora-adapters")
     async def lora_adapters():  # llama-server's listing: the adapters every request runs with
@@ -481,7 +492,7 @@ class _Guard:
 
 
 OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
-KEYED = {"/tokenize", "/detokenize", "/lora-adapters"}  # besides /v1/ and /api/: what an API key guards
+KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props"}  # besides /v1/ and /api/: what an API key guards
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED,
           *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version"))}
 

@@ -89,6 +89,10 @@ def test_models_and_health(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["edgelm-small-q8_0"]
     assert httpx.get(server.base + "/health").json() == {"status": "ok"}  # public even with a key
+    assert httpx.get(server.base + "/props").status_code == 401
+    props = httpx.get(server.base + "/props", headers={"X-Api-Key": KEY}).json()  # llama-server's shape
+    assert props["total_slots"] == 2 and props["default_generation_settings"]["n_ctx"] == 2048
+    assert props["chat_template"] and props["default_generation_settings"]["params"]["top_k"] == 40
 
 
 def test_completion_matches_the_python_api(client):
