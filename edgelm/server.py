@@ -15,7 +15,7 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import llama_cpp as lib
@@ -25,15 +25,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ._version import __version__
 from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
 from .engine import POLL_S, Engine, EngineOptions, QueueFullError
 from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
 from .metrics import Metrics, prometheus_text
 from .runtime.chat import chat_tokens, template_for, template_kwargs
 from .runtime.model import LlamaModel, LoadOptions
-from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason, piece,
+from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason,
                          sampling_params)
+from .llama_server_api import add_routes as add_llama_server_routes
 from .ollama_api import add_routes
 from .runtime.sampling import SamplingParams
 from .runtime.reasoning import prompt_opens_thinking
@@ -184,6 +184,7 @@ def create_app(options: ServerOptions) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-Api-Key", "Content-Type"])
     add_routes(app, server)  # Ollama's API beside OpenAI's
+    add_llama_server_routes(app, server)  # llama-server's own: /tokenize, /detokenize, /props, /lora-adapters
 
     @app.get("/")
     async def root():
@@ -197,21 +198,6 @@ def create_app(options: ServerOptions) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
                                             "owned_by": "edgelm"}]}
-
-    @app.get("/props")
-    async def props():  # llama-server's: what clients read the context size and template from
-        o = server.options
-        return {"model_path": str(server.llama.path), "model_alias": server.model_id, "total_slots": o.n_parallel,
-                "chat_template": server.template.source, "modalities": {"vision": False, "audio": False},
-                "build_info": f"edgelm {__version__}",
-                "default_generation_settings": {"n_ctx": o.n_ctx, "model": server.model_id,
-                                                "params": {"n_predict": o.default_max_tokens,
-                                                           **asdict(SamplingParams())}}}
-
-    @app.get("/lora-adapters")
-    async def lora_adapters():  # llama-server's listing: the adapters every request runs with
-        specs = server.llama.lora.specs if server.llama.lora else ()
-        return [{"id": i, "path": str(spec.path), "scale": spec.scale} for i, spec in enumerate(specs)]
 
     @app.get("/metrics")
     async def metrics():
@@ -244,36 +230,6 @@ def create_app(options: ServerOptions) -> FastAPI:
             raise APIError(400, str(e), param="chat_template_kwargs") from None
         tokens = server.chat_prompt(body["messages"], tools, extra)
         return await _generate(request, body, tokens, params, chat=True, tools=tools)
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        """llama-server's /tokenize: {"content", "add_special"?, "parse_special"?, "with_pieces"?} -> {"tokens"}."""
-        body = await read_body(request)
-        content = body.get("content")
-        if not isinstance(content, str):
-            raise APIError(400, "content must be a string", param="content")
-        flags = {name: body.get(name, default) for name, default in
-                 (("add_special", False), ("parse_special", True), ("with_pieces", False))}
-        bad = next((name for name, v in flags.items() if not isinstance(v, bool)), None)
-        if bad is not None:
-            raise APIError(400, f"{bad} must be true or false", param=bad)
-        tokens = server.llama.tokenize(content, add_special=flags["add_special"], parse_special=flags["parse_special"])
-        if flags["with_pieces"]:
-            return {"tokens": [{"id": t, "piece": piece(server.llama, t)} for t in tokens]}
-        return {"tokens": tokens}
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        """llama-server's /detokenize: {"tokens"} -> {"content"}."""
-        body = await read_body(request)
-        tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise APIError(400, "tokens must be a list of token ids", param="tokens")
-        try:
-            server.llama.check_tokens(tokens)
-        except UsageError as e:
-            raise APIError(400, str(e), param="tokens") from None
-        return {"content": server.llama.detokenize(tokens, special=True)}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

@@ -1,0 +1,62 @@
+"""llama-server's own endpoints beside the OpenAI API: /tokenize, /detokenize, /props and /lora-adapters, in its
+shapes, so that tools written for llama-server (editors, web UIs, scripts) work unchanged."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import FastAPI, Request
+
+from ._version import __version__
+from .errors import UsageError
+from .openai_api import APIError, piece
+from .runtime.sampling import SamplingParams
+
+
+def add_routes(app: FastAPI, server) -> None:
+    """llama-server's routes on the server's app (`server`: edgelm.server.Server)."""
+    from .server import read_body
+
+    @app.get("/props")
+    async def props():  # llama-server's: what clients read the context size and template from
+        o = server.options
+        return {"model_path": str(server.llama.path), "model_alias": server.model_id, "total_slots": o.n_parallel,
+                "chat_template": server.template.source, "modalities": {"vision": False, "audio": False},
+                "build_info": f"edgelm {__version__}",
+                "default_generation_settings": {"n_ctx": o.n_ctx, "model": server.model_id,
+                                                "params": {"n_predict": o.default_max_tokens,
+                                                           **asdict(SamplingParams())}}}
+
+    @app.get("/lora-adapters")
+    async def lora_adapters():  # llama-server's listing: the adapters every request runs with
+        specs = server.llama.lora.specs if server.llama.lora else ()
+        return [{"id": i, "path": str(spec.path), "scale": spec.scale} for i, spec in enumerate(specs)]
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """llama-server's /tokenize: {"content", "add_special"?, "parse_special"?, "with_pieces"?} -> {"tokens"}."""
+        body = await read_body(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise APIError(400, "content must be a string", param="content")
+        flags = {name: body.get(name, default) for name, default in
+                 (("add_special", False), ("parse_special", True), ("with_pieces", False))}
+        bad = next((name for name, v in flags.items() if not isinstance(v, bool)), None)
+        if bad is not None:
+            raise APIError(400, f"{bad} must be true or false", param=bad)
+        tokens = server.llama.tokenize(content, add_special=flags["add_special"], parse_special=flags["parse_special"])
+        if flags["with_pieces"]:
+            return {"tokens": [{"id": t, "piece": piece(server.llama, t)} for t in tokens]}
+        return {"tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """llama-server's /detokenize: {"tokens"} -> {"content"}."""
+        body = await read_body(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise APIError(400, "tokens must be a list of token ids", param="tokens")
+        try:
+            server.llama.check_tokens(tokens)
+        except UsageError as e:
+            raise APIError(400, str(e), param="tokens") from None
+        return {"content": server.llama.detokenize(tokens, special=True)}
