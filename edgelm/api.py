@@ -37,7 +37,7 @@ class Model:
                  prompt_cache_bytes: int = DEFAULT_DISK_BYTES, response_cache: "bool | ResponseCache" = False,
                  kv_reuse: str = "exact", early_exit: bool | int | None = None, draft: str | os.PathLike | None = None,
                  lookup: bool = False, draft_max: int = DRAFT_MAX, draft_threshold: float = THRESHOLD,
-                 warmup: bool = True, lora=None):
+                 warmup: bool = True, lora=None, profile=None):
         if truncate not in TRUNCATE:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
         if kv_reuse not in REUSE:
@@ -71,6 +71,7 @@ class Model:
                     warm.warm_up()
             release_workers()  # the thread that loads is often not the one that generates (runtime/backend.py)
         self.seed, self.truncate = seed, truncate  # defaults for every call
+        self.profile = profile  # a named model's sampling defaults and chat preamble (edgelm/modelfile.py)
         self.kv_reuse = kv_reuse  # how much of an earlier prompt's KV a request may take (generate.prefill)
         if self._pair is not None:
             self._pair.reuse = kv_reuse
@@ -154,6 +155,8 @@ class Model:
         truncate = sampling.pop("truncate", None)
         if truncate is not None and truncate not in TRUNCATE:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
+        if self.profile is not None:
+            sampling = {**self.profile.sampling, **sampling}
         if self.seed is not None and sampling.get("seed") is None:
             sampling["seed"] = self.seed
         return SamplingParams.from_kwargs(**sampling), truncate
@@ -264,12 +267,15 @@ class Model:
                     chat_template_kwargs: dict | None = None) -> str:
         """The prompt text chat() would send for `messages` (see edgelm/runtime/chat.py)."""
         offered, _ = tool_setup(tools, None)
+        messages = self.profile.preamble(messages) if self.profile is not None else messages
         return self._template(chat_template).render(messages, add_generation_prompt=add_generation_prompt,
                                                     tools=offered, extra=chat_template_kwargs)
 
     def _chat_tokens(self, messages: list[dict], sampling: dict, *, chat_template: str | None = None, tools=None,
                      tool_choice=None, chat_template_kwargs: dict | None = None):
         offered, grammar = tool_setup(tools, tool_choice)
+        if self.profile is not None:
+            messages = self.profile.preamble(messages)
         tokens = chat_tokens(self.llama, messages, self._template(chat_template), tools=offered,
                              extra=chat_template_kwargs)
         params, truncate = self._params(sampling)
@@ -385,5 +391,11 @@ def prompt_tokens(llama: LlamaModel, prompt: str | list[int], n_ctx: int, max_to
 
 
 def load(path_or_ref: str | os.PathLike | None = None, **options) -> Model:
-    """Load a GGUF model (no reference: the bundled default model)."""
+    """Load a GGUF model (no reference: the bundled default model), or a model named by `edgelm create`, whose
+    options the caller's override."""
+    from .modelfile import find
+
+    profile = None if path_or_ref is None or os.path.exists(path_or_ref) else find(str(path_or_ref))
+    if profile is not None:
+        return Model(profile.model, **{**profile.load_options(), **options}, profile=profile)
     return Model(path_or_ref, **options)

@@ -20,8 +20,9 @@ COMMANDS = {
     "perplexity": "perplexity of a model on a text, from llama.cpp's logits",
     "exits": "per-layer early-exit agreement and predicted speedup; write an early-exit split",
     "pull": "download a model from the Hugging Face Hub into its cache",
-    "list": "list the bundled model and the GGUF models in the Hugging Face cache",
-    "rm": "delete a model from the Hugging Face cache",
+    "create": "name a model with its adapters, parameters and system message, from an Ollama-style Modelfile",
+    "list": "list the bundled model, named models and the GGUF models in the Hugging Face cache",
+    "rm": "delete a named model, or a model from the Hugging Face cache",
 }
 
 USAGE = "usage: edgelm [--version] [--debug] <command> [<args>]\n\ncommands:\n" + "\n".join(

@@ -45,7 +45,7 @@ def ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-def sampling(body: dict, max_tokens_cap: int) -> SamplingParams:
+def sampling(body: dict, max_tokens_cap: int, defaults: dict | None = None) -> SamplingParams:
     """SamplingParams from a request's options and format; num_predict < 0 (Ollama: no limit) is the server's cap."""
     options = body.get("options") or {}
     if not isinstance(options, dict):
@@ -53,7 +53,7 @@ def sampling(body: dict, max_tokens_cap: int) -> SamplingParams:
     unknown = sorted(set(options) - set(OPTIONS) - SERVER_OPTIONS)
     if unknown:
         raise APIError(400, f"unknown option(s): {', '.join(unknown)}")
-    kwargs = {OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None}
+    kwargs = {**(defaults or {}), **{OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None}}
     if isinstance(kwargs.get("max_tokens"), int) and not isinstance(kwargs["max_tokens"], bool):
         if kwargs["max_tokens"] < 0:
             kwargs["max_tokens"] = max_tokens_cap
@@ -167,7 +167,7 @@ def add_routes(app: FastAPI, server) -> None:
             raise APIError(400, "images are not supported (no vision model is loaded)")
         if not isinstance(context, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
             raise APIError(400, "context must be a list of token ids")
-        params = sampling(body, server.options.max_tokens_cap)
+        params = sampling(body, server.options.max_tokens_cap, server.defaults)
         if not prompt and not context:  # Ollama's way to load a model: answer at once
             return {"model": model, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
         try:
@@ -178,7 +178,7 @@ def add_routes(app: FastAPI, server) -> None:
             else:
                 turns = ([{"role": "system", "content": system}] if system else []) + [
                     {"role": "user", "content": prompt}]
-                tokens = context + chat_tokens(llama, turns, server.template)
+                tokens = context + chat_tokens(llama, server.preamble(turns), server.template)
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
         req = submit(tokens, params)
@@ -203,13 +203,14 @@ def add_routes(app: FastAPI, server) -> None:
     async def chat(request: Request):
         body = await read_body(request)
         model, t0 = body.get("model") or server.model_id, time.perf_counter()
-        params = sampling(body, server.options.max_tokens_cap)
+        params = sampling(body, server.options.max_tokens_cap, server.defaults)
         think = body.get("think")
         if think not in (None, True, False):  # levels ("high", ...) are for models edgelm does not run
             raise APIError(400, f"think must be true or false, not {think!r}")
         try:
             tools, _ = tool_setup(body.get("tools") or None, None)  # its clients send [] for none
-            tokens = chat_tokens(llama, chat_messages(body.get("messages")), server.template, tools=tools,
+            messages = server.preamble(chat_messages(body.get("messages")))
+            tokens = chat_tokens(llama, messages, server.template, tools=tools,
                                  extra=None if think is None else {"enable_thinking": think})  # Qwen3's switch
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None

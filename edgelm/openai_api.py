@@ -40,8 +40,9 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def sampling_params(body: dict, chat: bool, default_max_tokens: int) -> SamplingParams:
-    """SamplingParams from a completions or chat request body; APIError (400) naming a bad field."""
+def sampling_params(body: dict, chat: bool, default_max_tokens: int, defaults: dict | None = None) -> SamplingParams:
+    """SamplingParams from a completions or chat request body, over `defaults` (a named model's); APIError (400)
+    naming a bad field."""
     unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED_FIELDS)
     if unknown:
         raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
@@ -49,7 +50,8 @@ def sampling_params(body: dict, chat: bool, default_max_tokens: int) -> Sampling
     if body.get("echo") or body.get("best_of", 1) != 1 or body.get("suffix"):
         field = next(f for f in ("echo", "best_of", "suffix") if body.get(f) not in (None, False, 1))
         raise APIError(400, f"{field} is not supported", param=field)
-    kwargs = {SAMPLING_FIELDS[k]: v for k, v in body.items() if k in SAMPLING_FIELDS and v is not None}
+    kwargs = {**(defaults or {}),
+              **{SAMPLING_FIELDS[k]: v for k, v in body.items() if k in SAMPLING_FIELDS and v is not None}}
     kwargs["logprobs"] = requested_logprobs(body, chat)
     kwargs.setdefault("max_tokens", default_max_tokens)
     fmt = body.get("response_format")

@@ -65,6 +65,7 @@ class ServerOptions:
     lora: tuple = ()  # LoRA adapters: paths or (path, scale) pairs (runtime/lora.py)
     chat_template: str | None = None  # a built-in name or Jinja source instead of the model's own
     alias: str | None = None  # the model's name in /v1/models and answers (default: the file's stem)
+    profile: Any = None  # a named model (edgelm/modelfile.py): its sampling defaults and chat preamble
 
 
 class Server:
@@ -72,9 +73,11 @@ class Server:
 
     def __init__(self, options: ServerOptions):
         self.options = options
-        self.llama = LlamaModel(options.model, LoadOptions(n_gpu_layers=options.n_gpu_layers), lora=options.lora or None)
+        self.llama = LlamaModel(options.model, LoadOptions(n_gpu_layers=options.n_gpu_layers),
+                                lora=options.lora or None)
         self.template = template_for(self.llama, options.chat_template)  # a bad template fails before serving
-        self.model_id = options.alias or self.llama.path.stem
+        self.model_id = options.alias or (options.profile.name if options.profile else self.llama.path.stem)
+        self.defaults = options.profile.sampling if options.profile else {}  # under each request's own fields
         self.created = int(time.time())
         self.engine = Engine(self.llama, EngineOptions(
             n_parallel=options.n_parallel, n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
@@ -104,7 +107,8 @@ class Server:
     # ------------------------------------------------------------ request -> engine
 
     def sampling(self, body: dict, chat: bool) -> SamplingParams:
-        return sampling_params(body, chat, min(self.options.default_max_tokens, self.options.max_tokens_cap))
+        return sampling_params(body, chat, min(self.options.default_max_tokens, self.options.max_tokens_cap),
+                               self.defaults)
 
     def prompt_tokens(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -121,9 +125,14 @@ class Server:
             raise APIError(400, "prompt is empty", param="prompt")
         return tokens
 
+    def preamble(self, messages: Any) -> Any:
+        """A named model's system message and example turns before a conversation's own."""
+        profile = self.options.profile
+        return profile.preamble(messages) if profile is not None and isinstance(messages, list) else messages
+
     def chat_prompt(self, messages: Any, tools: list[dict] | None = None, extra: Any = None) -> list[int]:
         try:
-            return chat_tokens(self.llama, messages, self.template, tools=tools, extra=extra)
+            return chat_tokens(self.llama, self.preamble(messages), self.template, tools=tools, extra=extra)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         except UsageError as e:

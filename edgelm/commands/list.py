@@ -1,11 +1,14 @@
-"""`edgelm list`: the GGUF models in huggingface_hub's cache (HF_HOME / HF_HUB_CACHE), and the bundled one."""
+"""`edgelm list`: the bundled model, the models named by `edgelm create`, and the GGUF models in huggingface_hub's
+cache (HF_HOME / HF_HUB_CACHE)."""
 from __future__ import annotations
 
 import argparse
 import json
 from datetime import datetime
 
-from edgelm import hub
+from pathlib import Path
+
+from edgelm import hub, modelfile
 from edgelm.runtime.model import default_model_path
 
 
@@ -15,6 +18,10 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     bundled = default_model_path()
     rows = [("(bundled)", bundled, bundled.stat().st_size, bundled.stat().st_mtime)]
+    for profile in modelfile.profiles():  # named models: the size is their base file's (adapters aside)
+        base = Path(profile.model)
+        size = base.stat().st_size if base.is_file() else 0
+        rows.append((profile.name, profile.model, size, profile.created))
     rows += [(m.ref, m.path, m.size, m.path.stat().st_mtime) for m in hub.cached_models()]
     for ref, path, size, mtime in rows:
         if args.json:

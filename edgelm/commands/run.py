@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message for chat")
     add_sampling_arguments(p)
     m = p.add_argument_group("model")
-    m.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
+    m.add_argument("--ctx", type=int, help="context size in tokens (default 2048, or a named model's num_ctx)")
     m.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     m.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
     add_lora_arguments(m)
@@ -247,9 +247,11 @@ def main(argv: list[str]) -> int:
         caching["prompt_cache_bytes"] = args.prompt_cache_size
     if not interactive:  # one request: an in-memory copy of its KV would never be read
         caching["prefix_cache_bytes"] = 0
-    with edgelm.load(args.model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     truncate=args.truncate, lora=lora_from_args(args), chat_template=template_from_args(args),
-                     **context_from_args(args), **caching,
+    # only what was given: a named model's own settings (edgelm create) fill in the rest
+    given = {"n_ctx": args.ctx, "n_threads": args.threads, "lora": lora_from_args(args),
+             "chat_template": template_from_args(args)}
+    with edgelm.load(args.model, n_gpu_layers=args.gpu_layers, truncate=args.truncate,
+                     **{k: v for k, v in given.items() if v is not None}, **context_from_args(args), **caching,
                      **speculative_from_args(args)) as model:
         if interactive:
             from edgelm.repl import ChatSession, repl
@@ -257,7 +259,8 @@ def main(argv: list[str]) -> int:
             session = ChatSession(model, args.system, **sampling)
             return repl(session, on_reply=lambda last: print(stats_line(last.timings), file=sys.stderr))
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-        text, last, reasoning = run(model, prompt, chat=args.chat, system=args.system,
+        chat = args.chat or model.profile is not None  # a named model chats, as `ollama run NAME "..."` does
+        text, last, reasoning = run(model, prompt, chat=chat, system=args.system,
                                     out=None if args.json else sys.stdout, **sampling)
     if args.json:
         print(json.dumps({**record(text, last), **({"reasoning": reasoning} if reasoning else {})},

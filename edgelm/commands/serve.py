@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API from a browser "
                         "(repeatable; default: none)")
     p.add_argument("--parallel", type=int, default=4, help="requests decoded together (default 4)")
-    p.add_argument("--ctx", type=int, default=2048, help="context of each request in tokens")
+    p.add_argument("--ctx", type=int, help="context of each request in tokens (default 2048, or a named model's "
+                                             "num_ctx)")
     p.add_argument("--batch", type=int, default=512, help="tokens per decode step")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--gpu-layers", type=int, default=0)
@@ -50,12 +51,22 @@ def main(argv: list[str]) -> int:
         from edgelm.runtime.backend import set_verbose
 
         set_verbose(True)
-    options = ServerOptions(model=args.model, api_key=args.api_key, cors_origins=tuple(args.cors),
-                            n_parallel=args.parallel, n_ctx=args.ctx, n_batch=args.batch, n_threads=args.threads,
-                            n_gpu_layers=args.gpu_layers, max_queue=args.max_queue,
-                            max_tokens_cap=args.max_tokens_cap, prompt_cache=args.prompt_cache,
-                            lora=tuple(lora_from_args(args) or ()), chat_template=template_from_args(args),
-                            alias=args.alias, **context_from_args(args))
+    import os
+
+    from edgelm.modelfile import find
+
+    # a name made by `edgelm create`: its model and settings, under what the command line gives
+    profile = None if args.model is None or os.path.exists(args.model) else find(args.model)
+    named = profile.load if profile else {}
+    options = ServerOptions(model=profile.model if profile else args.model, api_key=args.api_key,
+                            cors_origins=tuple(args.cors), n_parallel=args.parallel,
+                            n_ctx=args.ctx or named.get("n_ctx", 2048), n_batch=args.batch,
+                            n_threads=args.threads or named.get("n_threads"), n_gpu_layers=args.gpu_layers,
+                            max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+                            prompt_cache=args.prompt_cache,
+                            lora=tuple(lora_from_args(args) or (profile.adapters if profile else ())),
+                            chat_template=template_from_args(args) or (profile.template if profile else None),
+                            alias=args.alias, profile=profile, **context_from_args(args))
     if args.prompt_cache_size is not None:
         options.prompt_cache_bytes = args.prompt_cache_size
     app = create_app(options)

@@ -38,7 +38,8 @@ def resolve_model(ref: str | os.PathLike | None) -> Path:
         return fetch(ref)
     path = default_model_path() if ref is None else Path(ref).expanduser()
     if not path.exists():
-        raise ModelNotFoundError(f"{path}: no such model file")
+        named = " or named model (`edgelm list` shows them)" if isinstance(ref, str) and "/" not in ref else ""
+        raise ModelNotFoundError(f"{path}: no such model file{named}")
     if path.is_dir():
         raise ModelNotFoundError(f"{path}: is a directory, not a GGUF file (convert it with `edgelm convert`)")
     return path
