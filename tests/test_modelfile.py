@@ -167,3 +167,20 @@ def test_serve_a_named_model(folder, home, monkeypatch):
         want = m.chat(question)
     assert out.choices[0].message.content == want.text == ollama["message"]["content"]
     assert out.usage.completion_tokens == want.timings.completion_tokens <= 7
+
+
+def test_batch_a_named_model(folder, home, tmp_path):
+    import os
+
+    env = {**os.environ, "EDGELM_HOME": str(home)}
+    modelfile.create("helper", folder / "Modelfile")
+    questions = ["What is 2 + 2?", "Name a colour."]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
+                                               for q in questions))
+    r = cli("batch", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), "-m", "helper", "--threads", "2",
+            "--no-progress", env=env)
+    assert r.returncode == 0, r.stderr
+    got = sorted((json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()),
+                 key=lambda rec: rec["index"])
+    with edgelm.load("helper", n_threads=2) as m:
+        assert [rec["text"] for rec in got] == [m.chat([{"role": "user", "content": q}]).text for q in questions]

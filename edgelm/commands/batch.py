@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", help="JSONL file of prompts")
     p.add_argument("-o", "--output", required=True, help="JSONL file of completions (appended to, resumable)")
-    p.add_argument("-m", "--model", help="GGUF file or hf:// reference (default: the bundled model)")
+    p.add_argument("-m", "--model", help="GGUF file, hf:// reference or a name from `edgelm create` (default: the bundled model)")
     p.add_argument("--parallel", type=int, default=4, help="prompts decoded together (default 4)")
     p.add_argument("--ctx", type=int, default=2048, help="context of each prompt in tokens")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -83,7 +83,11 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from edgelm.runtime.sampling import SamplingParams
 
-    base = sampling_from_args(args)
+    from edgelm.modelfile import find
+
+    # a name made by `edgelm create`: its model, adapters, template, defaults and preamble, under the flags
+    profile = None if args.model is None or Path(args.model).exists() else find(args.model)
+    base = {**(profile.sampling if profile else {}), **sampling_from_args(args)}
     SamplingParams.from_kwargs(**base)
     items = read_prompts(args.prompts)
     out_path = Path(args.output)
@@ -98,15 +102,17 @@ def main(argv: list[str]) -> int:
     from edgelm.runtime.model import LlamaModel, LoadOptions
 
     # the weights and vocabulary only: the engine makes the one context (and KV cache) that decodes
-    with LlamaModel(args.model, LoadOptions(), lora=lora_from_args(args)) as llama:
-        template = template_for(llama, template_from_args(args))
+    lora = lora_from_args(args) or (list(profile.adapters) if profile else None)
+    with LlamaModel(profile.model if profile else args.model, LoadOptions(), lora=lora) as llama:
+        template = template_for(llama, template_from_args(args) or (profile.template if profile else None))
+        preamble = profile.preamble if profile else (lambda messages: messages)
         requests = []
         for i in todo:  # everything is checked before anything runs
             item = items[i]
             overrides = {k: v for k, v in item.items() if k not in ("prompt", "messages", "id", "_line")}
             try:
                 params = SamplingParams.from_kwargs(**{**base, **overrides})
-                tokens = (chat_tokens(llama, item["messages"], template) if "messages" in item
+                tokens = (chat_tokens(llama, preamble(item["messages"]), template) if "messages" in item
                           else item["prompt"])
                 tokens = prompt_tokens(llama, tokens, args.ctx, params.max_tokens)
             except (UsageError, ContextOverflowError, ChatTemplateError) as e:
