@@ -57,6 +57,26 @@ class Profile:
         extra = {"lora": list(self.adapters)} if self.adapters else {}
         return {**self.load, **extra, **({"chat_template": self.template} if self.template else {})}
 
+    def parameters(self) -> str:
+        """PARAMETER lines' text as Ollama's /api/show gives it: "name value" per line."""
+        names = {v: k for k, v in SAMPLING.items()} | {v: k for k, v in LOAD.items()}
+        lines = []
+        for key, value in [*self.load.items(), *self.sampling.items()]:
+            for one in value if isinstance(value, list) else [value]:
+                lines.append(f"{names[key]} {json.dumps(one) if isinstance(one, str) else one}")
+        return "\n".join(lines)
+
+    def modelfile(self) -> str:
+        """A Modelfile that creates this record again."""
+        quoted = lambda text: f'"""{text}"""'  # noqa: E731
+        lines = [f"FROM {self.model}", *(f"ADAPTER {a}" for a in self.adapters),
+                 *(f"PARAMETER {line}" for line in self.parameters().splitlines())]
+        lines += [f"SYSTEM {quoted(self.system)}"] if self.system else []
+        lines += [f"MESSAGE {m['role']} {m['content']}" for m in self.messages]
+        lines += [f"TEMPLATE {quoted(self.template)}"] if self.template else []
+        lines += [f"LICENSE {quoted(self.license)}"] if self.license else []
+        return "\n".join(lines) + "\n"
+
     def preamble(self, messages: list[dict]) -> list[dict]:
         """`messages` with the system message (if they have none) and the example turns before them."""
         has_system = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)

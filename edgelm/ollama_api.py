@@ -152,7 +152,10 @@ def add_routes(app: FastAPI, server) -> None:
         info.update({f"{arch}.{k}": llama.gguf.get(f"{arch}.{k}") for k in
                      ("context_length", "embedding_length", "block_count", "attention.head_count")
                      if llama.gguf.get(f"{arch}.{k}") is not None})
-        return {"modelfile": "", "parameters": "", "template": server.template.source,
+        profile = server.options.profile  # a named model (edgelm create) shows its Modelfile, as Ollama's do
+        named = {"system": profile.system or "", "license": profile.license or ""} if profile else {}
+        return {**named, "modelfile": profile.modelfile() if profile else "",
+                "parameters": profile.parameters() if profile else "", "template": server.template.source,
                 "details": details(), "model_info": info, "capabilities": ["completion", "tools", "embedding"],
                 "modified_at": entry()["modified_at"]}
 

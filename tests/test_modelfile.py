@@ -91,6 +91,13 @@ def test_a_named_model_loads_with_its_adapter_parameters_and_preamble(folder, ho
         assert got.text == plain.chat(explicit, temperature=0, max_tokens=7, stop=["<|im_end|>"]).text
 
 
+def test_the_record_writes_its_modelfile_again(folder, home):
+    profile = modelfile.create("helper", folder / "Modelfile")
+    again = modelfile.build("helper", profile.modelfile(), folder)
+    assert {**vars(again), "created": 0} == {**vars(profile), "created": 0}
+    assert "num_predict 7" in profile.parameters() and 'stop "<|im_end|>"' in profile.parameters()
+
+
 def test_from_another_name_inherits_and_overrides(folder, home):
     modelfile.create("base", folder / "Modelfile")
     (folder / "Child").write_text('FROM base\nPARAMETER num_predict 3\nSYSTEM "Be terse."\n')
@@ -161,6 +168,9 @@ def test_serve_a_named_model(folder, home, monkeypatch):
         out = c.chat.completions.create(model="helper", messages=question)  # the Modelfile's parameters
         ollama = httpx.post(s.base + "/api/chat", json={"model": "helper", "messages": question,
                                                         "stream": False}).json()
+        show = httpx.post(s.base + "/api/show", json={"model": "helper"}).json()
+        assert show["system"] == SYSTEM and "num_predict 7" in show["parameters"]
+        assert show["modelfile"].startswith(f"FROM {folder / 'tiny.gguf'}\nADAPTER ")
     finally:
         assert "Traceback" not in s.stop()
     with edgelm.load("helper", n_threads=2) as m:
