@@ -146,6 +146,8 @@ def test_cli_create_list_run_rm(folder, home):
     assert r.returncode == 0 and "created helper:latest" in r.stderr and "1 adapter(s)" in r.stderr, r.stderr
     listed = [json.loads(line) for line in cli("list", "--json", env=env).stdout.splitlines()]
     assert {"ref": "helper:latest", "path": str(folder / "tiny.gguf")} == {k: listed[1][k] for k in ("ref", "path")}
+    assert cli("info", "helper", "--modelfile", env=env).stdout == modelfile.find("helper").modelfile()
+    assert "architecture     llama" in cli("info", "helper", env=env).stdout
     r = cli("run", "helper", "-p", "What is 2 + 2?", "--threads", "2", "--json", env=env)
     assert r.returncode == 0, r.stderr
     with edgelm.load("helper", n_threads=2) as m:  # `run NAME -p` chats, as `ollama run NAME "..."` does

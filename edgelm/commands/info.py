@@ -133,11 +133,24 @@ def format_info(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgelm info", description="Show what a GGUF model file holds.")
-    parser.add_argument("model", help="path to a .gguf file")
+    parser.add_argument("model", help="path to a .gguf file, or a name from `edgelm create`")
+    parser.add_argument("--modelfile", action="store_true", help="for a name: print its Modelfile only")
     parser.add_argument("--tensors", action="store_true", help="list every tensor (name, type, shape, bytes)")
     parser.add_argument("--metadata", action="store_true", help="dump the metadata (long arrays shortened)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
-    summary = info(args.model, tensors=args.tensors, metadata=args.metadata)
+    from pathlib import Path
+
+    from edgelm.modelfile import find
+
+    profile = None if Path(args.model).exists() else find(args.model)
+    if args.modelfile:
+        if profile is None:
+            from edgelm.errors import UsageError
+
+            raise UsageError(f"--modelfile is for names made by `edgelm create`; {args.model} is not one")
+        print(profile.modelfile(), end="")
+        return 0
+    summary = info(profile.model if profile else args.model, tensors=args.tensors, metadata=args.metadata)
     print(json.dumps(summary) if args.json else format_info(summary))
     return 0
