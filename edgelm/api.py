@@ -395,7 +395,7 @@ def load(path_or_ref: str | os.PathLike | None = None, **options) -> Model:
     options the caller's override."""
     from .modelfile import find
 
-    profile = None if path_or_ref is None or os.path.exists(path_or_ref) else find(str(path_or_ref))
+    profile = find(path_or_ref)
     if profile is not None:
         return Model(profile.model, **{**profile.load_options(), **options}, profile=profile)
     return Model(path_or_ref, **options)

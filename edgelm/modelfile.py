@@ -103,8 +103,9 @@ def _path(name: str) -> Path:
 
 
 def find(ref) -> Profile | None:
-    """The named model `ref` refers to, or None when it is not a name that was created."""
-    if not isinstance(ref, str) or not NAME.fullmatch(ref):
+    """The named model `ref` refers to, or None when it is a file or not a name that was created (a file of the
+    same name, in the working folder, wins)."""
+    if not isinstance(ref, str) or not NAME.fullmatch(ref) or os.path.exists(ref):
         return None
     path = _path(ref)
     if not path.is_file():

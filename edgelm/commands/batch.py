@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
     from edgelm.modelfile import find
 
     # a name made by `edgelm create`: its model, adapters, template, defaults and preamble, under the flags
-    profile = None if args.model is None or Path(args.model).exists() else find(args.model)
+    profile = find(args.model)
     base = {**(profile.sampling if profile else {}), **sampling_from_args(args)}
     SamplingParams.from_kwargs(**base)
     items = read_prompts(args.prompts)

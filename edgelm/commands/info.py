@@ -139,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata", action="store_true", help="dump the metadata (long arrays shortened)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
-    from pathlib import Path
-
     from edgelm.modelfile import find
 
-    profile = None if Path(args.model).exists() else find(args.model)
+    profile = find(args.model)
     if args.modelfile:
         if profile is None:
             from edgelm.errors import UsageError

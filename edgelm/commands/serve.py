@@ -51,12 +51,9 @@ def main(argv: list[str]) -> int:
         from edgelm.runtime.backend import set_verbose
 
         set_verbose(True)
-    import os
-
     from edgelm.modelfile import find
 
-    # a name made by `edgelm create`: its model and settings, under what the command line gives
-    profile = None if args.model is None or os.path.exists(args.model) else find(args.model)
+    profile = find(args.model)  # a name made by `edgelm create`: its model and settings, under the flags
     named = profile.load if profile else {}
     options = ServerOptions(model=profile.model if profile else args.model, api_key=args.api_key,
                             cors_origins=tuple(args.cors), n_parallel=args.parallel,
