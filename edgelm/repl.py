@@ -55,8 +55,9 @@ class ChatSession:
     def fitted(self, messages: list[dict]) -> list[dict]:
         """`messages` without their oldest turns (never the system message or the newest message), so that the
         conversation leaves room for a reply in the context, as Ollama does."""
-        n_ctx = self.model.n_ctx
-        room = n_ctx - min(self.sampling.get("max_tokens") or 256, n_ctx // 2)
+        n_ctx, profile = self.model.n_ctx, getattr(self.model, "profile", None)
+        reply = self.sampling.get("max_tokens") or (profile.sampling.get("max_tokens") if profile else None) or 256
+        room = n_ctx - min(reply, n_ctx // 2)
         first = 1 if messages and messages[0]["role"] == "system" else 0
         messages = list(messages)
         while len(messages) - first > 1 and self.n_tokens(messages) > room:

@@ -31,9 +31,6 @@ class LoraSpec:
     path: Path | str  # a file, or an hf://owner/repo/file.gguf reference fetched into the Hub cache
     scale: float = 1.0
 
-    def __str__(self) -> str:
-        return f"{self.path}" if self.scale == 1.0 else f"{self.path} (scale {self.scale:g})"
-
 
 def lora_specs(value) -> tuple[LoraSpec, ...]:
     """`lora=` as the API takes it: a path, a (path, scale) pair, or a list of either."""
@@ -82,7 +79,7 @@ def check_adapter(adapter: GGUFFile, base: Iterable[GGUFFile], path: Path) -> No
     weights: dict[str, TensorInfo] = {t.name: t for f in base for t in f.tensors}
     pairs: dict[str, dict[str, TensorInfo]] = {}
     for t in adapter.tensors:
-        target, dot, suffix = t.name.rpartition(".")
+        target, _, suffix = t.name.rpartition(".")
         if suffix not in ("lora_a", "lora_b"):
             if t.name.endswith("_norm.weight"):
                 continue  # llama.cpp skips norm vectors in adapters
