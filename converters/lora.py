@@ -28,7 +28,7 @@ from edgelm.errors import ConversionError
 from .arch import Arch, HParams, arch_for
 from .checkpoint import TensorRef, _DTYPES, _read_safetensors_header
 from .convert import ConvertResult
-from .export import OUTTYPES, PlannedTensor, tensor_type, write_gguf
+from .export import PlannedTensor, tensor_type, write_gguf
 
 ADAPTER_CONFIG = "adapter_config.json"
 # base_model.model.<module>.lora_A.weight; older PEFT versions kept the adapter's name (lora_A.default.weight)
@@ -89,6 +89,9 @@ class PeftAdapter:
                                   "weights, which a GGUF LoRA cannot hold; merge the adapter instead")
         if c.get("lora_bias"):
             raise ConversionError(f"{self.path}: lora_bias adapters are not supported by llama.cpp's LoRA")
+        for key in ("layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens"):
+            if c.get(key):
+                raise ConversionError(f"{self.path}: {key} adapters are not supported by llama.cpp's LoRA")
         for key in ("r", "lora_alpha"):
             value = c.get(key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
