@@ -14,7 +14,8 @@ from .runtime.backend import release_workers, running_graphs
 from .runtime.chat import chat_tokens, template_for
 from .runtime.context import Context, ContextOptions
 from .runtime.generate import REUSE, Chunk, Completion, Timings, collect, generate, stream, text_stream
-from .runtime.model import LlamaModel, LoadOptions
+from .runtime.memory import ensure_fits
+from .runtime.model import LlamaModel, LoadOptions, resolve_model
 from .runtime.sampling import SamplingParams
 from .runtime.early_exit import EARLY_EXIT_BATCH, EarlyExit
 from .runtime.speculative import (DRAFT_MAX, THRESHOLD, ContextVerifier, DraftModel, Lookup, SpecStats,
@@ -37,7 +38,7 @@ class Model:
                  prompt_cache_bytes: int = DEFAULT_DISK_BYTES, response_cache: "bool | ResponseCache" = False,
                  kv_reuse: str = "exact", early_exit: bool | int | None = None, draft: str | os.PathLike | None = None,
                  lookup: bool = False, draft_max: int = DRAFT_MAX, draft_threshold: float = THRESHOLD,
-                 warmup: bool = True, lora=None, profile=None):
+                 warmup: bool = True, lora=None, profile=None, memory_check: bool = True):
         if truncate not in TRUNCATE:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
         if kv_reuse not in REUSE:
@@ -51,6 +52,11 @@ class Model:
         load = LoadOptions(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock)
         ctx_options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, flash_attn=flash_attn,
                                      type_k=type_k, type_v=type_v)
+        ctx_options.validate()
+        path = resolve_model(path)  # once: an hf:// reference asks the Hub (or its cache) here
+        if memory_check:  # a model too large for this machine is a clear error, not an OOM kill (runtime/memory.py)
+            ensure_fits(path, n_ctx=n_ctx, n_batch=n_batch, type_k=type_k, type_v=type_v, n_gpu_layers=n_gpu_layers,
+                        flash_attn=flash_attn)
         self._pair = self._draft_ctx = self.early_exit = None  # _pair: the early-exit draft and tail
         if self.speculative.early_exit not in (None, False):
             if lora is not None:
@@ -107,9 +113,7 @@ class Model:
     def _load_early_exit(self, path, load: LoadOptions, ctx_options: ContextOptions) -> None:
         from .gguf_reader import read_gguf
         from .native import Capture
-        from .runtime.model import resolve_model
-
-        split = choose_split(resolve_model(path), self.speculative.early_exit)
+        split = choose_split(path, self.speculative.early_exit)
         self.early_exit = split
         self.llama = LlamaModel(split.paths.draft, load, parts=[split.paths.shared])
         shared = read_gguf(split.paths.shared, keep_arrays=False)

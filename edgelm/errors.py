@@ -34,6 +34,10 @@ class ConversionError(EdgelmError):
     """A checkpoint that cannot be converted (missing files, unknown architecture, bad tensors)."""
 
 
+class InsufficientMemoryError(EdgelmError):
+    """A model and context that would not fit in the memory available (checked before llama.cpp allocates)."""
+
+
 class ContextOverflowError(EdgelmError):
     """A prompt longer than the context window."""
 

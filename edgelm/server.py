@@ -30,7 +30,8 @@ from .engine import POLL_S, Engine, EngineOptions, QueueFullError
 from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
 from .metrics import Metrics, prometheus_text
 from .runtime.chat import chat_tokens, template_for, template_kwargs
-from .runtime.model import LlamaModel, LoadOptions
+from .runtime.memory import ensure_fits
+from .runtime.model import LlamaModel, LoadOptions, resolve_model
 from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason,
                          sampling_params)
 from .llama_server_api import add_routes as add_llama_server_routes
@@ -66,6 +67,7 @@ class ServerOptions:
     chat_template: str | None = None  # a built-in name or Jinja source instead of the model's own
     alias: str | None = None  # the model's name in /v1/models and answers (default: the file's stem)
     profile: Any = None  # a named model (edgelm/modelfile.py): its sampling defaults and chat preamble
+    memory_check: bool = True  # refuse a model and context larger than the memory available (runtime/memory.py)
 
 
 class Server:
@@ -73,7 +75,12 @@ class Server:
 
     def __init__(self, options: ServerOptions):
         self.options = options
-        self.llama = LlamaModel(options.model, LoadOptions(n_gpu_layers=options.n_gpu_layers),
+        model = resolve_model(options.model)  # once: an hf:// reference asks the Hub (or its cache) here
+        if options.memory_check:  # the engine's one context holds every slot's cells
+            ensure_fits(model, n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch,
+                        type_k=options.type_k, type_v=options.type_v, n_gpu_layers=options.n_gpu_layers,
+                        flash_attn=options.flash_attn)
+        self.llama = LlamaModel(model, LoadOptions(n_gpu_layers=options.n_gpu_layers),
                                 lora=options.lora or None)
         self.template = template_for(self.llama, options.chat_template)  # a bad template fails before serving
         self.model_id = options.alias or (options.profile.name if options.profile else self.llama.path.stem)

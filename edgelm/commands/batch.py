@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_lora_arguments(p)
     add_template_arguments(p)
+    p.add_argument("--no-mem-check", action="store_true",
+                   help="run even when the model and its contexts look larger than the memory available")
     add_sampling_arguments(p)
     return p
 
@@ -103,7 +105,14 @@ def main(argv: list[str]) -> int:
 
     # the weights and vocabulary only: the engine makes the one context (and KV cache) that decodes
     lora = lora_from_args(args) or (list(profile.adapters) if profile else None)
-    with LlamaModel(profile.model if profile else args.model, LoadOptions(), lora=lora) as llama:
+    from edgelm.runtime.model import resolve_model
+
+    model = resolve_model(profile.model if profile else args.model)  # once: hf:// asks the Hub here
+    if not args.no_mem_check:
+        from edgelm.runtime.memory import ensure_fits
+
+        ensure_fits(model, n_ctx=args.ctx * args.parallel)
+    with LlamaModel(model, LoadOptions(), lora=lora) as llama:
         template = template_for(llama, template_from_args(args) or (profile.template if profile else None))
         preamble = profile.preamble if profile else (lambda messages: messages)
         requests = []

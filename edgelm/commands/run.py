@@ -131,11 +131,13 @@ def add_context_arguments(p) -> None:
     p.add_argument("-ctv", "--cache-type-v", default="f16", help="KV cache type of values (the same types)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the throw-away decode at load that lets the first request run at full speed")
+    p.add_argument("--no-mem-check", action="store_true",
+                   help="load even when the model and context look larger than the memory available")
 
 
 def context_from_args(args) -> dict:
     return {"flash_attn": FLASH_ATTN[args.flash_attn], "type_k": args.cache_type_k, "type_v": args.cache_type_v,
-            "warmup": not args.no_warmup}
+            "warmup": not args.no_warmup, "memory_check": not args.no_mem_check}
 
 
 def add_template_arguments(p) -> None:

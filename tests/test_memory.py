@@ -1,0 +1,73 @@
+"""Memory-fit checks (edgelm/runtime/memory.py): the estimate against llama.cpp's own buffer sizes, and a load
+that would not fit refused before llama.cpp allocates anything."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import edgelm
+from edgelm.errors import InsufficientMemoryError
+from edgelm.gguf_reader import read_gguf
+from edgelm.runtime import memory
+from edgelm.runtime.model import default_model_path
+
+MIB = 1 << 20
+
+
+def llama_cpp_sizes(model, *flags: str) -> tuple[float, float]:
+    """(KV cache MiB, compute buffer MiB) as llama.cpp's own log reports them for `edgelm run --verbose`."""
+    r = subprocess.run([sys.executable, "-m", "edgelm", "run", str(model), "--verbose", "-p", "x", "-n", "1",
+                        "--threads", "2", *flags], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kv = re.search(r"llama_kv_cache: size =\s*([0-9.]+) MiB", r.stderr)
+    compute = re.search(r"CPU compute buffer size =\s*([0-9.]+) MiB", r.stderr)
+    return float(kv.group(1)), float(compute.group(1))
+
+
+@pytest.mark.parametrize("which, ctx, flags", [
+    ("small", 2048, ()),
+    ("small", 4096, ("-ctk", "q8_0", "-ctv", "q8_0")),
+    ("small", 1024, ("-fa", "off", "-ctk", "f32")),
+    ("tiny", 512, ()),
+])
+def test_estimate_against_llama_cpp(tiny_gguf, which, ctx, flags):
+    model = default_model_path() if which == "small" else tiny_gguf["q8_0"]
+    kv, compute = llama_cpp_sizes(model, "--ctx", str(ctx), *flags)
+    opts = dict(zip(flags[::2], flags[1::2]))
+    est = memory.estimate([read_gguf(model, keep_arrays=False)], n_ctx=ctx, type_k=opts.get("-ctk", "f16"),
+                          type_v=opts.get("-ctv", "f16"), flash_attn=False if opts.get("-fa") == "off" else None)
+    assert est.kv / MIB == pytest.approx(kv, abs=0.01)  # the KV cache exactly
+    assert compute <= est.compute / MIB <= 1.5 * compute  # the compute buffer from above, not far
+    assert est.weights == sum(t.n_bytes for t in read_gguf(model, keep_arrays=False).tensors)
+
+
+def test_a_load_that_would_not_fit_is_refused_before_llama_cpp(monkeypatch):
+    monkeypatch.setattr(memory, "available", lambda: 40 * MIB)  # a small board's free memory
+    with pytest.raises(InsufficientMemoryError, match=r"needs about .* \(weights .*KV cache 16 MiB for 2,048 "
+                                                      r"tokens.*but 40 MiB is available"):
+        edgelm.load(n_ctx=2048)
+    with edgelm.load(n_ctx=2048, n_threads=2, memory_check=False) as m:  # the caller's call
+        assert m.generate("def f():", max_tokens=2, temperature=0).timings.completion_tokens == 2
+    with edgelm.load(n_ctx=256, n_threads=2) as m:  # a context that fits
+        assert m.n_ctx == 256
+
+
+def test_gpu_offload_takes_layers_off_the_host_estimate():
+    g = read_gguf(default_model_path(), keep_arrays=False)
+    host = memory.estimate([g], n_ctx=2048)
+    half = memory.estimate([g], n_ctx=2048, n_gpu_layers=8)
+    assert half.weights < host.weights and half.kv == host.kv // 2
+
+
+@pytest.mark.parametrize("command", [("run", "-p", "hi"), ("serve",), ("batch", "x.jsonl", "-o", "y.jsonl")])
+def test_cli_refuses_in_one_line(command, tmp_path):
+    if command[0] == "batch":
+        (tmp_path / "x.jsonl").write_text('"hi"\n')
+    r = subprocess.run([sys.executable, "-m", "edgelm", *command, "--ctx", "50000000"], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert "needs about" in line and "is available" in line and "--no-mem-check" in line
