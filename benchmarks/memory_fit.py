@@ -55,7 +55,7 @@ def measure(model: Path, n_ctx: int) -> dict:
     compute = re.search(r"CPU compute buffer size =\s*([0-9.]+) MiB", r.stderr)
     est = estimate([read_gguf(model, keep_arrays=False)], n_ctx=n_ctx)
     return {"model": model.name, "n_ctx": n_ctx, "estimate": est.total, "weights": est.weights, "kv": est.kv,
-            "compute": est.compute, "gained": gained, "llama_kv": float(kv.group(1)) * MIB,
+            "compute": est.compute, "runtime": est.runtime, "gained": gained, "llama_kv": float(kv.group(1)) * MIB,
             "llama_compute": float(compute.group(1)) * MIB}
 
 
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(model, n_ctx))
     mib = lambda n: f"{n / MIB:,.1f}"  # noqa: E731
     table = markdown_table(
-        ["model", "context", "estimate MiB (weights + KV + compute)", "llama.cpp KV / compute MiB",
+        ["model", "context", "estimate MiB (weights + KV + compute + edgelm)", "llama.cpp KV / compute MiB",
          "measured peak gain MiB", "estimate / measured"],
         [[r["model"], f"{r['n_ctx']:,}", f"{mib(r['estimate'])} ({mib(r['weights'])} + {mib(r['kv'])} + "
-          f"{mib(r['compute'])})", f"{mib(r['llama_kv'])} / {mib(r['llama_compute'])}", mib(r["gained"]),
+          f"{mib(r['compute'])} + {mib(r['runtime'])})", f"{mib(r['llama_kv'])} / {mib(r['llama_compute'])}", mib(r["gained"]),
           f"{r['estimate'] / r['gained']:.2f}"] for r in rows])
     doc = f"""# Memory-fit estimate against measured memory
 
