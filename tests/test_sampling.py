@@ -342,3 +342,23 @@ def test_greedy_with_a_bias_picks_what_llama_cpps_chain_picks(tiny_model):
         finally:
             lib.llama_sampler_free(chain)
             ours.close()
+
+
+def test_biased_argmax_without_a_copy_equals_the_copy():
+    """The greedy fast path with a logit bias (runtime.sampling.biased_argmax) against the plain definition, on
+    rows with ties, bans, boosts and everything banned."""
+    from edgelm.runtime.sampling import biased_argmax
+
+    def reference(row, ids, bias):
+        biased = row.copy()
+        biased[ids] += bias
+        return int(biased.argmax()) if biased.max() > -np.inf else None
+
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        row = rng.integers(-3, 4, size=12).astype(np.float32)  # small integers: many ties
+        ids = rng.choice(12, size=int(rng.integers(1, 6)), replace=False)
+        bias = rng.choice([-np.inf, -2.0, -1.0, 0.0, 1.0, 3.0], size=len(ids)).astype(np.float32)
+        assert biased_argmax(row, ids, bias) == reference(row, ids, bias), (row, ids, bias)
+    row = np.zeros(4, np.float32)
+    assert biased_argmax(row, np.arange(4), np.full(4, -np.inf, np.float32)) is None

@@ -196,6 +196,24 @@ def add_truncation_and_temperature(add, p: SamplingParams) -> None:
     add(lib.llama_sampler_init_temp(float(p.temperature)))
 
 
+def biased_argmax(row: np.ndarray, ids: np.ndarray, bias: np.ndarray) -> int | None:
+    """argmax(row + bias at ids), first of equal maxima, None when every token is banned; without copying the
+    row when its own maximum is not a biased token (a copy of a 152k-token row costs ~0.2 ms a step)."""
+    best = int(row.argmax())
+    if not (ids == best).any():  # the unbiased maximum stands unless a biased token now reaches it
+        values = row[ids] + bias
+        top = values.max()
+        if top < row[best]:
+            return best
+        first = int(ids[values == top].min())
+        if top == row[best]:
+            return min(first, best) if top > -np.inf else None
+        return first
+    row = row.copy()
+    row[ids] += bias
+    return int(row.argmax()) if row.max() > -np.inf else None
+
+
 class SamplerChain:
     """llama.cpp samplers owned by Python, freed with the object.
 
@@ -271,10 +289,7 @@ class SamplerChain:
                 raise UsageError(f"no logits for output {index} of the last decode")
             row = np.frombuffer(self._argmax_row.from_address(ctypes.addressof(logits.contents)), dtype=np.float32)
             if self._biased is not None:
-                row = row.copy()
-                row[self._biased[0]] += self._biased[1]
-                if not row.max() > -np.inf:
-                    return None  # every token banned
+                return biased_argmax(row, *self._biased)
             return int(row.argmax())  # first of equal maxima, as llama.cpp's greedy sampler
         if self._plain:  # one C call
             return lib.llama_sampler_sample(self._tail, ctx_ptr, index)
