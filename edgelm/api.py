@@ -38,7 +38,8 @@ class Model:
                  prompt_cache_bytes: int = DEFAULT_DISK_BYTES, response_cache: "bool | ResponseCache" = False,
                  kv_reuse: str = "exact", early_exit: bool | int | None = None, draft: str | os.PathLike | None = None,
                  lookup: bool = False, draft_max: int = DRAFT_MAX, draft_threshold: float = THRESHOLD,
-                 warmup: bool = True, lora=None, profile=None, memory_check: bool = True):
+                 warmup: bool = True, lora=None, control=None, control_range: tuple[int, int] | None = None,
+                 profile=None, memory_check: bool = True):
         if truncate not in TRUNCATE:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
         if kv_reuse not in REUSE:
@@ -59,11 +60,12 @@ class Model:
                         flash_attn=flash_attn)
         self._pair = self._draft_ctx = self.early_exit = None  # _pair: the early-exit draft and tail
         if self.speculative.early_exit not in (None, False):
-            if lora is not None:
-                raise UsageError("lora adapters do not apply to an early-exit split; use a draft model or lookup")
+            if lora is not None or control is not None:
+                raise UsageError("LoRA adapters and control vectors do not apply to an early-exit split; "
+                                 "use a draft model or lookup")
             self._load_early_exit(path, load, ctx_options)
         else:
-            self.llama = LlamaModel(path, load, lora=lora)
+            self.llama = LlamaModel(path, load, lora=lora, control=control, control_range=control_range)
             self.ctx = Context(self.llama, ctx_options)
         if self.speculative.draft is not None:
             draft_model = LlamaModel(self.speculative.draft, load)

@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": "measure prompt and generation speed",
     "perplexity": "perplexity of a model on a text, from llama.cpp's logits",
     "exits": "per-layer early-exit agreement and predicted speedup; write an early-exit split",
+    "cvector": "make a control vector (a steering direction per layer) from contrasting prompts",
     "pull": "download a model from the Hugging Face Hub into its cache",
     "create": "name a model with its adapters, parameters and system message, from an Ollama-style Modelfile",
     "list": "list the bundled model, named models and the GGUF models in the Hugging Face cache",

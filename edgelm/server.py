@@ -68,6 +68,8 @@ class ServerOptions:
     alias: str | None = None  # the model's name in /v1/models and answers (default: the file's stem)
     profile: Any = None  # a named model (edgelm/modelfile.py): its sampling defaults and chat preamble
     memory_check: bool = True  # refuse a model and context larger than the memory available (runtime/memory.py)
+    control: Any = None  # control vectors: paths or (path, scale) pairs (runtime/control.py)
+    control_range: tuple[int, int] | None = None
 
 
 class Server:
@@ -80,8 +82,8 @@ class Server:
             ensure_fits(model, n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch,
                         type_k=options.type_k, type_v=options.type_v, n_gpu_layers=options.n_gpu_layers,
                         flash_attn=options.flash_attn)
-        self.llama = LlamaModel(model, LoadOptions(n_gpu_layers=options.n_gpu_layers),
-                                lora=options.lora or None)
+        self.llama = LlamaModel(model, LoadOptions(n_gpu_layers=options.n_gpu_layers), lora=options.lora or None,
+                                control=options.control, control_range=options.control_range)
         self.template = template_for(self.llama, options.chat_template)  # a bad template fails before serving
         self.model_id = options.alias or (options.profile.name if options.profile else self.llama.path.stem)
         self.defaults = options.profile.sampling if options.profile else {}  # under each request's own fields

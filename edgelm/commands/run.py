@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     m.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
     add_lora_arguments(m)
+    add_control_arguments(m)
     add_template_arguments(m)
     add_context_arguments(m)
     m.add_argument("--truncate", choices=("error", "left"), default="error",
@@ -164,14 +165,38 @@ def add_lora_arguments(p) -> None:
                    help="apply a LoRA adapter with a user-defined scale (repeatable)")
 
 
+def add_control_arguments(p) -> None:
+    """llama.cpp's --control-vector FILE, --control-vector-scaled FILE SCALE, --control-vector-layer-range A B."""
+    p.add_argument("--control-vector", metavar="FILE", action="append", default=[],
+                   help="add a control vector to the layers' outputs (repeatable; `edgelm cvector` makes one)")
+    p.add_argument("--control-vector-scaled", metavar=("FILE", "SCALE"), nargs=2, action="append", default=[],
+                   help="the same with a scale (repeatable; vectors add up)")
+    p.add_argument("--control-vector-layer-range", metavar=("START", "END"), nargs=2, type=int,
+                   help="steer layers START..END only (default: all but the first)")
+
+
+def control_from_args(args) -> dict:
+    """The control vectors as load() options ({} when none)."""
+    pairs = [(path, 1.0) for path in args.control_vector] + [
+        (path, _number(scale, f"--control-vector-scaled {path} {scale}")) for path, scale in args.control_vector_scaled]
+    if not pairs:
+        if args.control_vector_layer_range:
+            raise UsageError("--control-vector-layer-range needs a control vector")
+        return {}
+    return {"control": pairs, "control_range": tuple(args.control_vector_layer_range or ()) or None}
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"{what}: the scale must be a number") from None
+
+
 def lora_from_args(args) -> list | None:
     """--lora and --lora-scaled as the API's lora= list (None: no adapters)."""
     pairs = [(path, 1.0) for path in args.lora]
-    for path, scale in args.lora_scaled:
-        try:
-            pairs.append((path, float(scale)))
-        except ValueError:
-            raise UsageError(f"--lora-scaled {path} {scale}: the scale must be a number") from None
+    pairs += [(path, _number(scale, f"--lora-scaled {path} {scale}")) for path, scale in args.lora_scaled]
     return pairs or None
 
 
@@ -253,7 +278,8 @@ def main(argv: list[str]) -> int:
     given = {"n_ctx": args.ctx, "n_threads": args.threads, "lora": lora_from_args(args),
              "chat_template": template_from_args(args)}
     with edgelm.load(args.model, n_gpu_layers=args.gpu_layers, truncate=args.truncate,
-                     **{k: v for k, v in given.items() if v is not None}, **context_from_args(args), **caching,
+                     **{k: v for k, v in given.items() if v is not None}, **control_from_args(args),
+                     **context_from_args(args), **caching,
                      **speculative_from_args(args)) as model:
         if interactive:
             from edgelm.repl import ChatSession, repl

@@ -84,6 +84,8 @@ class Context:
             raise ModelLoadError(f"{model.path}: llama.cpp could not create a context of {params.n_ctx} tokens")
         if model.lora is not None:
             model.lora.apply(self._ptr)
+        if model.control is not None:
+            model.control.apply(self._ptr)
         self.n_ctx = lib.llama_n_ctx(self._ptr)
         self.n_batch = lib.llama_n_batch(self._ptr)
         self.memory = lib.llama_get_memory(self._ptr)

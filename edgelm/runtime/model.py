@@ -58,14 +58,15 @@ class LlamaModel:
 
     def __init__(self, path: str | os.PathLike | None = None, options: LoadOptions | None = None, *,
                  parts: list[Path] | None = None, unused: tuple[str, ...] = (), metadata_arrays: bool = True,
-                 lora=None):
+                 lora=None, control=None, control_range: tuple[int, int] | None = None):
         """`parts`: the later files of a split model whose first file is `path` (split.no 1, 2, ...).
         `unused`: tensors this model never reads (an early-exit tail's token_embd), whose pages of the
         memory map are released after load so they do not count in RSS twice (see release_unused).
         `metadata_arrays=False`: keep no tokenizer arrays in Python (a model loaded for its weights only, such as
         an early-exit tail, whose vocabulary the draft already holds; llama.cpp still reads them).
         `lora`: LoRA adapters every context of this model applies (runtime/lora.py: a path, (path, scale), or a
-        list of them)."""
+        list of them); `control`: control vectors in the same shapes, over `control_range` (first, last layer)
+        (runtime/control.py)."""
         self.options = options or LoadOptions()
         self.path = resolve_model(path)
         self.gguf: GGUFFile = read_gguf(self.path, keep_arrays=metadata_arrays)
@@ -102,6 +103,11 @@ class LlamaModel:
         if unused and self.options.use_mmap and not self.options.use_mlock:
             release_unused([self.path, *self.parts], set(unused), before)
         self.lora = LoraAdapters(self, specs, [self.gguf, *part_infos]) if specs else None
+        self.control = None
+        if control is not None:
+            from .control import control_vector
+
+            self.control = control_vector(control, self.n_embd, self.n_layer, control_range)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -143,9 +149,11 @@ class LlamaModel:
     def fingerprint(self) -> str:
         """What caches key their entries by: see GGUFFile.fingerprint (and the LoRA adapters, which change
         every KV state and answer)."""
-        if self.lora is None:
+        if self.lora is None and self.control is None:
             return self.gguf.fingerprint()
-        return hashlib.sha256(f"{self.gguf.fingerprint()}+lora:{self.lora.fingerprint}".encode()).hexdigest()
+        lora = self.lora.fingerprint if self.lora else ""
+        control = self.control.fingerprint if self.control else ""
+        return hashlib.sha256(f"{self.gguf.fingerprint()}+lora:{lora}+control:{control}".encode()).hexdigest()
 
     @property
     def chat_template(self) -> str | None:
