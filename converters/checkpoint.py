@@ -76,6 +76,29 @@ def _read_safetensors_header(path: Path) -> list[TensorRef]:
     return refs
 
 
+def read_array(buf, ref: TensorRef, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """A tensor, or rows [lo, hi) of it, from the mapped safetensors file `buf` as float32 (a copy)."""
+    np_dtype, _ = _DTYPES[ref.dtype]
+    raw = np.frombuffer(buf, dtype=np_dtype, count=ref.n_elements, offset=ref.start).reshape(ref.shape)
+    if rows is not None:
+        raw = raw[rows[0]:rows[1]]
+    if ref.dtype == "BF16":  # widen into the high half in place: one 4-byte copy, not two
+        wide = raw.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
+    return raw.astype(np.float32)
+
+
+def sha256_files(paths) -> str:
+    """sha256 over the files' bytes, in order."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 @dataclass
 class Checkpoint:
     """A transformers checkpoint directory."""
@@ -122,16 +145,7 @@ class Checkpoint:
         if name in self._pickled:
             t = self._pickled[name]
             return (t if rows is None else t[rows[0]:rows[1]]).float().numpy()  # type: ignore[attr-defined]
-        np_dtype, _ = _DTYPES[ref.dtype]
-        raw = np.frombuffer(self._map(ref.file), dtype=np_dtype, count=ref.n_elements, offset=ref.start)
-        raw = raw.reshape(ref.shape)
-        if rows is not None:
-            raw = raw[rows[0]:rows[1]]
-        if ref.dtype == "BF16":  # widen into the high half in place: one 4-byte copy, not two
-            wide = raw.astype(np.uint32)
-            wide <<= 16
-            return wide.view(np.float32)
-        return raw.astype(np.float32)
+        return read_array(self._map(ref.file), ref, rows)
 
     def release(self, name: str) -> None:
         """Drop a tensor's mapped pages from this process's resident set (they stay in the page cache)."""
@@ -177,12 +191,7 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         """sha256 of config.json and every weight file: the provenance written into the GGUF."""
-        h = hashlib.sha256((self.path / "config.json").read_bytes())
-        for f in sorted({ref.file for ref in self.tensors.values()}):
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+        return sha256_files([self.path / "config.json", *sorted({ref.file for ref in self.tensors.values()})])
 
     def close(self) -> None:
         for mm in self._maps.values():

@@ -26,7 +26,7 @@ from edgelm._version import __version__
 from edgelm.errors import ConversionError
 
 from .arch import Arch, HParams, arch_for
-from .checkpoint import TensorRef, _DTYPES, _read_safetensors_header
+from .checkpoint import TensorRef, _read_safetensors_header, read_array, sha256_files
 from .convert import ConvertResult
 from .export import PlannedTensor, tensor_type, write_gguf
 
@@ -137,26 +137,16 @@ class PeftAdapter:
         return pairs
 
     def array(self, ref: TensorRef) -> np.ndarray:
-        if self._map is None:
+        if self._map is None:  # one file: adapter_model.safetensors
             self._map = np.memmap(ref.file, dtype=np.uint8, mode="r")
-        np_dtype, size = _DTYPES[ref.dtype]
-        raw = np.frombuffer(self._map, dtype=np_dtype, count=ref.n_elements, offset=ref.start).reshape(ref.shape)
-        if ref.dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+        return read_array(self._map, ref)
 
     def delta(self, pair: LoraPair) -> np.ndarray:
         """s * B @ A, the change to the module's weight (out, in): what merging adds."""
         return pair.scale * (self.array(pair.b) @ self.array(pair.a))
 
     def fingerprint(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256((self.path / ADAPTER_CONFIG).read_bytes())
-        with open(self.path / "adapter_model.safetensors", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_files([self.path / ADAPTER_CONFIG, self.path / "adapter_model.safetensors"])
 
 
 def base_hparams(base_dir: str | Path) -> tuple[Arch, HParams]:

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from ._version import __version__
 from .errors import ChatTemplateError, ContextOverflowError, UsageError
-from .gguf_reader import describe
+from .gguf_summary import describe
 from .openai_api import APIError
 from .runtime.chat import chat_tokens
 from .runtime.sampling import SamplingParams

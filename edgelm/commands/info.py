@@ -6,7 +6,8 @@ import json
 import math
 from typing import Any
 
-from edgelm.gguf_reader import describe, format_count, read_gguf
+from edgelm.gguf_reader import format_count, read_gguf
+from edgelm.gguf_summary import describe
 
 ARRAY_PREVIEW = 8  # items kept from long arrays such as tokenizer.ggml.tokens
 STRING_PREVIEW = 72  # characters of a string value shown in the text dump

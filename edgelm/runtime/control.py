@@ -17,8 +17,8 @@ from pathlib import Path
 import llama_cpp as lib
 import numpy as np
 
-from edgelm.errors import GGUFError, ModelLoadError, ModelNotFoundError, UsageError
-from edgelm.gguf_reader import read_gguf
+from edgelm.errors import GGUFError, ModelLoadError, UsageError
+from edgelm.gguf_reader import GGUFFile, read_gguf
 
 ARCH = "controlvector"
 
@@ -41,9 +41,9 @@ class ControlVector:
             raise ModelLoadError("llama.cpp could not set the control vector on a context")
 
 
-def read_directions(path: Path, n_embd: int, n_layer: int) -> dict[int, np.ndarray]:
+def read_directions(info: GGUFFile, n_embd: int, n_layer: int) -> dict[int, np.ndarray]:
     """layer -> direction of one control-vector file, checked as llama.cpp's loader would (before it reads it)."""
-    info = read_gguf(path)
+    path = info.path
     out = {}
     for t in info.tensors:
         prefix, _, layer = t.name.partition(".")
@@ -62,20 +62,15 @@ def read_directions(path: Path, n_embd: int, n_layer: int) -> dict[int, np.ndarr
 
 def control_vector(value, n_embd: int, n_layer: int, layer_range: tuple[int, int] | None = None) -> ControlVector:
     """`control=` as the API takes it (a path, (path, scale), or a list of them) as one summed vector."""
-    from .lora import lora_specs  # the same argument shapes as lora=
+    from .lora import lora_specs, resolve_spec  # the same argument shapes as lora=
 
-    specs = lora_specs(value)
     total = np.zeros((n_layer - 1, n_embd), np.float32)
     h = hashlib.sha256()
-    for spec in specs:
-        if isinstance(spec.path, Path) and not spec.path.is_file():
-            raise ModelNotFoundError(f"{spec.path}: no such control vector file")
-        from .model import resolve_model
-
-        path = resolve_model(spec.path)
-        for il, direction in read_directions(path, n_embd, n_layer).items():
+    for spec in lora_specs(value, "control"):
+        info = read_gguf(resolve_spec(spec, "control vector"))
+        for il, direction in read_directions(info, n_embd, n_layer).items():
             total[il - 1] += spec.scale * direction
-        h.update(f"{read_gguf(path, keep_arrays=False).fingerprint()}*{spec.scale!r}\n".encode())
+        h.update(f"{info.fingerprint()}*{spec.scale!r}\n".encode())
     start, end = layer_range or (1, n_layer - 1)
     if not (isinstance(start, int) and isinstance(end, int) and 1 <= start <= end <= n_layer - 1):
         raise UsageError(f"control vector layer range {start}..{end}: layers 1..{n_layer - 1} of this model")

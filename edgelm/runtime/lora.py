@@ -32,34 +32,43 @@ class LoraSpec:
     scale: float = 1.0
 
 
-def lora_specs(value) -> tuple[LoraSpec, ...]:
-    """`lora=` as the API takes it: a path, a (path, scale) pair, or a list of either."""
+def lora_specs(value, what: str = "lora") -> tuple[LoraSpec, ...]:
+    """`lora=` (or `control=`, named by `what`) as the API takes it: a path, a (path, scale) pair, or a list."""
     if value is None:
         return ()
     if isinstance(value, (str, os.PathLike, LoraSpec)) or (isinstance(value, tuple) and len(value) == 2
                                                           and not isinstance(value[1], (str, os.PathLike))):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise UsageError(f"lora must be a path, a (path, scale) pair or a list of them, not {type(value).__name__}")
+        raise UsageError(f"{what} must be a path, a (path, scale) pair or a list of them, not {type(value).__name__}")
     specs = []
     for item in value:
         if isinstance(item, LoraSpec):
             specs.append(item)
             continue
-        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else _pair(item)
+        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else _pair(item, what)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise UsageError(f"lora scale must be a finite number, not {scale!r}")
+            raise UsageError(f"{what} scale must be a finite number, not {scale!r}")
         ref = path if isinstance(path, str) and path.startswith("hf://") else Path(path).expanduser()
         specs.append(LoraSpec(ref, float(scale)))
     if len({s.path if isinstance(s.path, str) else s.path.resolve() for s in specs}) != len(specs):
-        raise UsageError("lora: the same adapter is given twice")
+        raise UsageError(f"{what}: the same file is given twice")
     return tuple(specs)
 
 
-def _pair(item):
+def _pair(item, what: str):
     if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], (str, os.PathLike)):
-        raise UsageError(f"lora entries are paths or (path, scale) pairs, not {item!r}")
+        raise UsageError(f"{what} entries are paths or (path, scale) pairs, not {item!r}")
     return item
+
+
+def resolve_spec(spec: LoraSpec, what: str) -> Path:
+    """The spec's file: a local one must exist; an hf:// reference downloads here."""
+    from .model import resolve_model
+
+    if isinstance(spec.path, Path) and not spec.path.is_file():
+        raise ModelNotFoundError(f"{spec.path}: no such {what} file")
+    return resolve_model(spec.path)
 
 
 def check_adapter(adapter: GGUFFile, base: Iterable[GGUFFile], path: Path) -> None:
@@ -109,13 +118,9 @@ class LoraAdapters:
 
     def __init__(self, model: "LlamaModel", specs: tuple[LoraSpec, ...], base: list[GGUFFile]):
         self.specs = specs
-        from .model import resolve_model
-
         fingerprints, paths = [], []
         for spec in specs:
-            if isinstance(spec.path, Path) and not spec.path.is_file():
-                raise ModelNotFoundError(f"{spec.path}: no such LoRA adapter file")
-            path = resolve_model(spec.path)  # an hf:// reference downloads here
+            path = resolve_spec(spec, "LoRA adapter")
             info = read_gguf(path, keep_arrays=False)
             check_adapter(info, base, path)
             fingerprints.append(f"{info.fingerprint()}*{spec.scale!r}")
