@@ -26,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", help="JSONL file of prompts")
     p.add_argument("-o", "--output", required=True, help="JSONL file of completions (appended to, resumable)")
-    p.add_argument("-m", "--model", help="GGUF file, hf:// reference or a name from `edgelm create` (default: the bundled model)")
+    p.add_argument("-m", "--model", help="GGUF file, hf:// reference or a name from `edgelm create` "
+                                         "(default: the bundled model)")
     p.add_argument("--parallel", type=int, default=4, help="prompts decoded together (default 4)")
-    p.add_argument("--ctx", type=int, default=2048, help="context of each prompt in tokens")
+    p.add_argument("--ctx", type=int, help="context of each prompt in tokens (default 2048, or a named model's "
+                                             "num_ctx)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_lora_arguments(p)
@@ -89,6 +91,7 @@ def main(argv: list[str]) -> int:
 
     # a name made by `edgelm create`: its model, adapters, template, defaults and preamble, under the flags
     profile = find(args.model)
+    args.ctx = args.ctx or (profile.load.get("n_ctx") if profile else None) or 2048
     base = {**(profile.sampling if profile else {}), **sampling_from_args(args)}
     SamplingParams.from_kwargs(**base)
     items = read_prompts(args.prompts)
