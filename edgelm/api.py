@@ -181,7 +181,8 @@ class Model:
 
     def generate_batch(self, prompts: list[str | list[int]], *, n_parallel: int = 4, **sampling) -> list[Completion]:
         """Complete every prompt, decoding up to `n_parallel` of them together (continuous batching);
-        results come back in the order of `prompts`."""
+        results come back in the order of `prompts`. A model loaded with lookup or a draft model drafts for
+        every stream (edgelm/drafting.py)."""
         from .engine import Engine, EngineOptions
 
         self._no_early_exit("generate_batch")
@@ -193,8 +194,11 @@ class Model:
                                 n_batch=max(self.ctx.n_batch, n_parallel), max_queue=len(token_lists),
                                 max_tokens_cap=max(params.max_tokens, 1), n_threads=self.ctx.options.n_threads,
                                 flash_attn=self.ctx.options.flash_attn, type_k=self.ctx.options.type_k,
-                                type_v=self.ctx.options.type_v)
-        with self._lock, running_graphs(), Engine(self.llama, options, prompt_cache=None, threaded=False) as engine:
+                                type_v=self.ctx.options.type_v, lookup=self.speculative.lookup,
+                                draft_max=self.speculative.draft_max, draft_threshold=self.speculative.threshold)
+        draft = self._draft_ctx.model if self._draft_ctx is not None else None
+        with self._lock, running_graphs(), Engine(self.llama, options, prompt_cache=None, threaded=False,
+                                                  draft_model=draft) as engine:
             requests = engine.submit_many([(tokens, params) for tokens in token_lists])
             engine.run_until_idle()  # in this thread: see Engine's threaded
             return [r.result() for r in requests]

@@ -6,7 +6,8 @@ then builds one batch: prompt chunks of requests being prefilled first (bounded 
 keep flowing), then the pending token of every decoding request. After the decode each request samples from its
 own logits row with its own sampler chain and streams text chunks to its consumer. Finished or
 cancelled requests leave between steps; their KV stays in their slot for a follow-up request that
-shares the prefix, and goes to the prompt cache when one is configured.
+shares the prefix, and goes to the prompt cache when one is configured. With a drafter (prompt lookup or a draft
+model, drafting.py) each decoding stream also brings drafts to the step, verified in the same decode.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import llama_cpp as lib
 
 from .cache.prefix import common_prefix
+from .drafting import Speculation, check_draft_options
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.backend import running_graphs
 from .runtime.canonical import ROW_GROUP, canonical_sequences, reusable
@@ -30,6 +32,7 @@ from .runtime.generate import Chunk, StopMatcher
 from .runtime.logprobs import LogprobReader
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
+from .runtime.speculative import DRAFT_MAX, THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class EngineOptions:
     type_v: str = "f16"
     warmup: bool = True  # one throw-away decode at start (Context.warm_up), as llama-server does
     share_prefill: bool = True  # a request waits for another slot's prefill of its prompt's prefix, and copies it
+    lookup: bool = False  # prompt-lookup drafts for every decoding stream (drafting.py); or Engine(draft_model=)
+    draft_max: int = DRAFT_MAX  # drafts per stream and step, at most
+    draft_threshold: float = THRESHOLD  # a draft model drafts while its top probability is at least this
 
     def validate(self) -> None:
         for name in ("n_parallel", "n_ctx", "n_batch", "max_queue", "max_tokens_cap"):
@@ -53,6 +59,7 @@ class EngineOptions:
                 raise UsageError(f"{name} must be a positive integer, not {value!r}")
         if self.n_batch < self.n_parallel:
             raise UsageError(f"n_batch ({self.n_batch}) must be at least n_parallel ({self.n_parallel})")
+        check_draft_options(self.lookup, None, self.draft_max, self.draft_threshold)
 
 
 class _Slot:
@@ -73,6 +80,7 @@ class _Slot:
         self.logprobs = LogprobReader(model.n_vocab, req.params.logprobs) if req.params.logprobs is not None else None
         self.cursor = reuse  # next prompt position to evaluate
         self.donor = None
+        self.drafts = None  # StreamDrafts when the engine drafts and this request's sampling takes drafts
         self.pending: int | None = None  # sampled, not yet in the KV
         self.n_out = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -92,26 +100,33 @@ class _Slot:
 
 class Engine:
     def __init__(self, model: LlamaModel, options: EngineOptions | None = None, *, prompt_cache=None,
-                 threaded: bool = True):
+                 threaded: bool = True, draft_model: LlamaModel | None = None):
         """threaded=False: no worker thread; the caller drives it with run_until_idle(). Either way one thread
         runs every graph of the engine, its warm-up included: llama.cpp's OpenMP workers decode at half speed
-        or worse while a second thread of the process keeps a pool of them (runtime/backend.py)."""
+        or worse while a second thread of the process keeps a pool of them (runtime/backend.py).
+        draft_model: a model sharing the vocabulary that drafts for every stream (in a context of the engine's)."""
         self.options = options = options or EngineOptions()
         options.validate()
         self.model = model
-        self.ctx = Context(model, ContextOptions(
+        ctx_options = ContextOptions(
             n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch, n_threads=options.n_threads,
             n_seq_max=options.n_parallel, flash_attn=options.flash_attn, type_k=options.type_k,
-            type_v=options.type_v, kv_unified=False))
+            type_v=options.type_v, kv_unified=False)
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0, "prompt_tokens": 0,
+                      "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_tokens": 0, "last_batch": 0,
+                      "shared_prefix_hits": 0, "draft_rounds": 0, "drafted": 0, "draft_accepted": 0}
+        self.speculation = None
+        if options.lookup or draft_model is not None:
+            self.speculation = Speculation(model, ctx_options, lookup=options.lookup, draft_model=draft_model,
+                                           draft_max=options.draft_max, threshold=options.draft_threshold,
+                                           stats=self.stats)
+        self.ctx = Context(model, ctx_options)
         self.prompt_cache = prompt_cache
         self._slots = [_Slot(i) for i in range(options.n_parallel)]
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
         self._closed = False
         self._paused = False  # submit_many holds admission until all its requests are queued
-        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0, "prompt_tokens": 0,
-                      "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_tokens": 0, "last_batch": 0,
-                      "shared_prefix_hits": 0}
         self._calls: deque = deque()  # (function, future) to run on the engine's thread between steps
         self._thread = None
         if threaded:
@@ -119,10 +134,15 @@ class Engine:
             self._thread.start()
         if options.warmup:  # on the thread that decodes: one that only warmed up would keep a pool (runtime/backend.py)
             try:
-                self.call(self.ctx.warm_up).result()
+                self.call(self._warm_up).result()
             except BaseException:
                 self.close()
                 raise
+
+    def _warm_up(self) -> None:
+        self.ctx.warm_up()
+        if self.speculation is not None:
+            self.speculation.warm_up()
 
     # ------------------------------------------------------------ client side
 
@@ -180,6 +200,8 @@ class Engine:
             req._fail(RequestCancelled("the engine was closed"))
         self._queue.clear()
         self.ctx.close()
+        if self.speculation is not None:
+            self.speculation.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -261,6 +283,8 @@ class Engine:
                     self._cancelled_before_start(req)
                     continue
                 slot.start(req, self.model, self.options.n_ctx, self._reuse(slot, req.tokens))
+                if self.speculation is not None:
+                    slot.drafts = self.speculation.start(slot.seq, req.params, slot.sampler)
                 self._await_donor(slot)
 
     def _cancelled_before_start(self, req: Request) -> None:
@@ -359,8 +383,16 @@ class Engine:
         if not decoding and not prefilling:
             return
         b = self.ctx._batch
-        n, outputs, chunks = 0, [], []  # outputs: (slot, batch index) with logits; chunks: (slot, start, end)
+        # outputs: (slot, batch index, output row) with logits; chunks: (slot, start, end)
+        n, rows, outputs, chunks = 0, 0, [], []
         budget = self.options.n_batch - len(decoding)  # decoding streams always get their token
+        drafted = {}  # slot -> (drafts, their draft probabilities or None): verified in this step's decode
+        for slot in decoding:  # drafts come before prompt chunks, as llama-server's do
+            if slot.drafts is not None and budget > 0:
+                drafts, q = self._draft(slot, budget)
+                if drafts:
+                    drafted[slot] = (drafts, q)
+                    budget -= len(drafts)
         for slot in prefilling:  # prompt chunks first, then the decode tokens
             remaining = len(slot.req.tokens) - slot.cursor
             take = min(remaining, budget)
@@ -374,15 +406,18 @@ class Engine:
                 b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = tokens[p], p, 1, slot.seq
                 b.logits[n] = p == last
                 if p == last:
-                    outputs.append((slot, n))
+                    outputs.append((slot, n, rows))
+                    rows += 1
                 n += 1
             slot.cursor += take
             budget -= take
-        for slot in decoding:
-            b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = slot.pending, len(slot.held), 1, slot.seq
-            b.logits[n] = True
-            outputs.append((slot, n))
-            n += 1
+        for slot in decoding:  # the pending token, then the drafts after it, each with its logits row
+            outputs.append((slot, n, rows))
+            for i, token in enumerate((slot.pending, *drafted.get(slot, ((),))[0])):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = token, len(slot.held) + i, 1, slot.seq
+                b.logits[n] = True
+                n += 1
+                rows += 1
         b.n_tokens = n
         rc = lib.llama_decode(self.ctx.ptr, b)
         if rc != 0:
@@ -403,13 +438,47 @@ class Engine:
             slot.held.append(slot.pending)
             slot.pending = None
         # plain greedy slots take their tokens from one argmax over every output row
-        argmax = self.ctx.output_argmax(len(outputs)) if sum(s.sampler.argmax_only for s, _ in outputs) > 1 else None
+        greedy_rows = sum(1 + len(drafted.get(s, ((),))[0]) for s, _, _ in outputs if s.sampler.argmax_only)
+        argmax = self.ctx.output_argmax(rows) if greedy_rows > 1 else None
         now = time.perf_counter()
-        for row, (slot, index) in enumerate(outputs):
+        for slot, index, row in outputs:
             if argmax is not None and slot.sampler.argmax_only:
-                self._sampled(slot, int(argmax[row]), now, index)
+                def choose(j, row=row):
+                    return int(argmax[row + j])
             else:
-                self._sampled(slot, slot.sampler.sample(self.ctx.ptr, index), now, index)
+                def choose(j, slot=slot, index=index):
+                    return slot.sampler.sample(self.ctx.ptr, index + j)
+            if slot in drafted:
+                self._verified(slot, index, *drafted[slot], choose, now)
+            else:
+                self._sampled(slot, choose(0), now, index)
+
+    def _draft(self, slot: _Slot, budget: int) -> tuple[list[int], object]:
+        """Drafts for a decoding slot: within the batch budget, max_tokens (the model's own token follows them)
+        and the sequence's context."""
+        req, pos = slot.req, len(slot.held)  # pos: the pending token's position
+        room = min(budget, req.params.max_tokens - slot.n_out - 1, self.options.n_ctx - 2 - pos)
+        return slot.drafts.draft([*slot.held, slot.pending], room)
+
+    def _verified(self, slot: _Slot, index: int, drafts: list[int], q, choose, now: float) -> None:
+        """Emit what a step verified for a drafting slot: the drafts kept and the model's next token; the
+        rejected drafts leave the KV (its own and the draft model's)."""
+        tokens = slot.drafts.verify(self.ctx, index, drafts, q, choose)
+        for j, token in enumerate(tokens):
+            if j:
+                if slot.req is None:  # finished on the token before
+                    return
+                slot.held.append(slot.pending)  # a kept draft: the step put it in the KV
+                slot.pending = None
+            self._sampled(slot, token, now, index + j)
+        if slot.req is None:
+            return
+        keep = len(slot.held)
+        if not self.ctx.remove(slot.seq, keep):
+            slot.req._fail(ModelLoadError(f"could not drop rejected drafts from sequence {slot.seq}"))
+            self._release(slot, keep=False)
+            return
+        slot.drafts.rollback(keep)
 
     def _sampled(self, slot: _Slot, token: int | None, now: float, index: int) -> None:
         req, model = slot.req, self.model
@@ -453,7 +522,9 @@ class Engine:
         """Free the slot. Its canonically evaluated prompt prefix stays in the KV for a request sharing it
         (and goes to the prompt cache, when there is one); the rest is dropped."""
         slot.sampler.close()
-        slot.req = slot.donor = None
+        if slot.drafts is not None:
+            slot.drafts.close()
+        slot.req = slot.donor = slot.drafts = None
         keep_n = min(slot.exact, len(slot.held)) if keep else 0
         if not self.ctx.remove(slot.seq, keep_n):
             self.ctx.remove(slot.seq)

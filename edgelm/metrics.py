@@ -49,7 +49,9 @@ def prometheus_text(m: Metrics, engine) -> str:
                 ("generated_tokens_total", "generated_tokens", "Tokens generated."),
                 ("decode_steps_total", "steps", "llama_decode calls."),
                 ("shared_prefix_hits_total", "shared_prefix_hits", "Prompts that reused another slot's KV."),
-                ("batch_tokens_total", "batch_tokens", "Tokens evaluated over all decode steps."))
+                ("batch_tokens_total", "batch_tokens", "Tokens evaluated over all decode steps."),
+                ("draft_tokens_total", "drafted", "Speculative drafts verified (--lookup, --draft)."),
+                ("draft_tokens_accepted_total", "draft_accepted", "Speculative drafts kept."))
     for name, key, text in counters:
         lines += [f"# HELP edgelm_{name} {text}", f"# TYPE edgelm_{name} counter", f"edgelm_{name} {s[key]}"]
     cache = engine.prompt_cache

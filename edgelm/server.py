@@ -37,6 +37,7 @@ from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, 
 from .llama_server_api import add_routes as add_llama_server_routes
 from .ollama_api import add_routes
 from .runtime.sampling import SamplingParams
+from .runtime.speculative import DRAFT_MAX, THRESHOLD
 from .runtime.reasoning import prompt_opens_thinking
 from .runtime.tools import ReplyStream, ToolCall, forcing_call, split_reply, tool_setup
 
@@ -70,6 +71,10 @@ class ServerOptions:
     memory_check: bool = True  # refuse a model and context larger than the memory available (runtime/memory.py)
     control: Any = None  # control vectors: paths or (path, scale) pairs (runtime/control.py)
     control_range: tuple[int, int] | None = None
+    lookup: bool = False  # speculative decoding: prompt-lookup drafts for every stream (drafting.py)
+    draft: str | None = None  # or a draft model sharing the vocabulary
+    draft_max: int = DRAFT_MAX
+    draft_threshold: float = THRESHOLD
 
 
 class Server:
@@ -85,13 +90,17 @@ class Server:
         self.llama = LlamaModel(model, LoadOptions(n_gpu_layers=options.n_gpu_layers), lora=options.lora or None,
                                 control=options.control, control_range=options.control_range)
         self.template = template_for(self.llama, options.chat_template)  # a bad template fails before serving
+        self.draft = None
+        if options.draft is not None:
+            self.draft = LlamaModel(resolve_model(options.draft), LoadOptions(n_gpu_layers=options.n_gpu_layers))
         self.model_id = options.alias or (options.profile.name if options.profile else self.llama.path.stem)
         self.defaults = options.profile.sampling if options.profile else {}  # under each request's own fields
         self.created = int(time.time())
         self.engine = Engine(self.llama, EngineOptions(
             n_parallel=options.n_parallel, n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
             max_queue=options.max_queue, max_tokens_cap=options.max_tokens_cap, flash_attn=options.flash_attn,
-            type_k=options.type_k, type_v=options.type_v, warmup=options.warmup))
+            type_k=options.type_k, type_v=options.type_v, warmup=options.warmup, lookup=options.lookup,
+            draft_max=options.draft_max, draft_threshold=options.draft_threshold), draft_model=self.draft)
         if options.prompt_cache is not None:
             self.engine.prompt_cache = PromptCache(self.engine.ctx, ram_bytes=0, path=options.prompt_cache,
                                                    disk_bytes=options.prompt_cache_bytes)
@@ -103,7 +112,9 @@ class Server:
         self.engine.close()
         if self._embedder is not None:
             self._embedder.close()
-        self.llama.close()
+        for model in (self.draft, self.llama):
+            if model is not None:
+                model.close()
 
     def embed(self, texts: list[str]):
         from .runtime.embed import Embedder

@@ -9,6 +9,7 @@ an interruption and it skips what OUT.jsonl already holds (a torn last line is d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from edgelm.errors import ChatTemplateError, ContextOverflowError, UsageError
 
-from .run import (add_lora_arguments, add_sampling_arguments, add_template_arguments, lora_from_args,
-                  sampling_from_args, template_from_args)
+from .run import (add_lora_arguments, add_sampling_arguments, add_speculative_arguments, add_template_arguments,
+                  lora_from_args, sampling_from_args, speculative_from_args, template_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_lora_arguments(p)
     add_template_arguments(p)
+    add_speculative_arguments(p, early_exit=False)
     p.add_argument("--no-mem-check", action="store_true",
                    help="run even when the model and its contexts look larger than the memory available")
     add_sampling_arguments(p)
@@ -115,7 +117,11 @@ def main(argv: list[str]) -> int:
         from edgelm.runtime.memory import ensure_fits
 
         ensure_fits(model, n_ctx=args.ctx * args.parallel)
-    with LlamaModel(model, LoadOptions(), lora=lora) as llama:
+    spec = speculative_from_args(args)  # lookup, draft_max, draft_threshold: EngineOptions' own names
+    draft = spec.pop("draft", None)
+    with contextlib.ExitStack() as stack:
+        llama = stack.enter_context(LlamaModel(model, LoadOptions(), lora=lora))
+        draft_model = stack.enter_context(LlamaModel(resolve_model(draft), LoadOptions())) if draft else None
         template = template_for(llama, template_from_args(args) or (profile.template if profile else None))
         preamble = profile.preamble if profile else (lambda messages: messages)
         requests = []
@@ -132,8 +138,8 @@ def main(argv: list[str]) -> int:
             requests.append((i, tokens, params))
         cap = max(p.max_tokens for _, _, p in requests)
         options = EngineOptions(n_parallel=args.parallel, n_ctx=args.ctx, n_threads=args.threads,
-                                max_queue=len(requests), max_tokens_cap=max(cap, 1))
-        with Engine(llama, options) as engine, open(out_path, "a", encoding="utf-8") as out:
+                                max_queue=len(requests), max_tokens_cap=max(cap, 1), **spec)
+        with Engine(llama, options, draft_model=draft_model) as engine, open(out_path, "a", encoding="utf-8") as out:
             running = dict(zip(engine.submit_many([(t, p) for _, t, p in requests]), (i for i, _, _ in requests)))
             bar = _progress(len(items), len(done), args.no_progress)
             while running:

@@ -200,11 +200,12 @@ def lora_from_args(args) -> list | None:
     return pairs or None
 
 
-def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+def add_speculative_arguments(p: argparse.ArgumentParser, early_exit: bool = True) -> None:
     s = p.add_argument_group("speculative decoding (greedy output stays the full model's exactly)")
-    s.add_argument("--early-exit", nargs="?", const=True, type=int, metavar="K",
-                   help="draft with the model's own first K layers (the split beside the model; "
-                        "write one with `edgelm exits MODEL --write auto`)")
+    if early_exit:
+        s.add_argument("--early-exit", nargs="?", const=True, type=int, metavar="K",
+                       help="draft with the model's own first K layers (the split beside the model; "
+                            "write one with `edgelm exits MODEL --write auto`)")
     s.add_argument("--draft", metavar="MODEL", help="draft with a smaller model sharing the vocabulary")
     s.add_argument("--lookup", action="store_true", help="draft from n-grams of the prompt and the output")
     s.add_argument("--draft-max", type=int, default=None, help="drafts per round, at most (default 8)")
@@ -213,7 +214,7 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def speculative_from_args(args) -> dict:
-    pairs = {"early_exit": args.early_exit, "draft": args.draft, "lookup": args.lookup or None,
+    pairs = {"early_exit": getattr(args, "early_exit", None), "draft": args.draft, "lookup": args.lookup or None,
              "draft_max": args.draft_max, "draft_threshold": args.draft_threshold}
     return {k: v for k, v in pairs.items() if v is not None}
 

@@ -8,8 +8,8 @@ from edgelm.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .run import (add_context_arguments, add_control_arguments, add_lora_arguments, add_template_arguments,
-                      parse_size)
+    from .run import (add_context_arguments, add_control_arguments, add_lora_arguments, add_speculative_arguments,
+                      add_template_arguments, parse_size)
 
     p = argparse.ArgumentParser(prog="edgelm serve", description=__doc__)
     p.add_argument("model", nargs="?", help="GGUF file or hf:// reference (default: the bundled model)")
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_arguments(p)
     add_control_arguments(p)
     add_template_arguments(p)
+    add_speculative_arguments(p, early_exit=False)
     p.add_argument("--alias", metavar="NAME", help="the model's name in /v1/models and answers (default: the file's)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 503")
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="no request may ask for more tokens")
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> int:
 
     from edgelm.server import ServerOptions, create_app
 
-    from .run import context_from_args, control_from_args, lora_from_args, template_from_args
+    from .run import context_from_args, control_from_args, lora_from_args, speculative_from_args, template_from_args
 
     if args.verbose:
         from edgelm.runtime.backend import set_verbose
@@ -65,7 +66,8 @@ def main(argv: list[str]) -> int:
                             prompt_cache=args.prompt_cache,
                             lora=tuple(lora_from_args(args) or (profile.adapters if profile else ())),
                             chat_template=template_from_args(args) or (profile.template if profile else None),
-                            alias=args.alias, profile=profile, **control_from_args(args), **context_from_args(args))
+                            alias=args.alias, profile=profile, **control_from_args(args), **context_from_args(args),
+                            **speculative_from_args(args))
     if args.prompt_cache_size is not None:
         options.prompt_cache_bytes = args.prompt_cache_size
     app = create_app(options)

@@ -275,6 +275,12 @@ class SamplerChain:
         caller holding many rows may take all their argmaxes at once."""
         return self._argmax_row is not None and self._biased is None
 
+    @property
+    def stateless_greedy(self) -> bool:
+        """Greedy with nothing that remembers tokens (logit bias allowed): each output row's token depends on that
+        row alone, so speculative drafts can be checked row by row."""
+        return self._argmax_row is not None
+
     def accept_prompt(self, tokens: list[int]) -> None:
         """Feed the prompt to the penalties' window (never to the grammar), as llama.cpp does."""
         if self._penalties is not None:

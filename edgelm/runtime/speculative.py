@@ -10,8 +10,11 @@ One verify loop serves three drafters:
 Each round: the last sampled token t and the drafts d1..dm go through the verifier at positions
 pos..pos+m in one batch, whose m + 1 logits rows are the full model's predictions after t, d1, ..
 Greedy keeps the longest prefix of drafts equal to those argmaxes plus the verifier's own next token,
-so the output is the full model's exactly (given that the batched verification rounds as the one-token
-decode does; true of the CPU kernels on the models edgelm tests, and checked by its tests). Sampling
+so the output is the full model's, bit for bit where the batched verification rounds as the one-token decode
+does. llama.cpp's CPU kernels do not always: a row in a batch can get other last bits than a lone row (repacked
+weights multiply rows in groups of 4; flash attention over 512 or more KV cells splits a lone query's cells among
+threads), so where the model's top two candidates lie within that rounding (0.01-0.05 in log-probability on
+the reference models, tests/test_drafting.py), greedy output can part from plain decoding's there. Sampling
 keeps draft x with probability min(1, p(x) / q(x)) and on the first rejection draws from
 normalize(max(0, p - q)) (Leviathan et al. 2023), which keeps the full model's distribution.
 Rejected positions leave both KV caches (llama_memory_seq_rm) before the next round.
@@ -198,29 +201,32 @@ class ContextVerifier(Verifier):
 
 
 class DraftModel(Drafter):
-    """A separate model with the verifier's vocabulary drafts greedily (or samples q) one token at a time."""
+    """A separate model with the verifier's vocabulary drafts greedily (or samples q) one token at a time,
+    in sequence `seq` of its context (the engine gives each slot its own)."""
 
-    def __init__(self, ctx: Context, threshold: float = THRESHOLD):
-        self.ctx, self.threshold = ctx, threshold
+    def __init__(self, ctx: Context, threshold: float = THRESHOLD, seq: int = 0):
+        self.ctx, self.threshold, self.seq = ctx, threshold, seq
 
     def prefill(self, tokens: list[int]) -> None:
         self._sync(tokens[:-1])
 
     def _sync(self, history: list[int]) -> None:
-        n = common_prefix(self.ctx.seq_tokens(0), history)
-        if not self.ctx.remove(0, n):
-            self.ctx.remove(0)
+        n = common_prefix(self.ctx.seq_tokens(self.seq), history)
+        if not self.ctx.remove(self.seq, n):
+            self.ctx.remove(self.seq)
             n = 0
         if n < len(history):
-            self.ctx.decode(history[n:], n, logits_last=False)
+            self.ctx.decode(history[n:], n, self.seq, logits_last=False)
 
     def draft(self, history, n_max, dist, rng):
+        if n_max <= 0:
+            return [], None
         self._sync(history[:-1])
         ctx, pos = self.ctx, len(history) - 1
         drafts, qs = [], []
         token = history[-1]
         while len(drafts) < n_max and pos + 1 < ctx.n_ctx:
-            ctx.decode_one(token, pos)
+            ctx.decode_one(token, pos, self.seq)
             token = next_draft(ctx.logits(), self.threshold, dist, rng, qs)
             if token is None:
                 break
@@ -229,7 +235,7 @@ class DraftModel(Drafter):
         return drafts, (np.stack(qs) if qs else None)
 
     def rollback(self, pos: int) -> None:
-        self.ctx.remove(0, pos)
+        self.ctx.remove(self.seq, pos)
 
 
 class Lookup(Drafter):

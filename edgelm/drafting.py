@@ -1,0 +1,126 @@
+"""Speculative decoding inside the continuous-batching engine: decoding streams bring drafts to the shared step.
+
+A stream's pending token and its drafts d1..dm go into the engine's batch at consecutive positions, each with a
+logits row, beside the other streams' tokens and prompt chunks, so one llama_decode verifies every stream's drafts.
+The stream keeps the drafts its own sampling agrees with, then one token of the model's: greedy compares each row's
+choice (logit bias included) with the next draft; sampling keeps the full model's distribution by speculative
+rejection sampling (runtime/speculative.py). Rejected positions leave the stream's KV before the next step.
+
+Drafters: prompt lookup (n-grams of the stream's own prompt and output), or a draft model sharing the vocabulary,
+whose context holds one sequence per slot. Grammars and penalties decode plainly (a rejected draft would have
+advanced their state), as in `Model.generate` with a drafter.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UsageError
+from .runtime.context import Context, ContextOptions
+from .runtime.model import LlamaModel
+from .runtime.sampling import SamplerChain, SamplingParams
+from .runtime.speculative import (DRAFT_MAX, THRESHOLD, Distribution, DraftModel, Lookup, _accept, same_vocabulary,
+                                  speculative_mode)
+
+import llama_cpp as lib
+
+
+def check_draft_options(lookup: bool, draft_model, draft_max: int, threshold: float) -> None:
+    if lookup and draft_model is not None:
+        raise UsageError("choose one drafter, not lookup and a draft model")
+    if isinstance(draft_max, bool) or not isinstance(draft_max, int) or not 1 <= draft_max <= 64:
+        raise UsageError(f"draft_max must be an integer in [1, 64], not {draft_max!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise UsageError(f"draft threshold must be in [0, 1], not {threshold!r}")
+
+
+class Speculation:
+    """The engine's drafting set-up, shared by its slots: which drafter, the draft model's context, the counts."""
+
+    def __init__(self, model: LlamaModel, ctx_options: ContextOptions, *, lookup: bool = False,
+                 draft_model: LlamaModel | None = None, draft_max: int = DRAFT_MAX, threshold: float = THRESHOLD,
+                 stats: dict | None = None):
+        check_draft_options(lookup, draft_model, draft_max, threshold)
+        if lib.llama_model_is_recurrent(model.ptr) or lib.llama_model_is_hybrid(model.ptr):
+            # rejected drafts must leave the KV, and a recurrent state cannot forget its last positions
+            raise UsageError(f"{model.path.name}: speculative decoding needs a KV cache that can drop positions; "
+                             "this model's recurrent state cannot")
+        if draft_model is not None and not same_vocabulary(model, draft_model):
+            raise UsageError(f"{draft_model.path}: its vocabulary differs from {model.path}'s; "
+                             "a draft model must share the target's tokenizer")
+        self.model, self.lookup, self.draft_max, self.threshold = model, lookup, draft_max, threshold
+        self.ctx = Context(draft_model, ctx_options) if draft_model is not None else None
+        self.stats = stats if stats is not None else {}  # counts: draft_rounds, drafted, draft_accepted
+        for key in ("draft_rounds", "drafted", "draft_accepted"):
+            self.stats.setdefault(key, 0)
+
+    def start(self, seq: int, params: SamplingParams, sampler: SamplerChain) -> "StreamDrafts | None":
+        """The drafts of one request in slot `seq`; None when its sampling cannot take drafts."""
+        if sampler.stateless_greedy:
+            mode = "greedy"
+        elif speculative_mode(params) == "sample":
+            mode = "sample"
+        else:
+            return None
+        drafter = Lookup() if self.ctx is None else DraftModel(self.ctx, self.threshold, seq)
+        return StreamDrafts(self, drafter, mode, params)
+
+    def warm_up(self) -> None:
+        if self.ctx is not None:
+            self.ctx.warm_up()
+
+    def close(self) -> None:
+        if self.ctx is not None:  # the draft model stays open: it is its owner's
+            self.ctx.close()
+
+
+class StreamDrafts:
+    """One request's drafter and, when it samples, its distribution and random stream."""
+
+    def __init__(self, owner: Speculation, drafter, mode: str, params: SamplingParams):
+        self.owner, self.drafter, self.mode = owner, drafter, mode
+        self.dist = Distribution(params, owner.model) if mode == "sample" else None
+        self.rng = np.random.default_rng(params.seed) if mode == "sample" else None
+        # drafts per step adapt to the stream: 2 more after a step that kept them all, 1 fewer otherwise
+        # (the schedule of transformers' assisted generation)
+        self.n_draft = owner.draft_max
+
+    def draft(self, history: list[int], n_max: int) -> tuple[list[int], np.ndarray | None]:
+        """Up to n_max drafts to follow `history`, whose last token is the stream's pending one."""
+        if n_max <= 0:
+            return [], None
+        return self.drafter.draft(history, min(n_max, self.n_draft), self.dist, self.rng)
+
+    def verify(self, ctx: Context, index: int, drafts: list[int], q, choose) -> list[int | None]:
+        """The tokens the stream emits after a step that evaluated its pending token at batch `index` and `drafts`
+        after it: the drafts kept, then the model's own next token. `choose(j)` is the greedy choice of row j."""
+        if self.mode == "greedy":
+            kept = 0
+            while kept < len(drafts):
+                token = choose(kept)
+                if token != drafts[kept]:
+                    break
+                kept += 1
+            else:
+                token = choose(kept)
+            tokens = [*drafts[:kept], token]
+        else:
+            rows = np.stack([ctx.logits(index + j) for j in range(len(drafts) + 1)])
+            accepted, token = _accept(drafts, rows, q, self.dist, self.rng, "sample")
+            tokens = [*accepted, token]
+        if drafts:
+            self.n_draft = (min(self.n_draft + 2, self.owner.draft_max) if len(tokens) > len(drafts)
+                            else max(self.n_draft - 1, 1))
+        stats = self.owner.stats
+        stats["draft_rounds"] += 1
+        stats["drafted"] += len(drafts)
+        stats["draft_accepted"] += len(tokens) - 1
+        return tokens
+
+    def rollback(self, pos: int) -> None:
+        """The stream's KV now ends at `pos`."""
+        self.drafter.rollback(pos)
+
+    def close(self) -> None:
+        if self.dist is not None:
+            self.dist.close()
+            self.dist = None
