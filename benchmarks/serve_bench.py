@@ -106,13 +106,14 @@ def log_path(name: str, model: Path, streams: int, purpose: str) -> Path:
 
 
 @contextlib.contextmanager
-def serving(name: str, model: Path, streams: int, purpose: str):
-    """A fresh server process; yields its base URL and process. Its output goes to log_path(...)."""
+def serving(name: str, model: Path, streams: int, purpose: str, extra: tuple = ()):
+    """A fresh server process (with `extra` arguments); yields its base URL and process. Its output goes to
+    log_path(...)."""
     kind, port = SERVERS[name], free_port()
     log_file = log_path(name, model, streams, purpose)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as out:
-        proc = subprocess.Popen([str(a) for a in kind.argv(model, port, streams)], cwd=ROOT, stdout=out,
+        proc = subprocess.Popen([str(a) for a in (*kind.argv(model, port, streams), *extra)], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:

@@ -7,10 +7,20 @@ choice (logit bias included) with the next draft; sampling keeps the full model'
 rejection sampling (runtime/speculative.py). Rejected positions leave the stream's KV before the next step.
 
 Drafters: prompt lookup (n-grams of the stream's own prompt and output), or a draft model sharing the vocabulary,
-whose context holds one sequence per slot. Grammars and penalties decode plainly (a rejected draft would have
+whose context holds one sequence per slot.
+
+How many drafts a step takes is a cost model's choice (Speculation.allot): a draft row pays off when the tokens
+it is expected to add (the stream's acceptance rate, to the power of its place in the draft) outweigh what it adds
+to the step's time, at the step's current tokens per second. Row and step costs are timed at start-up. On a CPU,
+where a small model's step grows with every row, this drafts little beside other streams and more alone; where
+rows are nearly free (a larger, memory-bound model) it drafts more. Grammars and penalties decode plainly (a rejected draft would have
 advanced their state), as in `Model.generate` with a drafter.
 """
 from __future__ import annotations
+
+import heapq
+import statistics
+import time
 
 import numpy as np
 
@@ -49,6 +59,9 @@ class Speculation:
                              "a draft model must share the target's tokenizer")
         self.model, self.lookup, self.draft_max, self.threshold = model, lookup, draft_max, threshold
         self.ctx = Context(draft_model, ctx_options) if draft_model is not None else None
+        # seconds: a step's fixed cost, each row's, and each draft model token's (calibrate(); until then every
+        # draft looks free and streams draft up to their limits)
+        self.step_s, self.row_s, self.draft_s = 1.0, 0.0, 0.0
         self.stats = stats if stats is not None else {}  # counts: draft_rounds, drafted, draft_accepted
         for key in ("draft_rounds", "drafted", "draft_accepted"):
             self.stats.setdefault(key, 0)
@@ -68,6 +81,45 @@ class Speculation:
         if self.ctx is not None:
             self.ctx.warm_up()
 
+    def calibrate(self, ctx: Context, seq: int = 0) -> None:
+        """Time steps of 1 and 9 rows in `ctx` (sequence `seq`, empty, and left empty), and one draft model token."""
+        token = self.model.bos if self.model.bos >= 0 else 0
+
+        def timed(c: Context, rows: int, repeat: int) -> float:
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                c.decode([token] * rows, 0, seq, logits_from=0)
+                times.append(time.perf_counter() - t0)
+                c.remove(seq)
+            return statistics.median(times)
+
+        one, nine = timed(ctx, 1, 5), timed(ctx, 9, 3)
+        if self.ctx is not None:
+            self.draft_s = timed(self.ctx, 1, 5)
+        self.row_s = max((nine - one) / 8, 0.0)
+        self.step_s = max(one - self.row_s, 1e-6)
+
+    def allot(self, wants: list[tuple["StreamDrafts", int]]) -> list[int]:
+        """Drafts for each decoding stream this step, given (its drafts, how many fit) for each: greedily the most
+        likely kept rows first, while one's expected tokens per its cost beat the step's tokens per second."""
+        tokens, seconds = float(len(wants)), self.step_s + self.row_s * len(wants)
+        cost = self.row_s + self.draft_s
+        counts = [0] * len(wants)
+        heap = [(-d.alpha, i) for i, (d, room) in enumerate(wants) if room > 0]
+        heapq.heapify(heap)
+        while heap:
+            value, i = heapq.heappop(heap)
+            value = -value
+            if value * seconds <= cost * tokens:
+                break
+            counts[i] += 1
+            tokens += value
+            seconds += cost
+            if counts[i] < wants[i][1]:
+                heapq.heappush(heap, (-value * wants[i][0].alpha, i))
+        return counts
+
     def close(self) -> None:
         if self.ctx is not None:  # the draft model stays open: it is its owner's
             self.ctx.close()
@@ -80,15 +132,19 @@ class StreamDrafts:
         self.owner, self.drafter, self.mode = owner, drafter, mode
         self.dist = Distribution(params, owner.model) if mode == "sample" else None
         self.rng = np.random.default_rng(params.seed) if mode == "sample" else None
-        # drafts per step adapt to the stream: 2 more after a step that kept them all, 1 fewer otherwise
-        # (the schedule of transformers' assisted generation)
-        self.n_draft = owner.draft_max
+        # a draft is kept, given the one before it was, with probability alpha: the stream's kept drafts against
+        # its rejections, from one of each, with older rounds counting less
+        self.kept, self.rejected = 1.0, 1.0
+
+    @property
+    def alpha(self) -> float:
+        return self.kept / (self.kept + self.rejected)
 
     def draft(self, history: list[int], n_max: int) -> tuple[list[int], np.ndarray | None]:
         """Up to n_max drafts to follow `history`, whose last token is the stream's pending one."""
         if n_max <= 0:
             return [], None
-        return self.drafter.draft(history, min(n_max, self.n_draft), self.dist, self.rng)
+        return self.drafter.draft(history, min(n_max, self.owner.draft_max), self.dist, self.rng)
 
     def verify(self, ctx: Context, index: int, drafts: list[int], q, choose) -> list[int | None]:
         """The tokens the stream emits after a step that evaluated its pending token at batch `index` and `drafts`
@@ -108,8 +164,9 @@ class StreamDrafts:
             accepted, token = _accept(drafts, rows, q, self.dist, self.rng, "sample")
             tokens = [*accepted, token]
         if drafts:
-            self.n_draft = (min(self.n_draft + 2, self.owner.draft_max) if len(tokens) > len(drafts)
-                            else max(self.n_draft - 1, 1))
+            kept = len(tokens) - 1
+            self.kept = 0.9 * self.kept + kept
+            self.rejected = 0.9 * self.rejected + (kept < len(drafts))
         stats = self.owner.stats
         stats["draft_rounds"] += 1
         stats["drafted"] += len(drafts)

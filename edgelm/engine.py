@@ -51,6 +51,7 @@ class EngineOptions:
     lookup: bool = False  # prompt-lookup drafts for every decoding stream (drafting.py); or Engine(draft_model=)
     draft_max: int = DRAFT_MAX  # drafts per stream and step, at most
     draft_threshold: float = THRESHOLD  # a draft model drafts while its top probability is at least this
+    draft_cost_model: bool = True  # drafts only where they are expected to pay (drafting.py); False: up to draft_max
 
     def validate(self) -> None:
         for name in ("n_parallel", "n_ctx", "n_batch", "max_queue", "max_tokens_cap"):
@@ -143,6 +144,7 @@ class Engine:
         self.ctx.warm_up()
         if self.speculation is not None:
             self.speculation.warm_up()
+            self.speculation.calibrate(self.ctx)
 
     # ------------------------------------------------------------ client side
 
@@ -387,9 +389,12 @@ class Engine:
         n, rows, outputs, chunks = 0, 0, [], []
         budget = self.options.n_batch - len(decoding)  # decoding streams always get their token
         drafted = {}  # slot -> (drafts, their draft probabilities or None): verified in this step's decode
-        for slot in decoding:  # drafts come before prompt chunks, as llama-server's do
-            if slot.drafts is not None and budget > 0:
-                drafts, q = self._draft(slot, budget)
+        drafting = [s for s in decoding if s.drafts is not None]
+        if drafting:  # drafts come before prompt chunks, as llama-server's do
+            wants = [(s.drafts, self._room(s)) for s in drafting]
+            allot = self.speculation.allot(wants) if self.options.draft_cost_model else [room for _, room in wants]
+            for slot, allotted in zip(drafting, allot):
+                drafts, q = slot.drafts.draft([*slot.held, slot.pending], min(allotted, budget))
                 if drafts:
                     drafted[slot] = (drafts, q)
                     budget -= len(drafts)
@@ -453,12 +458,11 @@ class Engine:
             else:
                 self._sampled(slot, choose(0), now, index)
 
-    def _draft(self, slot: _Slot, budget: int) -> tuple[list[int], object]:
-        """Drafts for a decoding slot: within the batch budget, max_tokens (the model's own token follows them)
-        and the sequence's context."""
-        req, pos = slot.req, len(slot.held)  # pos: the pending token's position
-        room = min(budget, req.params.max_tokens - slot.n_out - 1, self.options.n_ctx - 2 - pos)
-        return slot.drafts.draft([*slot.held, slot.pending], room)
+    def _room(self, slot: _Slot) -> int:
+        """Drafts a decoding slot may make: within draft_max, max_tokens (the model's own token follows them) and
+        the sequence's context (len(held) is the pending token's position)."""
+        return min(self.options.draft_max, slot.req.params.max_tokens - slot.n_out - 1,
+                   self.options.n_ctx - 2 - len(slot.held))
 
     def _verified(self, slot: _Slot, index: int, drafts: list[int], q, choose, now: float) -> None:
         """Emit what a step verified for a drafting slot: the drafts kept and the model's next token; the

@@ -54,6 +54,7 @@ NEAR_TIE = 0.05  # log-probability: candidates this close may swap when rows are
 def run(model, prompts, p: SamplingParams | list[SamplingParams], n_parallel=3, draft_model=None, **options):
     """(completions, engine stats) of `prompts` decoded together."""
     ps = p if isinstance(p, list) else [p] * len(prompts)
+    options.setdefault("draft_cost_model", False)  # as many drafts as fit: their cost here is not what is tested
     opts = EngineOptions(n_parallel=n_parallel, n_ctx=1024, n_threads=2, **options)
     with Engine(model, opts, threaded=False, draft_model=draft_model) as engine:
         reqs = engine.submit_many([(model.tokenize(t), q) for t, q in zip(prompts, ps)])
@@ -221,3 +222,32 @@ def test_serve_with_lookup(plain):
     finally:
         err = s.stop()
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_the_cost_model_drafts_where_rows_are_cheap_and_streams_agree(small):
+    """Speculation.allot: a stream that keeps its drafts gets more than one that does not; cheap rows buy more drafts
+    than dear ones; beside other streams, a compute-bound step drafts less."""
+    from edgelm.drafting import Speculation
+    from edgelm.runtime.context import ContextOptions
+
+    spec = Speculation(small, ContextOptions(n_ctx=256), lookup=True)
+    good, bad = spec.start(0, params(), _greedy(small)), spec.start(1, params(), _greedy(small))
+    good.kept, good.rejected = 9.0, 1.0  # keeps a draft after a kept one 90% of the time
+    bad.kept, bad.rejected = 1.0, 1.0  # 50%
+    spec.step_s, spec.row_s = 0.010, 0.001  # memory-bound: a row costs a tenth of the step
+    cheap = spec.allot([(good, 8), (bad, 8)])
+    assert cheap[0] == 8 and 0 < cheap[1] < cheap[0]
+    spec.step_s, spec.row_s = 0.001, 0.001  # compute-bound: a row costs as much as the step
+    dear = spec.allot([(good, 8), (bad, 8)])
+    assert dear[1] == 0 and 0 < dear[0] < 8
+    alone = spec.allot([(good, 8)])
+    beside = spec.allot([(good, 8)] + [(bad, 8)] * 3)
+    assert beside[0] < alone[0]
+    assert spec.allot([(good, 2)]) == [2]  # never more than fits
+    spec.close()
+
+
+def _greedy(model):
+    from edgelm.runtime.sampling import SamplerChain
+
+    return SamplerChain(SamplingParams(temperature=0), model, 256)
