@@ -7,7 +7,7 @@ draft-model speculation, on prompts whose continuations repeat text from the pro
 Prompts: Python standard-library functions, each followed by its first line again, so that a greedy continuation
 copies much of the function (what prompt lookup is for). For each model, server, drafter and N, a fresh server
 takes a warm-up request, then rounds that stream all 8 prompts, N at a time (greedy, 128 tokens each, every
-end-of-generation token biased by -100). Generation t/s = tokens after each first token / time from a group's
+end-of-generation token and every token without text biased by -100). Generation t/s = tokens after each first token / time from a group's
 first token to its last response, summed over the groups (the prompts are long, so prefill is left out); medians of rounds;
 speedup against the same server without drafts in the same run. Draft acceptance comes from each server's own
 counters (edgelm's /metrics, llama-server's per-response timings). "identical" counts completions whose text
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = prompts()
     results = []
     for key, model in model_paths(args.models).items():
-        bias = biases(model)[0]
+        bias = biases(model)[1]  # every token without text banned too: each token shows, so its time does
         for n in args.streams:
             for server, drafter, extra in configs(key):
                 log(f"{key} N={n} {server} {drafter}")

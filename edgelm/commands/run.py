@@ -201,7 +201,7 @@ def lora_from_args(args) -> list | None:
 
 
 def add_speculative_arguments(p: argparse.ArgumentParser, early_exit: bool = True) -> None:
-    s = p.add_argument_group("speculative decoding (greedy output stays the full model's exactly)")
+    s = p.add_argument_group("speculative decoding (greedy output stays the full model's, but at near ties)")
     if early_exit:
         s.add_argument("--early-exit", nargs="?", const=True, type=int, metavar="K",
                        help="draft with the model's own first K layers (the split beside the model; "
