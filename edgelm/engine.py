@@ -34,6 +34,8 @@ from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 
+NO_DRAFTS = ((), None)  # what drafted.get() gives a slot without drafts this step
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -418,7 +420,7 @@ class Engine:
             budget -= take
         for slot in decoding:  # the pending token, then the drafts after it, each with its logits row
             outputs.append((slot, n, rows))
-            for i, token in enumerate((slot.pending, *drafted.get(slot, ((),))[0])):
+            for i, token in enumerate((slot.pending, *drafted.get(slot, NO_DRAFTS)[0])):
                 b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = token, len(slot.held) + i, 1, slot.seq
                 b.logits[n] = True
                 n += 1
@@ -443,20 +445,16 @@ class Engine:
             slot.held.append(slot.pending)
             slot.pending = None
         # plain greedy slots take their tokens from one argmax over every output row
-        greedy_rows = sum(1 + len(drafted.get(s, ((),))[0]) for s, _, _ in outputs if s.sampler.argmax_only)
+        greedy_rows = sum(1 + len(drafted.get(s, NO_DRAFTS)[0]) for s, _, _ in outputs if s.sampler.argmax_only)
         argmax = self.ctx.output_argmax(rows) if greedy_rows > 1 else None
         now = time.perf_counter()
         for slot, index, row in outputs:
-            if argmax is not None and slot.sampler.argmax_only:
-                def choose(j, row=row):
-                    return int(argmax[row + j])
-            else:
-                def choose(j, slot=slot, index=index):
-                    return slot.sampler.sample(self.ctx.ptr, index + j)
             if slot in drafted:
-                self._verified(slot, index, *drafted[slot], choose, now)
+                self._verified(slot, index, row, *drafted[slot], argmax, now)
+            elif argmax is not None and slot.sampler.argmax_only:
+                self._sampled(slot, int(argmax[row]), now, index)
             else:
-                self._sampled(slot, choose(0), now, index)
+                self._sampled(slot, slot.sampler.sample(self.ctx.ptr, index), now, index)
 
     def _room(self, slot: _Slot) -> int:
         """Drafts a decoding slot may make: within draft_max, max_tokens (the model's own token follows them) and
@@ -464,9 +462,15 @@ class Engine:
         return min(self.options.draft_max, slot.req.params.max_tokens - slot.n_out - 1,
                    self.options.n_ctx - 2 - len(slot.held))
 
-    def _verified(self, slot: _Slot, index: int, drafts: list[int], q, choose, now: float) -> None:
-        """Emit what a step verified for a drafting slot: the drafts kept and the model's next token; the
-        rejected drafts leave the KV (its own and the draft model's)."""
+    def _verified(self, slot: _Slot, index: int, row: int, drafts: list[int], q, argmax, now: float) -> None:
+        """Emit what a step verified for a drafting slot (its rows from batch `index` and output `row` on): the
+        drafts kept and the model's next token; the rejected drafts leave the KV (its own and the draft model's)."""
+        if argmax is not None and slot.sampler.argmax_only:
+            def choose(j: int) -> int:
+                return int(argmax[row + j])
+        else:
+            def choose(j: int) -> int | None:
+                return slot.sampler.sample(self.ctx.ptr, index + j)
         tokens = slot.drafts.verify(self.ctx, index, drafts, q, choose)
         for j, token in enumerate(tokens):
             if j:
