@@ -6,13 +6,12 @@ then builds one batch: prompt chunks of requests being prefilled first (bounded 
 keep flowing), then the pending token of every decoding request. After the decode each request samples from its
 own logits row with its own sampler chain and streams text chunks to its consumer. Finished or
 cancelled requests leave between steps; their KV stays in their slot for a follow-up request that
-shares the prefix, and goes to the prompt cache when one is configured. With a drafter (prompt lookup or a draft
+shares the prefix (engine_reuse.py), and goes to the prompt cache when one is configured. With a drafter (prompt lookup or a draft
 model, drafting.py) each decoding stream also brings drafts to the step, verified in the same decode.
 """
 from __future__ import annotations
 
 import codecs
-import ctypes
 import threading
 import time
 from collections import deque
@@ -21,11 +20,11 @@ from dataclasses import dataclass
 
 import llama_cpp as lib
 
-from .cache.prefix import common_prefix
 from .drafting import Speculation, check_draft_options
+from .engine_reuse import SlotReuse
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.backend import running_graphs
-from .runtime.canonical import ROW_GROUP, canonical_sequences, reusable
+from .runtime.canonical import ROW_GROUP, canonical_sequences
 from .request import POLL_S, QueueFullError, Request, RequestCancelled  # noqa: F401 (POLL_S: the consumers' tick)
 from .runtime.context import Context, ContextOptions
 from .runtime.generate import Chunk, StopMatcher
@@ -101,7 +100,7 @@ class _Slot:
         return self.prefilling and self.donor is None
 
 
-class Engine:
+class Engine(SlotReuse):
     def __init__(self, model: LlamaModel, options: EngineOptions | None = None, *, prompt_cache=None,
                  threaded: bool = True, draft_model: LlamaModel | None = None):
         """threaded=False: no worker thread; the caller drives it with run_until_idle(). Either way one thread
@@ -295,85 +294,6 @@ class Engine:
         req.finish_reason = "cancelled"
         self.stats["cancelled"] += 1
         req._emit(Chunk("", [], "cancelled", req.timings))
-
-    def _reuse(self, slot: _Slot, tokens: list[int]) -> int:
-        """Positions of `tokens` the slot's sequence can keep (from its own KV or the prompt cache)."""
-        def usable(shared: int, exact: int) -> int:
-            return self._usable(shared, exact, len(tokens))
-
-        n = usable(common_prefix(slot.held, tokens), slot.exact)
-        # another slot may hold more of it (a shared system prompt): copy that sequence's state over
-        # (each sequence has its own KV stream, so attention never scans the other sequences' cells)
-        donor, best = None, n
-        for other in self._slots:
-            if other is not slot:
-                m = usable(common_prefix(other.held, tokens), other.exact)
-                if m > best:
-                    donor, best = other, m
-        if donor is not None and self._copy_sequence(donor.seq, slot.seq):
-            slot.held, slot.exact, n = tokens[:best], best, best
-            self.stats["shared_prefix_hits"] += 1
-        cache = self.prompt_cache
-        if cache is not None:
-            shared, entry = cache.lookup(tokens)
-            if entry is not None and usable(shared, entry.exact) > n and cache.restore(slot.seq, entry):
-                slot.held, slot.exact = list(entry.tokens), entry.exact
-                n = usable(shared, entry.exact)
-        if not self.ctx.remove(slot.seq, n):
-            self.ctx.remove(slot.seq)
-            n = 0
-        del slot.held[n:]
-        slot.exact = min(slot.exact, n)
-        return n
-
-    def _usable(self, shared: int, exact: int, n_tokens: int) -> int:
-        return reusable(shared, exact, n_tokens, "exact", self.ctx.canonical_rows)
-
-    def _await_donor(self, slot: _Slot) -> None:
-        """If another slot is prefilling a longer prefix of this prompt (n choices of one prompt, prompts arriving
-        together behind one system prompt), wait for it and copy its KV rather than evaluate the prefix again."""
-        if not self.options.share_prefill:
-            return
-        tokens = slot.req.tokens
-        best, until = None, slot.cursor + self.ctx.canonical_rows  # less than this is not worth a step's wait
-        for other in self._slots:
-            if other is not slot and other.evaluating:
-                shared = common_prefix(other.req.tokens, tokens)
-                m = self._usable(shared, shared, len(tokens))
-                if m > until:
-                    best, until = other, m
-        slot.donor = None if best is None else (best, best.req, until)
-
-    @staticmethod
-    def _still_waiting(slot: _Slot) -> bool:
-        donor, req, until = slot.donor
-        return donor.req is req and donor.evaluating and donor.cursor < until
-
-    def _take_from_donor(self, slot: _Slot) -> None:
-        """A waiting slot whose donor has finished prefilling (or left) takes what the donor's KV offers exactly,
-        and evaluates the rest itself."""
-        donor, tokens = slot.donor[0], slot.req.tokens
-        slot.donor = None
-        n = self._usable(common_prefix(donor.held, tokens), donor.exact, len(tokens))
-        if n > slot.cursor and self._copy_sequence(donor.seq, slot.seq) and self.ctx.remove(slot.seq, n):
-            slot.held, slot.exact, slot.cursor = tokens[:n], n, n
-            slot.req.timings.cached_tokens = n
-            self.stats["shared_prefix_hits"] += 1
-        elif not self.ctx.remove(slot.seq, slot.cursor):  # a failed copy left a part: start over
-            self.ctx.remove(slot.seq)
-            slot.held, slot.exact, slot.cursor = [], 0, 0
-            slot.req.timings.cached_tokens = 0
-
-    def _copy_sequence(self, src: int, dst: int) -> bool:
-        size = lib.llama_state_seq_get_size(self.ctx.ptr, src)
-        buf = (ctypes.c_uint8 * size)()
-        if size == 0 or lib.llama_state_seq_get_data(self.ctx.ptr, buf, size, src) != size:
-            return False
-        self.ctx.remove(dst)
-        if lib.llama_state_seq_set_data(self.ctx.ptr, buf, size, dst) != size:
-            self.ctx.remove(dst)
-            return False
-        return True
 
     def _step(self) -> None:
         for slot in self._slots:
