@@ -196,18 +196,23 @@ def throughput(name: str, model: Path, streams: int, rounds: int, bias: dict) ->
     return tps
 
 
-def stream_tokens(base: str, prompt: str, bias: dict) -> dict:
-    """A streamed greedy completion: its text, one piece per SSE event, and the generated token count."""
-    body = {"prompt": prompt, "max_tokens": N_GREEDY, "temperature": 0, "logit_bias": bias, "stream": True,
+def completion_events(client: httpx.Client, base: str, prompt: str, bias: dict, max_tokens: int):
+    """The Server-Sent Events of a streamed greedy completion (usage in the last), parsed."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logit_bias": bias, "stream": True,
             "stream_options": {"include_usage": True}}
-    pieces, n_tokens = [], None
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=900) as r:
+    with client.stream("POST", base + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{base}: HTTP {r.status_code}: {r.read()[:500]!r}")
         for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
+def stream_tokens(base: str, prompt: str, bias: dict) -> dict:
+    """A streamed greedy completion: its text, one piece per SSE event, and the generated token count."""
+    pieces, n_tokens = [], None
+    with httpx.Client(timeout=900) as client:
+        for event in completion_events(client, base, prompt, bias, N_GREEDY):
             if event["choices"] and event["choices"][0]["text"]:
                 pieces.append(event["choices"][0]["text"])
             if event.get("usage"):

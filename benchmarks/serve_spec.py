@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, DOCS, log, machine, markdown_table, median, today, write_doc  # noqa: E402
-from serve_bench import biases, complete, in_threads, model_paths, serving  # noqa: E402
+from serve_bench import biases, complete, completion_events, in_threads, model_paths, serving  # noqa: E402
 
 N_GEN = 128
 CTX = 1536  # per sequence: the longest prompt is about 710 tokens
@@ -73,23 +73,15 @@ def configs(model_key: str) -> list[tuple[str, str, tuple]]:
 
 def streamed(base: str, prompt: str, bias: dict, barrier) -> tuple[float, float, str, int, dict]:
     """(time of the first token, time of the last, text, completion tokens, timings if the server sends them)."""
-    body = {"prompt": prompt, "max_tokens": N_GEN, "temperature": 0, "logit_bias": bias, "stream": True,
-            "stream_options": {"include_usage": True}}
     text, first, usage, timings = [], None, None, {}
     with httpx.Client(timeout=900) as client:
         barrier.wait()
-        with client.stream("POST", base + "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"{base}: HTTP {r.status_code}: {r.read()[:500]!r}")
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if event.get("choices") and event["choices"][0].get("text"):
-                    first = first or time.perf_counter()
-                    text.append(event["choices"][0]["text"])
-                usage = event.get("usage") or usage
-                timings = event.get("timings") or timings
+        for event in completion_events(client, base, prompt, bias, N_GEN):
+            if event.get("choices") and event["choices"][0].get("text"):
+                first = first or time.perf_counter()
+                text.append(event["choices"][0]["text"])
+            usage = event.get("usage") or usage
+            timings = event.get("timings") or timings
     return first, time.perf_counter(), "".join(text), usage["completion_tokens"], timings
 
 
