@@ -144,7 +144,10 @@ class StreamDrafts:
         """Up to n_max drafts to follow `history`, whose last token is the stream's pending one."""
         if n_max <= 0:
             return [], None
-        return self.drafter.draft(history, min(n_max, self.owner.draft_max), self.dist, self.rng)
+        drafts, q = self.drafter.draft(history, min(n_max, self.owner.draft_max), self.dist, self.rng)
+        if not drafts and self.owner.ctx is not None:  # a draft model paid a step and was not confident: a miss
+            self.rejected = 0.9 * self.rejected + 1
+        return drafts, q
 
     def verify(self, ctx: Context, index: int, drafts: list[int], q, choose) -> list[int | None]:
         """The tokens the stream emits after a step that evaluated its pending token at batch `index` and `drafts`
