@@ -57,7 +57,7 @@ class Model:
         path = resolve_model(path)  # once: an hf:// reference asks the Hub (or its cache) here
         if memory_check:  # a model too large for this machine is a clear error, not an OOM kill (runtime/memory.py)
             ensure_fits(path, n_ctx=n_ctx, n_batch=n_batch, type_k=type_k, type_v=type_v, n_gpu_layers=n_gpu_layers,
-                        flash_attn=flash_attn)
+                        flash_attn=flash_attn, draft=self.speculative.draft)
         self._pair = self._draft_ctx = self.early_exit = None  # _pair: the early-exit draft and tail
         if self.speculative.early_exit not in (None, False):
             if lora is not None or control is not None:

@@ -43,6 +43,59 @@ def check_draft_options(lookup: bool, draft_model, draft_max: int, threshold: fl
         raise UsageError(f"draft threshold must be in [0, 1], not {threshold!r}")
 
 
+DECAY = 0.98  # each new timing's weight against the ones before it: about the last 50 count
+
+
+class StepCosts:
+    """A step's seconds as a fixed cost plus a cost per row, fitted to the engine's own decode-only steps.
+
+    Weighted least squares over (rows, seconds), older steps counting less (DECAY), with two points from the
+    start-up calibration (1 and 9 rows) that hold the line's shape until steps of several widths have been seen
+    (their weight falls as the observed widths' spread grows).
+    Those points are scaled by how much slower or faster the observed steps ran than the calibrated line says,
+    so a machine that slows down (another process, a clock change) keeps the shape and moves the line, instead of
+    tilting it through the points of one width.
+    """
+
+    PRIOR = 4.0  # weight of each calibration point: worth a few steps
+
+    def __init__(self, step_s: float = 1.0, row_s: float = 0.0):
+        self.base = (step_s, row_s)
+        self.scale = 1.0  # observed seconds / the calibrated line's, decayed
+        self.w = self.x = self.y = self.xx = self.xy = 0.0  # decayed sums over the observed steps
+        self.seen = 0  # steps observed
+        self._fit = None
+
+    def calibrated(self, one: float, nine: float) -> None:
+        """Steps of 1 and 9 rows took `one` and `nine` seconds."""
+        row = max((nine - one) / 8, 0.0)
+        self.base = (max(one - row, 1e-6), row)
+        self._fit = None
+
+    def observe(self, rows: int, seconds: float) -> None:
+        step, row = self.base
+        self.scale = DECAY * self.scale + (1 - DECAY) * seconds / (step + row * rows)
+        self.w, self.x, self.y = DECAY * self.w + 1, DECAY * self.x + rows, DECAY * self.y + seconds
+        self.xx, self.xy = DECAY * self.xx + rows * rows, DECAY * self.xy + rows * seconds
+        self.seen += 1
+        self._fit = None
+
+    def fit(self) -> tuple[float, float]:
+        """(a step's fixed seconds, seconds per row)."""
+        if self._fit is None:
+            step, row = self.base
+            w, x, y, xx, xy = self.w, self.x, self.y, self.xx, self.xy
+            # the calibration's points, on the observed scale, count for less the more the observed widths spread
+            prior = self.PRIOR / (1 + (xx - x * x / w if w else 0.0))
+            for rows in (1, 9):
+                t = self.scale * (step + row * rows)
+                w, x, y, xx, xy = w + prior, x + prior * rows, y + prior * t, xx + prior * rows * rows, \
+                    xy + prior * rows * t
+            slope = max((w * xy - x * y) / (w * xx - x * x), 0.0)
+            self._fit = (max((y - slope * x) / w, 1e-6), slope)
+        return self._fit
+
+
 class Speculation:
     """The engine's drafting set-up, shared by its slots: which drafter, the draft model's context, the counts."""
 
@@ -59,9 +112,9 @@ class Speculation:
                              "a draft model must share the target's tokenizer")
         self.model, self.lookup, self.draft_max, self.threshold = model, lookup, draft_max, threshold
         self.ctx = Context(draft_model, ctx_options) if draft_model is not None else None
-        # seconds: a step's fixed cost, each row's, and each draft model token's (calibrate(); until then every
-        # draft looks free and streams draft up to their limits)
-        self.step_s, self.row_s, self.draft_s = 1.0, 0.0, 0.0
+        # seconds: a step's fixed cost and each row's (calibrate(), then the engine's steps), each draft model
+        # token's; until calibrate() every draft looks free and streams draft up to their limits
+        self.costs, self.draft_cost = StepCosts(), 0.0
         self.stats = stats if stats is not None else {}  # counts: draft_rounds, drafted, draft_accepted
         for key in ("draft_rounds", "drafted", "draft_accepted"):
             self.stats.setdefault(key, 0)
@@ -82,7 +135,8 @@ class Speculation:
             self.ctx.warm_up()
 
     def calibrate(self, ctx: Context, seq: int = 0) -> None:
-        """Time steps of 1 and 9 rows in `ctx` (sequence `seq`, empty, and left empty), and one draft model token."""
+        """Time steps of 1 and 9 rows in `ctx` (sequence `seq`, empty, and left empty), and one draft model token:
+        the costs the cost model starts from, until the engine's own steps say more (observe())."""
         token = self.model.bos if self.model.bos >= 0 else 0
 
         def timed(c: Context, rows: int, repeat: int) -> float:
@@ -94,17 +148,25 @@ class Speculation:
                 c.remove(seq)
             return statistics.median(times)
 
-        one, nine = timed(ctx, 1, 5), timed(ctx, 9, 3)
+        self.costs.calibrated(timed(ctx, 1, 5), timed(ctx, 9, 3))
         if self.ctx is not None:
-            self.draft_s = timed(self.ctx, 1, 5)
-        self.row_s = max((nine - one) / 8, 0.0)
-        self.step_s = max(one - self.row_s, 1e-6)
+            self.draft_cost = timed(self.ctx, 1, 5)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """The engine's decode of `rows` rows, every one a decoding stream's (no prompt chunk), took `seconds`."""
+        self.costs.observe(rows, seconds)
+
+    def observe_draft(self, seconds: float, decodes: int) -> None:
+        """The draft model took `seconds` for a round of `decodes` tokens (and the catch-up before them)."""
+        if decodes > 0:
+            self.draft_cost = DECAY * self.draft_cost + (1 - DECAY) * seconds / decodes
 
     def allot(self, wants: list[tuple["StreamDrafts", int]]) -> list[int]:
         """Drafts for each decoding stream this step, given (its drafts, how many fit) for each: greedily the most
         likely kept rows first, while one's expected tokens per its cost beat the step's tokens per second."""
-        tokens, seconds = float(len(wants)), self.step_s + self.row_s * len(wants)
-        cost = self.row_s + self.draft_s
+        step_s, row_s = self.costs.fit()
+        tokens, seconds = float(len(wants)), step_s + row_s * len(wants)
+        cost = row_s + self.draft_cost
         counts = [0] * len(wants)
         heap = [(-d.alpha, i) for i, (d, room) in enumerate(wants) if room > 0]
         heapq.heapify(heap)
@@ -144,9 +206,12 @@ class StreamDrafts:
         """Up to n_max drafts to follow `history`, whose last token is the stream's pending one."""
         if n_max <= 0:
             return [], None
-        drafts, q = self.drafter.draft(history, min(n_max, self.owner.draft_max), self.dist, self.rng)
-        if not drafts and self.owner.ctx is not None:  # a draft model paid a step and was not confident: a miss
-            self.rejected = 0.9 * self.rejected + 1
+        n, t0 = min(n_max, self.owner.draft_max), time.perf_counter()
+        drafts, q = self.drafter.draft(history, n, self.dist, self.rng)
+        if self.owner.ctx is not None:
+            self.owner.observe_draft(time.perf_counter() - t0, len(drafts) + (len(drafts) < n))
+            if not drafts:  # a draft model paid a step and was not confident: a miss
+                self.rejected = 0.9 * self.rejected + 1
         return drafts, q
 
     def verify(self, ctx: Context, index: int, drafts: list[int], q, choose) -> list[int | None]:

@@ -346,9 +346,12 @@ class Engine(SlotReuse):
                 n += 1
                 rows += 1
         b.n_tokens = n
+        t0 = time.perf_counter()
         rc = lib.llama_decode(self.ctx.ptr, b)
         if rc != 0:
             raise ModelLoadError(f"llama_decode failed with code {rc} (batch of {n} tokens)")
+        if self.speculation is not None and not chunks:  # a step of decoding rows only: the cost model's data
+            self.speculation.observe(n, time.perf_counter() - t0)
         self.stats["steps"] += 1
         self.stats["batch_tokens"] += n
         self.stats["last_batch"] = n

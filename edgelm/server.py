@@ -86,7 +86,7 @@ class Server:
         if options.memory_check:  # the engine's one context holds every slot's cells
             ensure_fits(model, n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch,
                         type_k=options.type_k, type_v=options.type_v, n_gpu_layers=options.n_gpu_layers,
-                        flash_attn=options.flash_attn)
+                        flash_attn=options.flash_attn, draft=options.draft)
         self.llama = LlamaModel(model, LoadOptions(n_gpu_layers=options.n_gpu_layers), lora=options.lora or None,
                                 control=options.control, control_range=options.control_range)
         self.template = template_for(self.llama, options.chat_template)  # a bad template fails before serving

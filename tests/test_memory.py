@@ -71,3 +71,16 @@ def test_cli_refuses_in_one_line(command, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     line, = r.stderr.strip().splitlines()
     assert "needs about" in line and "is available" in line and "--no-mem-check" in line
+
+
+def test_a_draft_model_counts_toward_the_fit(monkeypatch, tiny_gguf):
+    """A draft model gets a context of its own beside the target's: both must fit, and the error says so."""
+    alone = memory.ensure_fits(default_model_path(), n_ctx=1024)
+    both = memory.ensure_fits(default_model_path(), n_ctx=1024, draft=tiny_gguf["q8_0"])
+    draft = memory.estimate([read_gguf(tiny_gguf["q8_0"], keep_arrays=False)], n_ctx=1024)
+    assert both.total == alone.total + draft.total and draft.kv > 0
+    monkeypatch.setattr(memory, "available", lambda: (alone.total + both.total) // 2)  # room for the target alone
+    with pytest.raises(InsufficientMemoryError, match=r"draft model \d+ MiB\).* is available"):
+        edgelm.load(n_ctx=1024, draft=tiny_gguf["q8_0"])
+    with edgelm.load(n_ctx=1024, n_threads=2) as m:
+        assert m.n_ctx == 1024

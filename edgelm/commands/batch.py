@@ -113,12 +113,12 @@ def main(argv: list[str]) -> int:
     from edgelm.runtime.model import resolve_model
 
     model = resolve_model(profile.model if profile else args.model)  # once: hf:// asks the Hub here
+    spec = speculative_from_args(args)  # lookup, draft_max, draft_threshold: EngineOptions' own names
+    draft = spec.pop("draft", None)
     if not args.no_mem_check:
         from edgelm.runtime.memory import ensure_fits
 
-        ensure_fits(model, n_ctx=args.ctx * args.parallel)
-    spec = speculative_from_args(args)  # lookup, draft_max, draft_threshold: EngineOptions' own names
-    draft = spec.pop("draft", None)
+        ensure_fits(model, n_ctx=args.ctx * args.parallel, draft=draft)
     with contextlib.ExitStack() as stack:
         llama = stack.enter_context(LlamaModel(model, LoadOptions(), lora=lora))
         draft_model = stack.enter_context(LlamaModel(resolve_model(draft), LoadOptions())) if draft else None

@@ -14,7 +14,7 @@ the numbers and what to change (`memory_check=False`, `--no-mem-check` to try an
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgelm.errors import InsufficientMemoryError
@@ -32,14 +32,16 @@ class MemoryEstimate:
     compute: int  # llama.cpp's graph buffer
     n_ctx: int
     runtime: int = 0  # edgelm's own buffers and the threads' stacks
+    draft: int = 0  # a draft model's weights, KV cache and buffers, all told (speculative decoding)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.compute + self.runtime
+        return self.weights + self.kv + self.compute + self.runtime + self.draft
 
     def describe(self) -> str:
+        draft = f", draft model {gib(self.draft)}" if self.draft else ""
         return (f"about {gib(self.total)} (weights {gib(self.weights)}, KV cache {gib(self.kv)} for "
-                f"{self.n_ctx:,} tokens, compute {gib(self.compute + self.runtime)})")
+                f"{self.n_ctx:,} tokens, compute {gib(self.compute + self.runtime)}{draft})")
 
 
 def gib(n: int) -> str:
@@ -133,13 +135,16 @@ def check_fits(need: MemoryEstimate, what: str, *, hint: str = "") -> None:
                                   "(or skip this check: --no-mem-check, memory_check=False)")
 
 
-def ensure_fits(model, what: str | None = None, **context) -> MemoryEstimate:
-    """estimate() and check_fits() for a model reference (resolved as a load resolves it) before it loads."""
+def ensure_fits(model, what: str | None = None, *, draft=None, **context) -> MemoryEstimate:
+    """estimate() and check_fits() for a model reference (resolved as a load resolves it) before it loads; with
+    `draft`, a draft model reference that gets a context of its own of the same size, counted in."""
     from edgelm.gguf_reader import read_gguf
 
     from .model import resolve_model
 
     path = resolve_model(model)
     need = estimate([read_gguf(path, keep_arrays=False)], **context)
+    if draft is not None:
+        need = replace(need, draft=estimate([read_gguf(resolve_model(draft), keep_arrays=False)], **context).total)
     check_fits(need, what or path.name)
     return need
