@@ -20,7 +20,7 @@ def add_routes(app: FastAPI, server) -> None:
     async def props():  # llama-server's: what clients read the context size and template from
         o = server.options
         return {"model_path": str(server.llama.path), "model_alias": server.model_id, "total_slots": o.n_parallel,
-                "chat_template": server.template.source, "modalities": {"vision": False, "audio": False},
+                "chat_template": server.template.text, "modalities": {"vision": False, "audio": False},
                 "build_info": f"edgelm {__version__}",
                 "default_generation_settings": {"n_ctx": o.n_ctx, "model": server.model_id,
                                                 "params": {"n_predict": o.default_max_tokens,

@@ -155,7 +155,7 @@ def add_routes(app: FastAPI, server) -> None:
         profile = server.options.profile  # a named model (edgelm create) shows its Modelfile, as Ollama's do
         named = {"system": profile.system or "", "license": profile.license or ""} if profile else {}
         return {**named, "modelfile": profile.modelfile() if profile else "",
-                "parameters": profile.parameters() if profile else "", "template": server.template.source,
+                "parameters": profile.parameters() if profile else "", "template": server.template.text,
                 "details": details(), "model_info": info, "capabilities": ["completion", "tools", "embedding"],
                 "modified_at": entry()["modified_at"]}
 

@@ -228,23 +228,79 @@ def test_prompt_tokens_parse_specials_and_keep_one_bos(small):
 
 
 class _Vocab:
-    """A model without a template; `markers`: whether its vocabulary has ChatML's special tokens."""
+    """A model without a template whose vocabulary has `specials` as single special tokens."""
 
     chat_template, bos, eos = None, -1, -1
 
-    def __init__(self, markers: bool):
-        self.markers = markers
+    def __init__(self, specials: tuple[str, ...]):
+        self.specials = specials
 
     def tokenize(self, text, add_special=True, parse_special=False):
-        return [1] if self.markers else list(text.encode())
+        return [1] if parse_special and text in self.specials else list(text.encode())
 
     def special_text(self, token):
         return ""
 
 
-@pytest.mark.parametrize("markers, expected", [(True, "chatml"), (False, "completion")])
-def test_fallback_without_a_template(markers, expected):
-    assert template_for(_Vocab(markers)).name == expected
+@pytest.mark.parametrize("specials, expected", [
+    (("<|im_start|>", "<|im_end|>"), "chatml"),
+    (("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "llama3"),
+    (("<start_of_turn>", "<end_of_turn>"), "gemma"),
+    (("<|user|>", "<|assistant|>", "<|end|>", "<|system|>"), "phi3"),
+    (("<|im_start|>",), "completion"),  # half a layout's markers name none
+    ((), "completion"),
+])
+def test_fallback_without_a_template(specials, expected):
+    assert template_for(_Vocab(specials)).name == expected
+
+
+# ------------------------------------------------------------ llama.cpp's built-in templates
+
+@pytest.mark.parametrize("name, model_template, conversations", [
+    ("phi3", "microsoft-Phi-3.5-mini-instruct", CONVERSATIONS[:2]),
+    ("gemma", "google-gemma-2-2b-it", [USER, CONVERSATIONS[1][1:]]),  # gemma's own refuses a system message
+])
+def test_llama_cpp_builtin_templates_equal_the_models_own(hf_render, name, model_template, conversations):
+    """A built-in name renders as the model family's own Jinja template does under transformers."""
+    path = TEMPLATES / f"{model_template}.jinja"
+    if not path.is_file():
+        pytest.skip(f"llama.cpp template missing: {path}")
+    builtin = ChatTemplate("", bos_token=BOS, eos_token=EOS, name=name)
+    for messages in conversations:
+        expected = hf_render(path.read_text(), messages, True).removeprefix(BOS)  # the tokenizer adds BOS
+        assert builtin.render(messages) == expected
+
+
+def test_builtin_names_on_the_bundled_model(small):
+    assert {"chatml", "completion", "llama3", "gemma", "phi3", "mistral-v7", "zephyr"} <= set(chat.builtin_names())
+    two = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert small.chat_prompt(two, chat_template="llama3") == (
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert small.chat_prompt(two, chat_template="gemma", add_generation_prompt=False) == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n")  # Gemma has no system turn: it joins the user's
+    long = [{"role": "user", "content": "ü" * 20000}]  # longer than any first guess at the text's size
+    assert small.chat_prompt(long, chat_template="phi3") == "<|user|>\n" + "ü" * 20000 + "<|end|>\n<|assistant|>\n"
+    out = small.chat(USER, chat_template="llama3", max_tokens=4, temperature=0)
+    assert out.timings.completion_tokens == 4
+
+
+def test_builtin_templates_take_tools_and_tool_calls_as_text(small):
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
+    text = small.chat_prompt([*USER, call], chat_template="llama3", tools=tools, add_generation_prompt=False)
+    assert text.startswith("<|start_header_id|>system<|end_header_id|>") and "get_time" in text.split("<|eot_id|>")[0]
+    assert '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|eot_id|>' in text
+
+
+def test_builtin_template_refusals(small):
+    with pytest.raises(UsageError, match=r"unknown chat template name 'llama-3'; built-in: chatml, completion, .*llama3"):
+        small.chat_prompt(USER, chat_template="llama-3")
+    with pytest.raises(UsageError, match="NUL character"):
+        small.chat_prompt([{"role": "user", "content": "a\0b"}], chat_template="llama3")
+    with pytest.raises(UsageError, match="chat_template_kwargs"):
+        small.chat_prompt(USER, chat_template="gemma", chat_template_kwargs={"_x": 1})
 
 
 def test_chat_template_override(small):

@@ -422,3 +422,20 @@ def test_alias_and_chat_template_file(tiny_gguf, tmp_path):
         assert "Traceback" not in s.stop()
     with edgelm.load(tiny_gguf["q8_0"], n_threads=2, chat_template=template.read_text()) as m:
         assert out.choices[0].message.content == m.chat(messages, max_tokens=8, temperature=0).text
+
+
+def test_a_builtin_chat_template_by_name(tiny_gguf):
+    """--chat-template NAME: one of llama.cpp's built-in templates for every chat request; /props and /api/show
+    name it."""
+    s = ServerProcess(str(tiny_gguf["q8_0"]), "--chat-template", "phi3")
+    try:
+        assert httpx.get(s.base + "/props").json()["chat_template"] == "phi3"
+        assert httpx.post(s.base + "/api/show", json={"model": "x"}).json()["template"] == "phi3"
+        messages = [{"role": "user", "content": "Say hi"}]
+        body = {"messages": messages, "max_tokens": 8, "temperature": 0}
+        reply = httpx.post(s.base + "/v1/chat/completions", json=body, timeout=60).json()
+    finally:
+        assert "Traceback" not in s.stop()
+    with edgelm.load(tiny_gguf["q8_0"], n_threads=2, chat_template="phi3") as m:
+        assert m.chat_prompt(messages) == "<|user|>\nSay hi<|end|>\n<|assistant|>\n"
+        assert reply["choices"][0]["message"]["content"] == m.chat(messages, max_tokens=8, temperature=0).text

@@ -144,7 +144,8 @@ def context_from_args(args) -> dict:
 def add_template_arguments(p) -> None:
     """llama.cpp's --chat-template NAME|JINJA and --chat-template-file FILE."""
     p.add_argument("--chat-template", metavar="NAME|JINJA",
-                   help="chat template instead of the model's own: chatml, completion, or Jinja source")
+                   help="chat template instead of the model's own: chatml, completion, one of llama.cpp's built-in "
+                        "names (llama3, gemma, phi3, mistral-v7, ...; a wrong name lists them), or Jinja source")
     p.add_argument("--chat-template-file", metavar="FILE", help="the same, read from a Jinja file")
 
 

@@ -11,9 +11,14 @@ closes what that sandbox leaves open:
 - `'x' * 10**10` and `2 ** 10**8` would exhaust memory or CPU: repetitions and powers are capped.
 Other resource use (deep loops, huge format widths) is not bounded; the template cannot run code.
 
-Models without a template get ChatML when their vocabulary has the ChatML markers (llama.cpp's default
-for every model), and the plain "completion" layout otherwise: ChatML markers that a vocabulary does not
-know would only reach a base model as noise.
+Named templates: edgelm's "chatml" and "completion", and every one built into llama.cpp ("llama3", "gemma",
+"phi3", "mistral-v7", ..., `builtin_names()`), which llama.cpp renders itself (llama_chat_apply_template) from the
+messages' roles and texts, as llama-server's `--chat-template NAME` does.
+
+Models without a template get the layout their vocabulary's special tokens name: ChatML (llama.cpp's default
+for every model) when it has <|im_start|> and <|im_end|>, Llama 3's, Gemma's or Phi-3's for their markers, and
+the plain "completion" layout otherwise: markers that a vocabulary does not know would only reach a base model
+as noise.
 """
 from __future__ import annotations
 
@@ -41,6 +46,11 @@ CHATML = (
 # base models: the turns' text alone, so chat() on one user message equals generate() on its text
 COMPLETION = "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}\n\n{% endif %}{% endfor %}"
 BUILTIN = {"chatml": CHATML, "completion": COMPLETION}
+# a model without a template, whose vocabulary has all of a layout's markers as special tokens, gets that layout
+MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>"),
+           "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+           "gemma": ("<start_of_turn>", "<end_of_turn>"),
+           "phi3": ("<|user|>", "<|assistant|>", "<|end|>")}
 
 MAX_REPEAT = 1 << 22  # longest str/list a template may build with `*`
 MAX_POWER_BITS = 1 << 16  # largest integer a template may build with `**`
@@ -247,7 +257,12 @@ class ChatTemplate:
     source: str
     bos_token: str = ""  # the texts the template may emit for BOS / EOS
     eos_token: str = ""
-    name: str = "custom"  # "model", "chatml", "completion" or "custom"
+    name: str = "custom"  # "model", "custom", or a built-in name (BUILTIN, or llama.cpp's: builtin_names())
+
+    @property
+    def text(self) -> str:
+        """What to show of it: the Jinja source, or the name of a template llama.cpp renders itself."""
+        return self.source or self.name
 
     def render(self, messages, *, add_generation_prompt: bool = True, tools: list[dict] | None = None,
                extra: Mapping | None = None) -> str:
@@ -258,18 +273,22 @@ class ChatTemplate:
         if not isinstance(add_generation_prompt, bool):
             raise UsageError(f"add_generation_prompt must be True or False, not {add_generation_prompt!r}")
         messages = validate_messages(messages)
-        if "tool_calls" not in self.source:  # the calls an assistant made, written as text in the Hermes form
+        native = self.name in builtin_names() and self.name not in BUILTIN  # llama.cpp renders it
+        if native or "tool_calls" not in self.source:  # the calls an assistant made, written as text (Hermes form)
             for m in messages:
                 if m.get("tool_calls"):
                     m["content"] = "\n".join([m["content"] or ""] + [
                         f"{HERMES_OPEN}\n{json.dumps(c['function'], ensure_ascii=False)}\n{HERMES_CLOSE}"
                         for c in m.pop("tool_calls")]).lstrip("\n")
-        if tools and "tools" not in self.source:
+        if tools and (native or "tools" not in self.source):
             if messages[0]["role"] == "system":
                 messages[0]["content"] = system_prompt(tools) + "\n\n" + messages[0]["content"]
             else:
                 messages.insert(0, {"role": "system", "content": system_prompt(tools)})
             tools = None
+        if native:  # llama.cpp's templates take roles and texts only, no template variables
+            template_kwargs(extra)
+            return _apply_builtin(self.name, messages, add_generation_prompt)
         variables = dict(template_kwargs(extra), messages=messages, add_generation_prompt=add_generation_prompt,
                          bos_token=self.bos_token, eos_token=self.eos_token, tools=tools or None, documents=None)
         return _run(_compile(self.source), variables)
@@ -295,26 +314,71 @@ def template_kwargs(extra: Mapping | None) -> dict:
         raise UsageError(f"chat_template_kwargs must hold JSON values: {e}") from None
 
 
-def has_chatml_markers(model) -> bool:
-    """Whether the vocabulary knows <|im_start|> and <|im_end|> as single special tokens."""
-    return all(len(model.tokenize(m, add_special=False, parse_special=True)) == 1
-               for m in ("<|im_start|>", "<|im_end|>"))
+@functools.lru_cache(maxsize=1)
+def builtin_names() -> tuple[str, ...]:
+    """Every named template: edgelm's own, then llama.cpp's built-in ones."""
+    import ctypes
+
+    import llama_cpp as lib
+
+    n = lib.llama_chat_builtin_templates(None, 0)
+    names = (ctypes.c_char_p * n)()
+    lib.llama_chat_builtin_templates(names, n)
+    return tuple(BUILTIN) + tuple(name.decode() for name in names if name.decode() not in BUILTIN)
+
+
+def _apply_builtin(name: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    """llama.cpp's built-in template `name` over the messages' roles and contents."""
+    import ctypes
+
+    import llama_cpp as lib
+
+    fields = []
+    for i, m in enumerate(messages):
+        role, content = m["role"].encode(), (m["content"] or "").encode()
+        if b"\0" in content:  # a C string would end there, silently dropping the rest
+            raise UsageError(f"messages[{i}]['content'] holds a NUL character, which the built-in template "
+                             f"{name!r} cannot carry")
+        fields.append((role, content))
+    chat = (lib.llama_chat_message * len(fields))(*[lib.llama_chat_message(r, c) for r, c in fields])
+    size = 2 * sum(len(r) + len(c) for r, c in fields) + 256
+    for _ in range(2):  # the first call says how long the text is when the buffer was too short
+        buf = ctypes.create_string_buffer(size)
+        n = lib.llama_chat_apply_template(name.encode(), chat, len(fields), add_generation_prompt, buf, size)
+        if n < 0:
+            raise ChatTemplateError(f"llama.cpp's built-in template {name!r} cannot render this conversation")
+        if n <= size:
+            return buf.raw[:n].decode("utf-8", errors="replace")
+        size = n
+    raise ChatTemplateError(f"llama.cpp's built-in template {name!r} gave text of changing length")
+
+
+def marker_layout(model) -> str:
+    """The built-in layout a template-less model's special tokens name (MARKERS), or "completion"."""
+    def special(text: str) -> bool:
+        return len(model.tokenize(text, add_special=False, parse_special=True)) == 1
+
+    return next((name for name, markers in MARKERS.items() if all(map(special, markers))), "completion")
 
 
 def template_for(model, override: str | None = None) -> ChatTemplate:
     """The template to chat with: `override` (a built-in name or Jinja source), the model's own, or a fallback."""
     if override is not None and (not isinstance(override, str) or not override.strip()):
-        raise UsageError(f"chat_template must be {' or '.join(BUILTIN)} or Jinja source text, not {override!r}")
+        raise UsageError(f"chat_template must be a built-in name ({', '.join(MARKERS)}, completion, ...) or Jinja "
+                         f"source text, not {override!r}")
     tokens = dict(bos_token=model.special_text(model.bos), eos_token=model.special_text(model.eos))
-    if override in BUILTIN:
-        return ChatTemplate(BUILTIN[override], name=override, **tokens)
+    if override in builtin_names():
+        return ChatTemplate(BUILTIN.get(override, ""), name=override, **tokens)
     if override is not None:
+        if "{" not in override:  # a misspelt name, not a template: Jinja would render it as constant text
+            raise UsageError(f"unknown chat template name {override[:40]!r}; built-in: "
+                             f"{', '.join(builtin_names())} (or give Jinja source)")
         _compile(override)  # a caller's template fails here, not on its first use
         return ChatTemplate(override, name="custom", **tokens)
     if model.chat_template:
         return ChatTemplate(model.chat_template, name="model", **tokens)
-    name = "chatml" if has_chatml_markers(model) else "completion"
-    return ChatTemplate(BUILTIN[name], name=name, **tokens)
+    name = marker_layout(model)
+    return ChatTemplate(BUILTIN.get(name, ""), name=name, **tokens)
 
 
 def chat_tokens(model, messages, template: ChatTemplate, *, add_generation_prompt: bool = True,
