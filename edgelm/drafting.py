@@ -11,7 +11,9 @@ whose context holds one sequence per slot.
 
 How many drafts a step takes is a cost model's choice (Speculation.allot): a draft row pays off when the tokens
 it is expected to add (the stream's acceptance rate, to the power of its place in the draft) outweigh what it adds
-to the step's time, at the step's current tokens per second. Row and step costs are timed at start-up. On a CPU,
+to the step's time, at the step's current tokens per second. Row and step costs are timed at start-up, then fitted
+to the engine's own decode-only steps as it serves (StepCosts: the whole step, with verifying drafts and dropping
+rejected ones from the KV), and a draft model's token to its own calls. On a CPU,
 where a small model's step grows with every row, this drafts little beside other streams and more alone; where
 rows are nearly free (a larger, memory-bound model) it drafts more. Grammars and penalties decode plainly (a rejected draft would have
 advanced their state), as in `Model.generate` with a drafter.
@@ -44,6 +46,7 @@ def check_draft_options(lookup: bool, draft_model, draft_max: int, threshold: fl
 
 
 DECAY = 0.98  # each new timing's weight against the ones before it: about the last 50 count
+PROBE = 32  # a stream the cost model keeps from drafting drafts one token after this many steps
 
 
 class StepCosts:
@@ -74,6 +77,8 @@ class StepCosts:
 
     def observe(self, rows: int, seconds: float) -> None:
         step, row = self.base
+        # an outlier (a finished request's prompt cache write, the OS taking the core) counts as 4x the expected
+        seconds = min(seconds, 4 * self.scale * (step + row * rows))
         self.scale = DECAY * self.scale + (1 - DECAY) * seconds / (step + row * rows)
         self.w, self.x, self.y = DECAY * self.w + 1, DECAY * self.x + rows, DECAY * self.y + seconds
         self.xx, self.xy = DECAY * self.xx + rows * rows, DECAY * self.xy + rows * seconds
@@ -115,6 +120,7 @@ class Speculation:
         # seconds: a step's fixed cost and each row's (calibrate(), then the engine's steps), each draft model
         # token's; until calibrate() every draft looks free and streams draft up to their limits
         self.costs, self.draft_cost = StepCosts(), 0.0
+        self._drafting = 0.0  # the draft model's seconds in the current step
         self.stats = stats if stats is not None else {}  # counts: draft_rounds, drafted, draft_accepted
         for key in ("draft_rounds", "drafted", "draft_accepted"):
             self.stats.setdefault(key, 0)
@@ -153,11 +159,14 @@ class Speculation:
             self.draft_cost = timed(self.ctx, 1, 5)
 
     def observe(self, rows: int, seconds: float) -> None:
-        """The engine's decode of `rows` rows, every one a decoding stream's (no prompt chunk), took `seconds`."""
-        self.costs.observe(rows, seconds)
+        """The engine's step of `rows` rows, every one a decoding stream's (no prompt chunk), took `seconds`, the
+        draft model's calls in it included."""
+        self.costs.observe(rows, max(seconds - self._drafting, 1e-6))
+        self._drafting = 0.0
 
     def observe_draft(self, seconds: float, decodes: int) -> None:
         """The draft model took `seconds` for a round of `decodes` tokens (and the catch-up before them)."""
+        self._drafting += seconds
         if decodes > 0:
             self.draft_cost = DECAY * self.draft_cost + (1 - DECAY) * seconds / decodes
 
@@ -180,6 +189,12 @@ class Speculation:
             seconds += cost
             if counts[i] < wants[i][1]:
                 heapq.heappush(heap, (-value * wants[i][0].alpha, i))
+        for i, (d, room) in enumerate(wants):
+            # a stream that has not drafted for PROBE steps tries one draft, so that its acceptance rate follows
+            # what its drafter would do now (and a good drafter is found out), at one row in PROBE steps
+            d.idle = 0 if counts[i] else d.idle + 1
+            if d.idle >= PROBE and room > 0:
+                counts[i], d.idle = 1, 0
         return counts
 
     def close(self) -> None:
@@ -197,6 +212,7 @@ class StreamDrafts:
         # a draft is kept, given the one before it was, with probability alpha: the stream's kept drafts against
         # its rejections, from one of each, with older rounds counting less
         self.kept, self.rejected = 1.0, 1.0
+        self.idle = 0  # steps since the cost model last gave this stream a draft
 
     @property
     def alpha(self) -> float:

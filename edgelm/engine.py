@@ -306,6 +306,7 @@ class Engine(SlotReuse):
         prefilling = sorted((s for s in self._slots if s.evaluating), key=lambda s: s.req.submitted)
         if not decoding and not prefilling:
             return
+        t_step = time.perf_counter()
         b = self.ctx._batch
         # outputs: (slot, batch index, output row) with logits; chunks: (slot, start, end)
         n, rows, outputs, chunks = 0, 0, [], []
@@ -346,12 +347,9 @@ class Engine(SlotReuse):
                 n += 1
                 rows += 1
         b.n_tokens = n
-        t0 = time.perf_counter()
         rc = lib.llama_decode(self.ctx.ptr, b)
         if rc != 0:
             raise ModelLoadError(f"llama_decode failed with code {rc} (batch of {n} tokens)")
-        if self.speculation is not None and not chunks:  # a step of decoding rows only: the cost model's data
-            self.speculation.observe(n, time.perf_counter() - t0)
         self.stats["steps"] += 1
         self.stats["batch_tokens"] += n
         self.stats["last_batch"] = n
@@ -378,6 +376,10 @@ class Engine(SlotReuse):
                 self._sampled(slot, int(argmax[row]), now, index)
             else:
                 self._sampled(slot, slot.sampler.sample(self.ctx.ptr, index), now, index)
+        if self.speculation is not None and not chunks:
+            # a step of decoding rows only, all told (drafts' verification and rollback too; a draft model's time
+            # is its own cost): the cost model's data
+            self.speculation.observe(n, time.perf_counter() - t_step)
 
     def _room(self, slot: _Slot) -> int:
         """Drafts a decoding slot may make: within draft_max, max_tokens (the model's own token follows them) and

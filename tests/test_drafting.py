@@ -232,7 +232,7 @@ def test_serve_with_lookup(small, plain):
 def test_the_cost_model_drafts_where_rows_are_cheap_and_streams_agree(small):
     """Speculation.allot: a stream that keeps its drafts gets more than one that does not; cheap rows buy more drafts
     than dear ones; beside other streams, a compute-bound step drafts less."""
-    from edgelm.drafting import Speculation, StepCosts
+    from edgelm.drafting import PROBE, Speculation, StepCosts
     from edgelm.runtime.context import ContextOptions
 
     spec = Speculation(small, ContextOptions(n_ctx=256), lookup=True)
@@ -249,6 +249,11 @@ def test_the_cost_model_drafts_where_rows_are_cheap_and_streams_agree(small):
     beside = spec.allot([(good, 8)] + [(bad, 8)] * 3)
     assert beside[0] < alone[0]
     assert spec.allot([(good, 2)]) == [2]  # never more than fits
+    # a stream kept from drafting tries one draft every PROBE steps, so its acceptance rate can still change
+    bad.idle = 0
+    probes = [spec.allot([(good, 8), (bad, 8)])[1] for _ in range(3 * PROBE)]
+    assert probes.count(1) == 3 and probes.count(0) == 3 * PROBE - 3 and probes[PROBE - 1] == 1
+    assert spec.allot([(bad, 0)]) == [0]  # not where no draft fits
     spec.close()
 
 
