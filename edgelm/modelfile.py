@@ -31,7 +31,8 @@ SAMPLING = {  # Ollama's PARAMETER names -> SamplingParams fields
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "typical_p": "typical_p",
     "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "repeat_last_n": "penalty_last_n", "seed": "seed",
-    "num_predict": "max_tokens", "stop": "stop",
+    "num_predict": "max_tokens", "stop": "stop", "mirostat": "mirostat", "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
 }
 LOAD = {"num_ctx": "n_ctx", "num_thread": "n_threads", "num_gpu": "n_gpu_layers", "num_batch": "n_batch"}
 ROLES = ("system", "user", "assistant")
@@ -161,7 +162,8 @@ def parse(text: str) -> list[tuple[str, str]]:
 
 def _value(key: str, raw: str):
     """A PARAMETER's value as the type SamplingParams / load options want."""
-    ints = {"top_k", "repeat_last_n", "seed", "num_predict", "num_ctx", "num_thread", "num_gpu", "num_batch"}
+    ints = {"top_k", "repeat_last_n", "seed", "num_predict", "num_ctx", "num_thread", "num_gpu", "num_batch",
+            "mirostat"}
     try:
         value = int(raw) if key in ints else float(raw)
     except ValueError:

@@ -29,11 +29,11 @@ OPTIONS = {  # Ollama option -> SamplingParams field
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "typical_p": "typical_p",
     "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "repeat_last_n": "penalty_last_n", "seed": "seed", "stop": "stop",
-    "num_predict": "max_tokens",
+    "num_predict": "max_tokens", "mirostat": "mirostat", "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
 }
 SERVER_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap", "use_mlock",
-                  "numa", "low_vram", "f16_kv", "vocab_only", "penalize_newline", "tfs_z", "mirostat",
-                  "mirostat_tau", "mirostat_eta"}
+                  "numa", "low_vram", "f16_kv", "vocab_only", "penalize_newline", "tfs_z"}
 MESSAGE_KEYS = {"role", "content", "images", "tool_calls", "tool_name", "thinking"}
 
 

@@ -21,6 +21,12 @@ SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
     "repeat_penalty": "repeat_penalty", "logit_bias": "logit_bias", "stop": "stop", "grammar": "grammar",
     "ignore_eos": "ignore_eos",
+    # llama-server's own sampling fields
+    "repeat_last_n": "penalty_last_n", "mirostat": "mirostat", "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta", "xtc_probability": "xtc_probability", "xtc_threshold": "xtc_threshold",
+    "dry_multiplier": "dry_multiplier", "dry_base": "dry_base", "dry_allowed_length": "dry_allowed_length",
+    "dry_penalty_last_n": "dry_penalty_last_n", "dry_sequence_breakers": "dry_sequence_breakers",
+    "top_n_sigma": "top_n_sigma", "dynatemp_range": "dynatemp_range", "dynatemp_exponent": "dynatemp_exponent",
 }
 IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "response_format",
                   "logprobs", "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls", "tools", "tool_choice",

@@ -193,6 +193,25 @@ def test_run_grammar_and_json_schema_flags(tiny_gguf, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read the grammar" in r.stderr
 
 
+def test_run_dry_mirostat_xtc_flags(tiny_gguf):
+    """llama.cpp's sampler flags reach the chain: DRY (no breakers) changes a greedy loop as the API's DRY does."""
+    from edgelm import load
+
+    prompt, model = "import os\nimport os\nimport", str(tiny_gguf["q8_0"])
+    with load(model, n_threads=2) as m:
+        ref = m.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True, dry_multiplier=0.8,
+                         dry_sequence_breakers=()).text
+    r = edgelm("run", model, "-p", prompt, "-n", "32", "--temp", "0", "--ignore-eos", "--dry-multiplier", "0.8",
+               "--dry-sequence-breaker", "none", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == ref
+    r = edgelm("run", model, "-p", prompt, "-n", "8", "--mirostat", "2", "--mirostat-ent", "3", "--mirostat-lr",
+               "0.2", "--xtc-probability", "0.5", "--top-nsigma", "1", "--dynatemp-range", "0.3", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["completion_tokens"] >= 1, r.stderr
+    r = edgelm("run", model, "-p", "x", "--dry-base", "0.5")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "dry_base" in r.stderr
+
+
 def test_run_prompt_cache_is_reused_by_a_later_run(tmp_path):
     from edgelm import corpus
 

@@ -96,6 +96,7 @@ def test_embed_matches_the_python_api(client, model):
 @pytest.mark.parametrize("call, match", [
     (lambda c: c.generate(model="m", prompt="x", options={"temperature": -1}), "temperature"),
     (lambda c: c.generate(model="m", prompt="x", options={"warp_speed": 9}), "unknown option"),
+    (lambda c: c.generate(model="m", prompt="x", options={"mirostat": 3}), "mirostat"),  # applied, so checked
     (lambda c: c.chat(model="m", messages=[{"role": "user", "content": "x", "images": ["aGk="]}]), "images"),
     (lambda c: c.chat(model="m", messages=[{"role": "robot", "content": "x"}]), "role"),
     (lambda c: c.generate(model="m", prompt="word " * 3000), "context"),

@@ -5,6 +5,7 @@ import collections
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -43,6 +44,12 @@ FLAT = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # plain sampling fr
     ("grammar", 'root ::= "a"{2,1}'),  # llama.cpp: loops until memory runs out
     ("json_schema", "{"), ("json_schema", 3), ("json_schema", {"type": "integer", "minimum": 1}),
     ("temprature", 0.5),  # unknown field
+    ("mirostat", 3), ("mirostat", 1.0), ("mirostat_tau", -1.0), ("mirostat_eta", math.nan),
+    ("xtc_probability", 1.5), ("xtc_threshold", -0.1), ("dry_multiplier", -1.0), ("dry_base", 0.5),
+    ("dry_allowed_length", 0), ("dry_penalty_last_n", -2), ("dry_sequence_breakers", [""]),
+    ("dry_sequence_breakers", ["a\0"]), ("dry_sequence_breakers", ["x" * 41]), ("dry_sequence_breakers", [3]),
+    ("dry_sequence_breakers", ["a"] * 33), ("top_n_sigma", -2.0), ("dynatemp_range", -1.0),
+    ("dynatemp_exponent", math.inf),
 ])
 def test_invalid_value_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -362,3 +369,78 @@ def test_biased_argmax_without_a_copy_equals_the_copy():
         assert biased_argmax(row, ids, bias) == reference(row, ids, bias), (row, ids, bias)
     row = np.zeros(4, np.float32)
     assert biased_argmax(row, np.arange(4), np.full(4, -np.inf, np.float32)) is None
+
+
+# ---------------------------------------------------------------- llama.cpp's other samplers
+
+def surprise_bits(out) -> float:
+    """The mean surprise, -log2 p, of the chosen tokens under the model's own distribution."""
+    return float(np.mean([-lp.logprob / math.log(2) for lp in out.logprobs]))
+
+
+def test_mirostat_holds_surprise_near_its_target(tiny_model):
+    """Mirostat 1.0 and 2.0: a lower target surprise (tau) gives text the model finds less surprising; the same
+    seed gives the same text."""
+    prompt = "def main():\n"
+
+    def mean_surprise(**kw) -> float:
+        kw = {"temperature": 1.0, **kw}
+        return statistics.mean(surprise_bits(tiny_model.generate(prompt, max_tokens=96, ignore_eos=True, seed=s,
+                                                                 logprobs=0, **kw)) for s in range(4))
+    plain = mean_surprise(**FLAT)
+    for version in (1, 2):
+        low, high = mean_surprise(mirostat=version, mirostat_tau=1.0), mean_surprise(mirostat=version, mirostat_tau=8.0)
+        assert low < high and low < plain / 2, (version, low, high, plain)
+        a, b = (tiny_model.generate(prompt, max_tokens=32, seed=9, mirostat=version, mirostat_tau=3.0)
+                for _ in range(2))
+        assert a.tokens == b.tokens
+
+
+def test_xtc_drops_the_most_likely_tokens(tiny_model):
+    """XTC at probability 1: wherever two or more tokens reach the threshold, the chosen one is not the top."""
+    threshold = 0.1
+    hits = 0
+    for seed in range(3):
+        out = tiny_model.generate("import os\n", max_tokens=48, ignore_eos=True, seed=seed, logprobs=2, **FLAT,
+                                  xtc_probability=1.0, xtc_threshold=threshold)
+        for token, lp in zip(out.tokens, out.logprobs):
+            (top, p1), (_, p2) = lp.top[:2]
+            if math.exp(p2) >= threshold:  # two above the threshold: every one of them but the least likely goes
+                hits += 1
+                assert token != top
+    assert hits >= 5
+    greedy = tiny_model.generate("import os\n", max_tokens=16, temperature=0)
+    assert tiny_model.generate("import os\n", max_tokens=16, temperature=0, xtc_probability=1.0).tokens == greedy.tokens
+
+
+def test_dry_breaks_a_greedy_loop(tiny_model):
+    prompt = "import os\nimport os\nimport"  # greedy: " sys\nimport _get\n" over and over
+    loop = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True).tokens
+    dry = dict(dry_multiplier=0.8, dry_sequence_breakers=())  # no breakers: the loop runs across lines
+    varied = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True, **dry).tokens
+    assert len(set(varied)) > 2 * len(set(loop))
+    off = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True, dry_penalty_last_n=0, **dry)
+    assert off.tokens == loop  # a window of 0 turns it off
+
+
+def test_top_n_sigma_and_dynamic_temperature(tiny_model):
+    prompt = "class Stack:\n"
+    greedy = tiny_model.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True).tokens
+    hot = dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=5, max_tokens=32, ignore_eos=True)
+    assert tiny_model.generate(prompt, **hot).tokens != greedy
+    assert tiny_model.generate(prompt, top_n_sigma=0.001, **hot).tokens == greedy  # only the top logit is that close
+    plain = tiny_model.generate(prompt, **hot).tokens
+    dynamic = [tiny_model.generate(prompt, dynatemp_range=1.5, **hot).tokens for _ in range(2)]
+    assert dynamic[0] == dynamic[1] != plain
+
+
+def test_samplers_that_remember_decode_without_drafts():
+    from edgelm.runtime.speculative import speculative_mode
+
+    def mode(**kw):
+        return speculative_mode(SamplingParams.from_kwargs(**kw))
+    assert mode(temperature=0.8) == mode(temperature=0.8, top_n_sigma=1.0) == mode(dynatemp_range=0.5) == "sample"
+    for kw in ({"mirostat": 2}, {"xtc_probability": 0.5}, {"dry_multiplier": 0.8},
+               {"temperature": 0, "dry_multiplier": 0.8}):
+        assert mode(**kw) == "plain", kw
+    assert mode(temperature=0, mirostat=2, xtc_probability=0.5) == "greedy"  # neither acts on greedy decoding

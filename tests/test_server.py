@@ -108,6 +108,21 @@ def test_completion_matches_the_python_api(client):
     assert chunks[-1].choices[0].finish_reason == ref.finish_reason
 
 
+def test_llama_servers_sampling_fields(client):
+    """llama-server's DRY, XTC, mirostat, top-n-sigma and dynamic-temperature fields reach the sampler chain."""
+    prompt, dry = "import os\nimport os\nimport", {"dry_multiplier": 0.8, "dry_sequence_breakers": []}
+    with edgelm.load(n_ctx=512, n_threads=2, prefix_cache_bytes=0) as m:
+        plain = m.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
+        ref = m.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True, **dry)
+    out = client.completions.create(model="x", prompt=prompt, max_tokens=32, temperature=0,
+                                    extra_body={"ignore_eos": True, **dry})
+    assert out.choices[0].text == ref.text != plain.text
+    for fields in ({"mirostat": 2, "mirostat_tau": 3.0, "mirostat_eta": 0.2}, {"xtc_probability": 0.5},
+                   {"top_n_sigma": 1.0, "dynatemp_range": 0.3, "dynatemp_exponent": 1.5}):
+        out = client.completions.create(model="x", prompt=prompt, max_tokens=8, seed=1, extra_body=fields)
+        assert out.usage.completion_tokens >= 1
+
+
 def test_chat_streaming_with_usage(client):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
     whole = client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0)
@@ -316,6 +331,8 @@ def test_api_key_is_required(server):
     ({"prompt": [1, 2, 10**9]}, "token"),
     ({"prompt": "word " * 5000}, "context"),
     ({"prompt": "x", "grammar": "root ::= ("}, "grammar"),
+    ({"prompt": "x", "mirostat": 3}, "mirostat"),
+    ({"prompt": "x", "dry_sequence_breakers": ["x" * 41]}, "dry_sequence_breakers"),
 ])
 def test_bad_completion_requests_are_400(server, body, field):
     r = httpx.post(server.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})

@@ -83,6 +83,20 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--presence-penalty", type=float, help="0 = off")
     g.add_argument("--frequency-penalty", type=float, help="0 = off")
     g.add_argument("--repeat-last-n", type=int, help="tokens the penalties look back over (-1: whole context)")
+    g.add_argument("--mirostat", type=int, choices=(0, 1, 2), help="Mirostat 1.0 or 2.0 (0 = off)")
+    g.add_argument("--mirostat-ent", type=float, metavar="TAU", help="Mirostat's target surprise (default 5.0)")
+    g.add_argument("--mirostat-lr", type=float, metavar="ETA", help="Mirostat's learning rate (default 0.1)")
+    g.add_argument("--xtc-probability", type=float, help="XTC: chance a step drops the most likely tokens (0 = off)")
+    g.add_argument("--xtc-threshold", type=float, help="XTC: tokens above this probability may go (default 0.1)")
+    g.add_argument("--dry-multiplier", type=float, help="DRY: penalty for extending a repeat (0 = off)")
+    g.add_argument("--dry-base", type=float, help="DRY: base of the penalty's growth (default 1.75)")
+    g.add_argument("--dry-allowed-length", type=int, help="DRY: repeats this long go free (default 2)")
+    g.add_argument("--dry-penalty-last-n", type=int, help="DRY: tokens to look back over (-1: whole context)")
+    g.add_argument("--dry-sequence-breaker", action="append", metavar="STR",
+                   help="DRY: a repeat never runs across STR (repeatable; replaces \\n : \" *; 'none': no breakers)")
+    g.add_argument("--top-nsigma", type=float, help="keep tokens within N standard deviations of the top logit")
+    g.add_argument("--dynatemp-range", type=float, help="dynamic temperature: temp +- this, by entropy (0 = off)")
+    g.add_argument("--dynatemp-exp", type=float, help="dynamic temperature's exponent (default 1.0)")
     g.add_argument("--grammar-file", metavar="FILE", help="constrain output to a GBNF grammar")
     g.add_argument("--json-schema", metavar="SCHEMA", help="constrain output to a JSON schema (JSON text or @FILE)")
     g.add_argument("--seed", type=int)
@@ -252,7 +266,15 @@ def sampling_from_args(args) -> dict:
              "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
              "penalty_last_n": args.repeat_last_n, "seed": args.seed, "stop": args.stop,
              "grammar": _read(args.grammar_file, "grammar") if args.grammar_file else None,
-             "json_schema": schema, "ignore_eos": args.ignore_eos or None}
+             "json_schema": schema, "ignore_eos": args.ignore_eos or None,
+             "mirostat": args.mirostat, "mirostat_tau": args.mirostat_ent, "mirostat_eta": args.mirostat_lr,
+             "xtc_probability": args.xtc_probability, "xtc_threshold": args.xtc_threshold,
+             "dry_multiplier": args.dry_multiplier, "dry_base": args.dry_base,
+             "dry_allowed_length": args.dry_allowed_length, "dry_penalty_last_n": args.dry_penalty_last_n,
+             "dry_sequence_breakers": None if args.dry_sequence_breaker is None else
+             () if args.dry_sequence_breaker == ["none"] else tuple(args.dry_sequence_breaker),
+             "top_n_sigma": args.top_nsigma, "dynatemp_range": args.dynatemp_range,
+             "dynatemp_exponent": args.dynatemp_exp}
     return {k: v for k, v in pairs.items() if v is not None}
 
 

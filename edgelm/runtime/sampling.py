@@ -1,7 +1,8 @@
 """Sampling parameters, validated in Python, and the llama.cpp samplers they build.
 
-The order is llama.cpp's default common sampler: logit bias -> penalties -> top-k -> typical -> top-p -> min-p
--> temperature -> dist (greedy: logit bias -> penalties -> argmax). A grammar is checked the way llama.cpp's
+The order is llama.cpp's default common sampler: logit bias -> penalties -> DRY -> top-n-sigma -> top-k -> typical
+-> top-p -> min-p -> XTC -> temperature (or dynamic temperature) -> dist; with mirostat, logit bias -> penalties ->
+DRY -> temperature -> mirostat (greedy: logit bias -> penalties -> DRY -> argmax). A grammar is checked the way llama.cpp's
 common_sampler_sample does it: sample without it, and only when the grammar rejects that token, mask the whole
 vocabulary with the grammar and sample again. Masking costs a pass over every token, so this saves it on most steps.
 """
@@ -25,6 +26,8 @@ from .logprobs import MAX_TOP_LOGPROBS
 INT32_MAX = 2**31 - 1
 GREEDY_BELOW = 1e-4  # smaller temperatures are greedy: dividing logits by them can overflow float32
 MAX_BIAS = 1e4  # |finite logit bias|; -inf bans a token
+MIROSTAT_M = 100  # Mirostat 1.0's tokens for estimating the distribution's shape (the paper's and llama.cpp's)
+MAX_BREAKERS, MAX_BREAKER_BYTES = 32, 40  # DRY sequence breakers (llama.cpp cuts longer ones silently)
 TYPICAL_FLOOR = 80.0  # typical_p: drop logits this far below the best, whose exp underflows to 0 (NaN entropy)
 
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
@@ -50,6 +53,20 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # never with a grammar: the grammar decides where output may end
     logprobs: int | None = None  # report each token's logprob and this many alternatives (0-20; runtime/logprobs.py)
+    # llama.cpp's other samplers, with llama-server's names and defaults (each off by default)
+    mirostat: int = 0  # 1, 2: Mirostat 1.0 / 2.0 holds each token's surprise near mirostat_tau (replaces top-k..dist)
+    mirostat_tau: float = 5.0  # target surprise of each token, in bits (-log2 p)
+    mirostat_eta: float = 0.1  # learning rate
+    xtc_probability: float = 0.0  # XTC: with this probability a step drops every token above xtc_threshold but
+    xtc_threshold: float = 0.1  # the least likely of them (when at least two are above it)
+    dry_multiplier: float = 0.0  # DRY: penalise a token that would extend a repeat of earlier text; 0: off
+    dry_base: float = 1.75  # the penalty is multiplier * base ** (repeat length - allowed length)
+    dry_allowed_length: int = 2  # repeats this long go free
+    dry_penalty_last_n: int = -1  # tokens DRY looks back over, prompt included; -1: the whole context
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", "\"", "*")  # a repeat never runs across these
+    top_n_sigma: float = -1.0  # keep tokens within n standard deviations of the top logit; <= 0: off
+    dynatemp_range: float = 0.0  # dynamic temperature: temperature +- range, by the distribution's entropy
+    dynatemp_exponent: float = 1.0
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":
@@ -61,6 +78,11 @@ class SamplingParams:
             kwargs["stop"] = (kwargs["stop"],)
         elif kwargs.get("stop") is not None:
             kwargs["stop"] = tuple(kwargs["stop"])
+        for key in ("stop", "dry_sequence_breakers"):
+            if isinstance(kwargs.get(key), str):
+                kwargs[key] = (kwargs[key],)
+            elif isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
         if isinstance(kwargs.get("logit_bias"), Mapping):
             kwargs["logit_bias"] = {_token_key(k): v for k, v in kwargs["logit_bias"].items()}
         params = cls(**{k: v for k, v in kwargs.items() if v is not None or k == "seed"})
@@ -81,6 +103,23 @@ class SamplingParams:
         _number("frequency_penalty", self.frequency_penalty, -100.0, 100.0)
         if self.seed is not None:
             _integer("seed", self.seed, 0, lib.LLAMA_DEFAULT_SEED - 1)  # 0xFFFFFFFF means "random" to llama.cpp
+        _integer("mirostat", self.mirostat, 0, 2)
+        _number("mirostat_tau", self.mirostat_tau, 0.0, 100.0)
+        _number("mirostat_eta", self.mirostat_eta, 0.0, 10.0)
+        _number("xtc_probability", self.xtc_probability, 0.0, 1.0)
+        _number("xtc_threshold", self.xtc_threshold, 0.0, 1.0)
+        _number("dry_multiplier", self.dry_multiplier, 0.0, 100.0)
+        _number("dry_base", self.dry_base, 1.0, 100.0)  # below 1 llama.cpp turns DRY off without a word
+        _integer("dry_allowed_length", self.dry_allowed_length, 1, 1024)
+        _integer("dry_penalty_last_n", self.dry_penalty_last_n, -1, INT32_MAX)
+        breakers = self.dry_sequence_breakers
+        if not isinstance(breakers, tuple) or len(breakers) > MAX_BREAKERS or not all(
+                isinstance(b, str) and 0 < len(b.encode()) <= MAX_BREAKER_BYTES and "\0" not in b for b in breakers):
+            raise UsageError(f"dry_sequence_breakers must be at most {MAX_BREAKERS} non-empty strings of at most "
+                             f"{MAX_BREAKER_BYTES} bytes, not {breakers!r}")
+        _number("top_n_sigma", self.top_n_sigma, -1.0, 100.0)
+        _number("dynatemp_range", self.dynatemp_range, 0.0, 100.0)
+        _number("dynatemp_exponent", self.dynatemp_exponent, 0.0, 100.0)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise UsageError("stop must be non-empty strings")
         if self.logprobs is not None:
@@ -120,6 +159,16 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def dry(self) -> bool:
+        return self.dry_multiplier > 0.0 and self.dry_penalty_last_n != 0
+
+    @property
+    def stateful(self) -> bool:
+        """Samplers whose choice depends on the tokens before (penalties, DRY, mirostat's running estimate) or on
+        a random draw of their own (XTC): a rejected speculative draft would have moved them."""
+        return self.penalized or self.dry or (not self.greedy and (self.mirostat > 0 or self.xtc_probability > 0))
 
 
 def _number(name: str, v, lo: float, hi: float) -> None:
@@ -184,16 +233,38 @@ def logit_bias_sampler(p: SamplingParams, n_vocab: int):
 
 
 def add_truncation_and_temperature(add, p: SamplingParams) -> None:
-    """Top-k, typical, top-p, min-p and temperature in llama.cpp's default order, through `add(sampler)`."""
-    if p.top_k > 0:
-        add(lib.llama_sampler_init_top_k(int(p.top_k)))
-    if p.typical_p < 1.0:
-        add(lib.llama_sampler_init_typical(float(p.typical_p), 1))
-    if p.top_p < 1.0:
-        add(lib.llama_sampler_init_top_p(float(p.top_p), 1))
-    if p.min_p > 0.0:
-        add(lib.llama_sampler_init_min_p(float(p.min_p), 1))
-    add(lib.llama_sampler_init_temp(float(p.temperature)))
+    """Top-n-sigma, top-k, typical, top-p, min-p, XTC and temperature in llama.cpp's default order, through
+    `add(sampler)`; with mirostat, temperature alone (mirostat truncates)."""
+    if p.mirostat == 0:
+        if p.top_n_sigma > 0:
+            add(lib.llama_sampler_init_top_n_sigma(float(p.top_n_sigma)))
+        if p.top_k > 0:
+            add(lib.llama_sampler_init_top_k(int(p.top_k)))
+        if p.typical_p < 1.0:
+            add(lib.llama_sampler_init_typical(float(p.typical_p), 1))
+        if p.top_p < 1.0:
+            add(lib.llama_sampler_init_top_p(float(p.top_p), 1))
+        if p.min_p > 0.0:
+            add(lib.llama_sampler_init_min_p(float(p.min_p), 1))
+        if p.xtc_probability > 0.0:
+            add(lib.llama_sampler_init_xtc(float(p.xtc_probability), float(p.xtc_threshold), 1, _seed(p)))
+    if p.dynatemp_range > 0.0:
+        add(lib.llama_sampler_init_temp_ext(float(p.temperature), float(p.dynatemp_range),
+                                            float(p.dynatemp_exponent)))
+    else:
+        add(lib.llama_sampler_init_temp(float(p.temperature)))
+
+
+def _seed(p: SamplingParams) -> int:
+    return lib.LLAMA_DEFAULT_SEED if p.seed is None else int(p.seed)
+
+
+def dry_sampler(p: SamplingParams, model, last_n: int):
+    """llama.cpp's DRY sampler over the last `last_n` tokens."""
+    breakers = [b.encode() for b in p.dry_sequence_breakers]
+    array = (ctypes.c_char_p * len(breakers))(*breakers)  # llama.cpp tokenizes and keeps its own copies
+    return lib.llama_sampler_init_dry(model.vocab, float(p.dry_multiplier), float(p.dry_base),
+                                      int(p.dry_allowed_length), int(last_n), array, len(breakers))
 
 
 def biased_argmax(row: np.ndarray, ids: np.ndarray, bias: np.ndarray) -> int | None:
@@ -223,7 +294,7 @@ class SamplerChain:
 
     def __init__(self, params: SamplingParams, model, n_ctx: int):
         self.params = params
-        self._bias = self._penalties = self._grammar = self._tail = self._utf8 = None
+        self._bias = self._penalties = self._dry = self._grammar = self._tail = self._utf8 = None
         try:
             self._build(params, model, n_ctx)
         except BaseException:
@@ -231,14 +302,15 @@ class SamplerChain:
             raise
         self._candidates = Candidates(model.n_vocab)
         # nothing to do in Python between the logits and the chain: let llama.cpp fill the candidates itself
-        self._plain = self._bias is None and self._penalties is None and self._grammar is None and (
+        self._plain = all(x is None for x in (self._bias, self._penalties, self._dry, self._grammar)) and (
             params.greedy or params.typical_p >= 1.0)
         # plain greedy is an argmax over the logits row: numpy reads it in place, where llama_sampler_sample
         # would first copy the whole vocabulary into candidates (0.3 ms a token at 152k tokens, 0.01 ms this way)
         self._argmax_row = ctypes.c_float * model.n_vocab if self._plain and params.greedy else None
         # greedy with a logit bias and nothing else: the same argmax over a biased copy of the row
         self._biased = None
-        if params.greedy and params.logit_bias and self._penalties is None and self._grammar is None:
+        if params.greedy and params.logit_bias and self._penalties is None and self._dry is None and \
+                self._grammar is None:
             self._argmax_row = ctypes.c_float * model.n_vocab
             ids = np.fromiter(params.logit_bias, dtype=np.int64, count=len(params.logit_bias))
             self._biased = (ids, np.array([params.logit_bias[int(t)] for t in ids], dtype=np.float32))
@@ -254,6 +326,9 @@ class SamplerChain:
         if p.penalized and self.last_n > 0:  # ctypes wants plain numbers: numpy's pass validate() but not it
             self._penalties = lib.llama_sampler_init_penalties(
                 n_vocab, self.last_n, float(p.repeat_penalty), float(p.frequency_penalty), float(p.presence_penalty))
+        self.dry_last_n = n_ctx if p.dry_penalty_last_n == -1 else min(int(p.dry_penalty_last_n), n_ctx)
+        if p.dry:
+            self._dry = dry_sampler(p, model, self.dry_last_n)
         if p.gbnf is not None:
             self._grammar = Grammar(p.gbnf, model.vocab)
             self._utf8 = Utf8Guard(model)  # JSON and GBNF speak of characters, so bytes must form them
@@ -263,7 +338,13 @@ class SamplerChain:
             add(lib.llama_sampler_init_greedy())
             return
         add_truncation_and_temperature(add, p)
-        add(lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if p.seed is None else int(p.seed)))
+        if p.mirostat == 1:
+            add(lib.llama_sampler_init_mirostat(n_vocab, _seed(p), float(p.mirostat_tau), float(p.mirostat_eta),
+                                                MIROSTAT_M))
+        elif p.mirostat == 2:
+            add(lib.llama_sampler_init_mirostat_v2(_seed(p), float(p.mirostat_tau), float(p.mirostat_eta)))
+        else:
+            add(lib.llama_sampler_init_dist(_seed(p)))
 
     @property
     def constrained(self) -> bool:
@@ -286,6 +367,9 @@ class SamplerChain:
         if self._penalties is not None:
             for t in tokens[-self.last_n:]:
                 lib.llama_sampler_accept(self._penalties, t)
+        if self._dry is not None:
+            for t in tokens[-self.dry_last_n:]:
+                lib.llama_sampler_accept(self._dry, t)
 
     def sample(self, ctx_ptr, index: int = -1) -> int | None:
         """Sample and accept a token from output `index` of the last decode; None when no token is allowed."""
@@ -322,6 +406,8 @@ class SamplerChain:
             self._grammar.apply(c.ref)
         if self._penalties is not None:
             lib.llama_sampler_apply(self._penalties, c.ref)
+        if self._dry is not None:
+            lib.llama_sampler_apply(self._dry, c.ref)
         typical = self.params.typical_p < 1.0 and not self.params.greedy
         if c.prune(TYPICAL_FLOOR if typical else None) == 0:
             return None  # everything banned, or a grammar dead end
@@ -331,12 +417,14 @@ class SamplerChain:
     def accept(self, token: int) -> None:
         if self._penalties is not None:
             lib.llama_sampler_accept(self._penalties, token)
+        if self._dry is not None:
+            lib.llama_sampler_accept(self._dry, token)
         if self._grammar is not None:
             self._grammar.accept(token)
             self._utf8.accept(token)
 
     def close(self) -> None:
-        for name in ("_bias", "_penalties", "_tail"):
+        for name in ("_bias", "_penalties", "_dry", "_tail"):
             ptr = getattr(self, name, None)
             if ptr:
                 lib.llama_sampler_free(ptr)

@@ -97,9 +97,9 @@ class Distribution:
 
 
 def speculative_mode(params: SamplingParams) -> str:
-    """"greedy" and "sample" draft; "plain" (grammars, penalties: state that a rejected draft would have
-    advanced) decodes one verified token per round with the ordinary sampler chain."""
-    if params.gbnf is not None or params.penalized:
+    """"greedy" and "sample" draft; "plain" (grammars, penalties, DRY, mirostat, XTC: state that a rejected draft
+    would have advanced) decodes one verified token per round with the ordinary sampler chain."""
+    if params.gbnf is not None or params.stateful:
         return "plain"
     if params.greedy:
         return "plain" if params.logit_bias else "greedy"
