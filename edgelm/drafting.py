@@ -47,6 +47,7 @@ def check_draft_options(lookup: bool, draft_model, draft_max: int, threshold: fl
 
 DECAY = 0.98  # each new timing's weight against the ones before it: about the last 50 count
 PROBE = 32  # a stream the cost model keeps from drafting drafts one token after this many steps
+HOPEFUL = 0.9  # the acceptance rate at which a probe could show drafting to pay
 
 
 class StepCosts:
@@ -176,6 +177,7 @@ class Speculation:
         step_s, row_s = self.costs.fit()
         tokens, seconds = float(len(wants)), step_s + row_s * len(wants)
         cost = row_s + self.draft_cost
+        could_pay = HOPEFUL * seconds > cost * tokens  # a draft that is nearly always kept would pay for itself
         counts = [0] * len(wants)
         heap = [(-d.alpha, i) for i, (d, room) in enumerate(wants) if room > 0]
         heapq.heapify(heap)
@@ -191,9 +193,10 @@ class Speculation:
                 heapq.heappush(heap, (-value * wants[i][0].alpha, i))
         for i, (d, room) in enumerate(wants):
             # a stream that has not drafted for PROBE steps tries one draft, so that its acceptance rate follows
-            # what its drafter would do now (and a good drafter is found out), at one row in PROBE steps
+            # what its drafter would do now (and a good drafter is found out), at one row in PROBE steps; only
+            # where a good drafter's drafts would pay at all (not beside many streams on a CPU)
             d.idle = 0 if counts[i] else d.idle + 1
-            if d.idle >= PROBE and room > 0:
+            if d.idle >= PROBE and room > 0 and could_pay:
                 counts[i], d.idle = 1, 0
         return counts
 

@@ -254,6 +254,10 @@ def test_the_cost_model_drafts_where_rows_are_cheap_and_streams_agree(small):
     probes = [spec.allot([(good, 8), (bad, 8)])[1] for _ in range(3 * PROBE)]
     assert probes.count(1) == 3 and probes.count(0) == 3 * PROBE - 3 and probes[PROBE - 1] == 1
     assert spec.allot([(bad, 0)]) == [0]  # not where no draft fits
+    # beside three streams, where a row costs three steps' fixed part, even a draft kept 90% of the time would
+    # not pay: no probes
+    spec.costs = StepCosts(0.001, 0.003)
+    assert not any(any(spec.allot([(bad, 8)] * 4)) for _ in range(3 * PROBE))
     spec.close()
 
 
