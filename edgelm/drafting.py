@@ -168,8 +168,9 @@ class Speculation:
     def observe_draft(self, seconds: float, decodes: int) -> None:
         """The draft model took `seconds` for a round of `decodes` tokens (and the catch-up before them)."""
         self._drafting += seconds
-        if decodes > 0:
-            self.draft_cost = DECAY * self.draft_cost + (1 - DECAY) * seconds / decodes
+        if decodes > 0:  # a first catch-up over a whole prompt counts as 4x the expected, as StepCosts' outliers
+            per_token = min(seconds / decodes, 4 * self.draft_cost) if self.draft_cost > 0 else seconds / decodes
+            self.draft_cost = DECAY * self.draft_cost + (1 - DECAY) * per_token
 
     def allot(self, wants: list[tuple["StreamDrafts", int]]) -> list[int]:
         """Drafts for each decoding stream this step, given (its drafts, how many fit) for each: greedily the most
