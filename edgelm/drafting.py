@@ -30,8 +30,9 @@ from .errors import UsageError
 from .runtime.context import Context, ContextOptions
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
-from .runtime.speculative import (DRAFT_MAX, THRESHOLD, Distribution, DraftModel, Lookup, _accept, same_vocabulary,
-                                  speculative_mode)
+from .runtime.generate import common_prefix
+from .runtime.speculative import (DRAFT_MAX, THRESHOLD, Distribution, DraftModel, Lookup, _accept, next_draft,
+                                  same_vocabulary, speculative_mode)
 
 import llama_cpp as lib
 
@@ -201,6 +202,53 @@ class Speculation:
                 counts[i], d.idle = 1, 0
         return counts
 
+    def draft_many(self, wants: list[tuple["StreamDrafts", list[int], int]]) -> list[tuple[list[int], object]]:
+        """(drafts, their draft probabilities or None) for each (stream, history ending with its pending token,
+        drafts allotted). A draft model drafts for every stream at once: one decode per draft position, with a
+        row for each stream still drafting, after one batch that catches every stream's sequence up."""
+        if self.ctx is None:
+            return [d.draft(history, n) for d, history, n in wants]
+        out: list[tuple[list[int], object]] = [([], None)] * len(wants)
+        ctx, t0 = self.ctx, time.perf_counter()
+        rows, owners = [], []  # the batch, and (want, its logits row) for each stream in it
+        for i, (d, history, n) in enumerate(wants):
+            if min(n, self.draft_max) <= 0 or len(history) + 1 >= ctx.n_ctx:
+                continue
+            seq = d.drafter.seq
+            have = min(common_prefix(ctx.seq_tokens(seq), history), len(history) - 1)
+            if not ctx.remove(seq, have):
+                ctx.remove(seq)
+                have = 0
+            if len(rows) + len(history) - have > ctx.n_batch:  # a long catch-up (a new prompt) goes on its own
+                ctx.decode(history[have:-1], have, seq, logits_last=False)
+                have = len(history) - 1
+            rows += [(t, p, seq, p == len(history) - 1) for p, t in enumerate(history[have:], have)]
+            owners.append((i, len(rows) - 1))
+        drafts = {i: ([], []) for i, _ in owners}  # want -> (its drafts, their q rows)
+        decodes = 0
+        while rows:
+            ctx.decode_rows(rows)
+            decodes += len(owners)
+            rows, going = [], []
+            for i, j in owners:
+                d, history, n = wants[i]
+                kept, qs = drafts[i]
+                token = next_draft(ctx.logits(j), self.threshold, d.dist, d.rng, qs)
+                if token is None:
+                    continue
+                kept.append(token)
+                pos = len(history) - 1 + len(kept)
+                if len(kept) < min(n, self.draft_max) and pos + 1 < ctx.n_ctx:
+                    rows.append((token, pos, d.drafter.seq, True))
+                    going.append((i, len(rows) - 1))
+            owners = going
+        self.observe_draft(time.perf_counter() - t0, decodes)
+        for i, (kept, qs) in drafts.items():
+            if not kept:  # the draft model paid a row and was not confident: a miss
+                wants[i][0].rejected = 0.9 * wants[i][0].rejected + 1
+            out[i] = (kept, np.stack(qs) if qs else None)
+        return out
+
     def close(self) -> None:
         if self.ctx is not None:  # the draft model stays open: it is its owner's
             self.ctx.close()
@@ -223,16 +271,11 @@ class StreamDrafts:
         return self.kept / (self.kept + self.rejected)
 
     def draft(self, history: list[int], n_max: int) -> tuple[list[int], np.ndarray | None]:
-        """Up to n_max drafts to follow `history`, whose last token is the stream's pending one."""
+        """Up to n_max prompt-lookup drafts to follow `history`, whose last token is the stream's pending one
+        (a draft model drafts for all streams at once: Speculation.draft_many)."""
         if n_max <= 0:
             return [], None
-        n, t0 = min(n_max, self.owner.draft_max), time.perf_counter()
-        drafts, q = self.drafter.draft(history, n, self.dist, self.rng)
-        if self.owner.ctx is not None:
-            self.owner.observe_draft(time.perf_counter() - t0, len(drafts) + (len(drafts) < n))
-            if not drafts:  # a draft model paid a step and was not confident: a miss
-                self.rejected = 0.9 * self.rejected + 1
-        return drafts, q
+        return self.drafter.draft(history, min(n_max, self.owner.draft_max), self.dist, self.rng)
 
     def verify(self, ctx: Context, index: int, drafts: list[int], q, choose) -> list[int | None]:
         """The tokens the stream emits after a step that evaluated its pending token at batch `index` and `drafts`

@@ -316,8 +316,11 @@ class Engine(SlotReuse):
         if drafting:  # drafts come before prompt chunks, as llama-server's do
             wants = [(s.drafts, self._room(s)) for s in drafting]
             allot = self.speculation.allot(wants) if self.options.draft_cost_model else [room for _, room in wants]
+            asks, left = [], budget  # within the step's batch: at most `budget` drafts in all
             for slot, allotted in zip(drafting, allot):
-                drafts, q = slot.drafts.draft([*slot.held, slot.pending], min(allotted, budget))
+                asks.append((slot.drafts, [*slot.held, slot.pending], min(allotted, left)))
+                left -= asks[-1][2]
+            for slot, (drafts, q) in zip(drafting, self.speculation.draft_many(asks)):
                 if drafts:
                     drafted[slot] = (drafts, q)
                     budget -= len(drafts)

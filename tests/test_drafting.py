@@ -112,6 +112,23 @@ def test_a_draft_model_keeps_greedy_output_exactly(small, plain, tiny_draft):
     assert stats["drafted"] > 50 and 0 < stats["draft_accepted"] <= stats["drafted"]
 
 
+def test_a_draft_model_drafts_for_every_stream_at_once(small, tiny_draft):
+    """Speculation.draft_many: one draft-model decode per draft position holds a row for each stream still
+    drafting (and the first one catches every stream up), not one decode per stream and position."""
+    calls = []
+    opts = EngineOptions(n_parallel=3, n_ctx=1024, n_threads=2, draft_cost_model=False)
+    with Engine(small, opts, threaded=False, draft_model=tiny_draft) as engine:
+        ctx = engine.speculation.ctx
+        real = ctx.decode_rows
+        ctx.decode_rows = lambda rows: (calls.append(rows), real(rows))[1]
+        reqs = engine.submit_many([(small.tokenize(p), params(max_tokens=48)) for p in PROMPTS[:3]])
+        engine.run_until_idle()
+        assert [r.result().timings.completion_tokens for r in reqs] == [48] * 3
+        assert engine.stats["draft_accepted"] > 0
+    streams = [len({seq for _, _, seq, _ in rows}) for rows in calls]
+    assert max(streams) == 3 and sum(streams) > len(calls)
+
+
 def test_limits_hold_with_drafts(small):
     """max_tokens, stop strings, end of text and the context end are met where they are without drafts, even when
     a kept draft would run past them."""

@@ -265,6 +265,31 @@ class Context:
             else:
                 self._tokens.pop(seq)
 
+    def decode_rows(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        """One batch of (token, position, sequence, logits?) rows, several sequences at once; each sequence's rows
+        must continue it at consecutive positions. ctx.logits(i) then reads row i's logits."""
+        if not 1 <= len(rows) <= self.n_batch:
+            raise UsageError(f"1 to {self.n_batch} rows per batch, not {len(rows)}")
+        self.model.check_tokens([r[0] for r in rows])
+        b = self._batch
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            if not 0 <= pos < self.n_ctx:
+                raise ContextOverflowError(f"position {pos} is past the context of {self.n_ctx}")
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = token, pos, 1, seq, logits
+        b.n_tokens = len(rows)
+        rc = lib.llama_decode(self._ptr, b)
+        if rc != 0:
+            for _, _, seq, _ in rows:
+                self._tokens.pop(seq, None)
+            raise ModelLoadError(f"llama_decode failed with code {rc}")
+        for token, pos, seq, _ in rows:
+            held = self._tokens.get(seq)
+            if held is not None:
+                if len(held) == pos:
+                    held.append(token)
+                else:
+                    self._tokens.pop(seq)
+
     def _output_rows(self, n_outputs: int) -> np.ndarray:
         """Every output row of the last decode, in batch order, in place: (n_outputs, n_vocab)."""
         return np.ctypeslib.as_array(lib.llama_get_logits(self._ptr), shape=(n_outputs, self.model.n_vocab))
