@@ -127,6 +127,9 @@ def test_a_draft_model_drafts_for_every_stream_at_once(small, tiny_draft):
         assert engine.stats["draft_accepted"] > 0
     streams = [len({seq for _, _, seq, _ in rows}) for rows in calls]
     assert max(streams) == 3 and sum(streams) > len(calls)
+    # each stream's prompt is caught up once: later batches add only its newly kept tokens
+    caught_up = sum(len(rows) for rows in calls) - sum(1 for rows in calls for row in rows if row[3])
+    assert caught_up < sum(len(small.tokenize(p)) for p in PROMPTS[:3]) + 3 * 48
 
 
 def test_limits_hold_with_drafts(small):

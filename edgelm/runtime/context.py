@@ -282,13 +282,16 @@ class Context:
             for _, _, seq, _ in rows:
                 self._tokens.pop(seq, None)
             raise ModelLoadError(f"llama_decode failed with code {rc}")
-        for token, pos, seq, _ in rows:
-            held = self._tokens.get(seq)
-            if held is not None:
-                if len(held) == pos:
-                    held.append(token)
-                else:
-                    self._tokens.pop(seq)
+        lost = set()
+        for token, pos, seq, _ in rows:  # as decode(): what each sequence holds, while it is a known prefix
+            if seq in lost:
+                continue
+            held = self._tokens.setdefault(seq, [])
+            if len(held) == pos:
+                held.append(token)
+            else:  # not a continuation of what we know it holds: stop claiming to know
+                self._tokens.pop(seq)
+                lost.add(seq)
 
     def _output_rows(self, n_outputs: int) -> np.ndarray:
         """Every output row of the last decode, in batch order, in place: (n_outputs, n_vocab)."""
