@@ -191,6 +191,12 @@ def test_run_grammar_and_json_schema_flags(tiny_gguf, tmp_path):
     assert isinstance(json.loads(json.loads(r.stdout)["text"])["n"], int)
     r = edgelm("run", str(tiny_gguf["q8_0"]), "-p", "x", "--grammar-file", str(tmp_path / "none.gbnf"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read the grammar" in r.stderr
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-p", "ok?", "--grammar", 'root ::= "yes" | "no"', "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["text"] in ("yes", "no"), r.stderr
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-p", "{", "--json-schema-file", str(schema), "-n", "64", "--json")
+    assert r.returncode == 0 and isinstance(json.loads(json.loads(r.stdout)["text"])["n"], int), r.stderr
+    r = edgelm("run", str(tiny_gguf["q8_0"]), "-p", "x", "--grammar", "root ::= [a]", "--grammar-file", str(grammar))
+    assert r.returncode == 2 and "not both" in r.stderr
 
 
 def test_run_dry_mirostat_xtc_flags(tiny_gguf):

@@ -97,8 +97,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-nsigma", type=float, help="keep tokens within N standard deviations of the top logit")
     g.add_argument("--dynatemp-range", type=float, help="dynamic temperature: temp +- this, by entropy (0 = off)")
     g.add_argument("--dynatemp-exp", type=float, help="dynamic temperature's exponent (default 1.0)")
-    g.add_argument("--grammar-file", metavar="FILE", help="constrain output to a GBNF grammar")
-    g.add_argument("--json-schema", metavar="SCHEMA", help="constrain output to a JSON schema (JSON text or @FILE)")
+    g.add_argument("--grammar", metavar="GBNF", help="constrain output to a GBNF grammar given as text")
+    g.add_argument("--grammar-file", metavar="FILE", help="the same, read from a file")
+    g.add_argument("-j", "--json-schema", metavar="SCHEMA",
+                   help="constrain output to a JSON schema (JSON text or @FILE)")
+    g.add_argument("--json-schema-file", metavar="FILE", help="the same, read from a file")
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text (benchmarks)")
@@ -258,14 +261,20 @@ def _read(path: str, what: str) -> str:
 
 
 def sampling_from_args(args) -> dict:
+    for text, file in (("--grammar", "--grammar-file"), ("--json-schema", "--json-schema-file")):
+        if getattr(args, text[2:].replace("-", "_")) is not None and getattr(args, file[2:].replace("-", "_")):
+            raise UsageError(f"give {text} or {file}, not both")
     schema = args.json_schema
     if schema is not None and schema.startswith("@"):
         schema = _read(schema[1:], "JSON schema")
+    if args.json_schema_file:
+        schema = _read(args.json_schema_file, "JSON schema")
+    grammar = _read(args.grammar_file, "grammar") if args.grammar_file else args.grammar
     pairs = {"max_tokens": args.max_tokens, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
              "min_p": args.min_p, "typical_p": args.typical_p, "repeat_penalty": args.repeat_penalty,
              "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
              "penalty_last_n": args.repeat_last_n, "seed": args.seed, "stop": args.stop,
-             "grammar": _read(args.grammar_file, "grammar") if args.grammar_file else None,
+             "grammar": grammar,
              "json_schema": schema, "ignore_eos": args.ignore_eos or None,
              "mirostat": args.mirostat, "mirostat_tau": args.mirostat_ent, "mirostat_eta": args.mirostat_lr,
              "xtc_probability": args.xtc_probability, "xtc_threshold": args.xtc_threshold,
