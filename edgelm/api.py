@@ -39,13 +39,17 @@ class Model:
                  kv_reuse: str = "exact", early_exit: bool | int | None = None, draft: str | os.PathLike | None = None,
                  lookup: bool = False, draft_max: int = DRAFT_MAX, draft_threshold: float = THRESHOLD,
                  warmup: bool = True, lora=None, control=None, control_range: tuple[int, int] | None = None,
-                 profile=None, memory_check: bool = True):
+                 profile=None, memory_check: bool = True, context_shift: bool = False, keep: int = 0):
         if truncate not in TRUNCATE:
             raise UsageError(f"truncate must be one of {', '.join(TRUNCATE)}, not {truncate!r}")
         if kv_reuse not in REUSE:
             raise UsageError(f"kv_reuse must be one of {', '.join(REUSE)}, not {kv_reuse!r}")
         if seed is not None:
             SamplingParams(seed=seed).validate()
+        if not isinstance(context_shift, bool):
+            raise UsageError(f"context_shift must be True or False, not {context_shift!r}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < -1:
+            raise UsageError(f"keep must be an integer >= -1 (-1: the whole prompt), not {keep!r}")
         # speculative decoding: early exit (the model's own first layers draft), a draft model, or prompt lookup
         self.speculative = SpeculativeOptions(early_exit, None if draft is None else str(draft), lookup, draft_max,
                                               draft_threshold)
@@ -79,6 +83,14 @@ class Model:
                     warm.warm_up()
             release_workers()  # the thread that loads is often not the one that generates (runtime/backend.py)
         self.seed, self.truncate = seed, truncate  # defaults for every call
+        # context shift (llama.cpp's --context-shift, --keep): at the context's end, drop the older half of what
+        # follows the first `keep` prompt tokens (-1: all of them; BOS always stays) and generate on
+        self.context_shift, self.keep = context_shift, keep
+        if context_shift:
+            if self.speculative.enabled:
+                raise UsageError("context shift and speculative decoding exclude each other")
+            if not self.ctx.can_shift:
+                raise UsageError(f"{self.llama.path.name}: this model's KV cache cannot shift positions")
         self.profile = profile  # a named model's sampling defaults and chat preamble (edgelm/modelfile.py)
         self.kv_reuse = kv_reuse  # how much of an earlier prompt's KV a request may take (generate.prefill)
         if self._pair is not None:
@@ -222,7 +234,8 @@ class Model:
             if self.speculative.enabled:
                 out = collect(self._speculative_stream(tokens, params))
             else:
-                out = generate(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse)
+                out = generate(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse,
+                               keep=self._keep(tokens))
             self._remember(tokens, params, out.text, out.tokens, out.finish_reason)
             return out
 
@@ -234,13 +247,21 @@ class Model:
                 return
             parts, ids = [], []
             chunks = (self._speculative_stream(tokens, params) if self.speculative.enabled
-                      else stream(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse))
+                      else stream(self.ctx, tokens, params, cache=self.prompt_cache, reuse=self.kv_reuse,
+                                  keep=self._keep(tokens)))
             for chunk in chunks:
                 parts.append(chunk.text)
                 ids.extend(chunk.tokens)
                 if chunk.finish_reason is not None:
                     self._remember(tokens, params, "".join(parts), ids, chunk.finish_reason)
                 yield chunk
+
+    def _keep(self, tokens: list[int]) -> int | None:
+        """Positions a context shift keeps for this prompt, None without context shift."""
+        if not self.context_shift:
+            return None
+        keep = len(tokens) if self.keep == -1 else min(self.keep, len(tokens))
+        return max(keep, int(bool(tokens) and tokens[0] == self.llama.bos))
 
     def _cached_response(self, tokens: list[int], params: SamplingParams) -> Completion | None:
         rc = self.response_cache

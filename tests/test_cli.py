@@ -218,6 +218,16 @@ def test_run_dry_mirostat_xtc_flags(tiny_gguf):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "dry_base" in r.stderr
 
 
+def test_run_context_shift(tiny_gguf):
+    args = ("run", str(tiny_gguf["q8_0"]), "-p", "x", "--ctx", "64", "-n", "600", "--temp", "0", "--ignore-eos",
+            "--json")
+    r = edgelm(*args)
+    assert r.returncode == 0 and json.loads(r.stdout)["completion_tokens"] < 600, r.stderr
+    r = edgelm(*args, "--context-shift", "--keep", "-1")
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and out["completion_tokens"] == 600 and out["finish_reason"] == "length", r.stderr
+
+
 def test_run_prompt_cache_is_reused_by_a_later_run(tmp_path):
     from edgelm import corpus
 

@@ -95,3 +95,31 @@ def test_stories260k_continues_as_documented(stories):
     with edgelm.load(stories, n_ctx=256, n_threads=2) as m:
         c = m.generate("Once upon a time", max_tokens=16, temperature=0)
     assert c.text.startswith(", there was a little girl named Lily")
+
+
+def test_context_shift_generates_past_the_context_end(tiny_gguf):
+    """context_shift (llama.cpp's --context-shift): at the context's end the older half of what follows the kept
+    prompt leaves and generation goes on; what comes next is what a fresh context holding the kept tokens gives."""
+    import edgelm
+
+    options = dict(n_ctx=256, n_threads=2, type_k="f32", type_v="f32", prefix_cache_bytes=0)
+    with edgelm.load(tiny_gguf["f32"], **options) as plain:
+        prompt = plain.tokenize("def parse(line):\n")
+        n_ctx, p = plain.n_ctx, len(prompt)
+        ref = plain.generate(prompt, max_tokens=2 * n_ctx, temperature=0, ignore_eos=True)
+        assert len(ref.tokens) == n_ctx - p + 1 and ref.finish_reason == "length"
+        with edgelm.load(tiny_gguf["f32"], context_shift=True, keep=-1, **options) as m:
+            out = m.generate(prompt, max_tokens=2 * n_ctx, temperature=0, ignore_eos=True)
+            assert len(out.tokens) == 2 * n_ctx and out.finish_reason == "length"
+            assert out.tokens[:len(ref.tokens)] == ref.tokens  # the same up to the first shift
+            # the first shift kept the prompt and dropped the older half of the generated tokens
+            discard, i = (n_ctx - p) // 2, n_ctx - p
+            kept = prompt + out.tokens[discard:i + 1]
+            fresh = plain.generate(kept, max_tokens=16, temperature=0, ignore_eos=True)
+            assert out.tokens[i + 1:i + 17] == fresh.tokens
+            streamed = "".join(c.text for c in m.stream(prompt, max_tokens=2 * n_ctx, temperature=0, ignore_eos=True))
+            assert streamed == out.text
+    with pytest.raises(UsageError, match="keep"):
+        edgelm.load(tiny_gguf["f32"], context_shift=True, keep=-2)
+    with pytest.raises(UsageError, match="exclude each other"):
+        edgelm.load(tiny_gguf["f32"], context_shift=True, lookup=True)

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_context_arguments(m)
     m.add_argument("--truncate", choices=("error", "left"), default="error",
                    help="a prompt longer than the context: fail, or keep its end")
+    m.add_argument("--context-shift", action="store_true",
+                   help="at the context's end, drop the older half of the text after --keep and generate on")
+    m.add_argument("--keep", type=int, default=0, metavar="N",
+                   help="prompt tokens a context shift keeps (-1: the whole prompt; default 0, BOS stays)")
     c = p.add_argument_group("caching")
     c.add_argument("--prompt-cache", metavar="DIR",
                    help="keep prompt KV states in DIR, reused by later runs that share a prefix")
@@ -310,6 +314,8 @@ def main(argv: list[str]) -> int:
     # only what was given: a named model's own settings (edgelm create) fill in the rest
     given = {"n_ctx": args.ctx, "n_threads": args.threads, "lora": lora_from_args(args),
              "chat_template": template_from_args(args)}
+    if args.context_shift:
+        caching.update(context_shift=True, keep=args.keep)
     with edgelm.load(args.model, n_gpu_layers=args.gpu_layers, truncate=args.truncate,
                      **{k: v for k, v in given.items() if v is not None}, **control_from_args(args),
                      **context_from_args(args), **caching,

@@ -135,6 +135,24 @@ class Context:
         self._exact[seq] = min(self._exact.get(seq, 0), start if ok else 0)
         return ok
 
+    @property
+    def can_shift(self) -> bool:
+        """Whether positions can move (RoPE caches can; recurrent states and some attention kinds cannot)."""
+        return bool(lib.llama_memory_can_shift(self.memory))
+
+    def shift(self, seq: int, keep: int, discard: int) -> None:
+        """Context shift: drop positions [keep, keep + discard) of `seq` and move the later ones down by `discard`
+        (llama.cpp re-rotates their keys), so a generation at the context's end can go on."""
+        if not self.can_shift:
+            raise UsageError(f"{self.model.path.name}: this model's KV cache cannot shift positions")
+        if not lib.llama_memory_seq_rm(self.memory, seq, keep, keep + discard):
+            raise UsageError("llama.cpp could not drop the shifted-out positions")
+        lib.llama_memory_seq_add(self.memory, seq, keep + discard, -1, -discard)
+        held = self._tokens.get(seq)
+        if held is not None:
+            del held[keep:keep + discard]
+        self._exact[seq] = min(self._exact.get(seq, 0), keep)  # later positions no longer equal a fresh prefill
+
     def seq_tokens(self, seq: int = 0) -> list[int]:
         """The tokens sequence `seq` holds at positions 0.. (a copy)."""
         return list(self._tokens.get(seq, ()))

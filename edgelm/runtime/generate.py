@@ -99,14 +99,15 @@ def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: st
 
 def generate_tokens(
     ctx: Context, prompt: list[int], params: SamplingParams, timings: Timings, seq: int = 0, cache=None,
-    reuse: str = "exact", logprobs: list[TokenLogprob] | None = None,
+    reuse: str = "exact", logprobs: list[TokenLogprob] | None = None, keep: int | None = None,
 ) -> Iterator[int]:
     """Prefill `prompt` from position 0 and yield sampled tokens until EOG, max_tokens or the context end.
 
     With a prompt `cache`, a shared prefix is restored rather than evaluated, and the sequence's
     state is offered to the cache when generation ends. The generator's return value
     (StopIteration.value) is the finish reason. With a `logprobs` list, each token's TokenLogprob is
-    appended to it before the token is yielded.
+    appended to it before the token is yielded. With `keep` (context shift, as llama.cpp's --context-shift), the
+    context's end drops the older half of what follows the first `keep` positions and generation goes on.
     """
     if len(prompt) >= ctx.n_ctx:
         raise ContextOverflowError(f"prompt of {len(prompt)} tokens does not fit the context of {ctx.n_ctx}")
@@ -137,6 +138,10 @@ def generate_tokens(
             if reader is not None:
                 logprobs.append(reader.read(ctx.ptr, -1, token))
             yield token
+            if pos >= ctx.n_ctx and keep is not None and pos - keep >= 2:
+                discard = (pos - keep) // 2
+                ctx.shift(seq, keep, discard)
+                pos -= discard
             if pos >= ctx.n_ctx or i + 1 == params.max_tokens:  # no step whose logits nobody reads
                 timings.gen_s = time.perf_counter() - t_first
                 return "length"
@@ -184,11 +189,11 @@ class StopMatcher:
 
 
 def stream(ctx: Context, prompt: list[int], params: SamplingParams, timings: Timings | None = None,
-           seq: int = 0, cache=None, reuse: str = "exact") -> Iterator[Chunk]:
+           seq: int = 0, cache=None, reuse: str = "exact", keep: int | None = None) -> Iterator[Chunk]:
     """Text chunks as they are generated; the last chunk carries the finish reason."""
     timings = timings if timings is not None else Timings()
     logprobs = [] if params.logprobs is not None else None
-    tokens = generate_tokens(ctx, prompt, params, timings, seq, cache, reuse, logprobs)
+    tokens = generate_tokens(ctx, prompt, params, timings, seq, cache, reuse, logprobs, keep)
     return text_stream(ctx.model, tokens, params, timings, logprobs)
 
 
@@ -217,13 +222,14 @@ def text_stream(model, tokens: Iterator[int], params: SamplingParams, timings: T
         yield Chunk(text, [token], logprobs=taken)
 
 
-def generate(ctx: Context, prompt: list[int], params: SamplingParams, cache=None, reuse: str = "exact") -> Completion:
+def generate(ctx: Context, prompt: list[int], params: SamplingParams, cache=None, reuse: str = "exact",
+             keep: int | None = None) -> Completion:
     if params.stop:  # stop strings are looked for in the text as it grows
-        return collect(stream(ctx, prompt, params, cache=cache, reuse=reuse))
+        return collect(stream(ctx, prompt, params, cache=cache, reuse=reuse, keep=keep))
     # nothing to look at before the end: the tokens alone, their text decoded once (what the chunks would join to)
     timings = Timings()
     logprobs = [] if params.logprobs is not None else None
-    tokens = generate_tokens(ctx, prompt, params, timings, 0, cache, reuse, logprobs)
+    tokens = generate_tokens(ctx, prompt, params, timings, 0, cache, reuse, logprobs, keep)
     ids: list[int] = []
     try:
         while True:
