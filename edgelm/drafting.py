@@ -220,6 +220,8 @@ class Speculation:
                 ctx.remove(seq)
                 have = 0
             if len(rows) + len(history) - have > ctx.n_batch:  # a long catch-up (a new prompt) goes on its own
+                if len(rows) == ctx.n_batch:  # no row left in this step's batch: this stream drafts next step
+                    continue
                 ctx.decode(history[have:-1], have, seq, logits_last=False)
                 have = len(history) - 1
             rows += [(t, p, seq, p == len(history) - 1) for p, t in enumerate(history[have:], have)]
