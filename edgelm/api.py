@@ -89,8 +89,7 @@ class Model:
         if context_shift:
             if self.speculative.enabled:
                 raise UsageError("context shift and speculative decoding exclude each other")
-            if not self.ctx.can_shift:
-                raise UsageError(f"{self.llama.path.name}: this model's KV cache cannot shift positions")
+            self.ctx.check_can_shift()
         self.profile = profile  # a named model's sampling defaults and chat preamble (edgelm/modelfile.py)
         self.kv_reuse = kv_reuse  # how much of an earlier prompt's KV a request may take (generate.prefill)
         if self._pair is not None:

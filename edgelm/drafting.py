@@ -15,8 +15,9 @@ to the step's time, at the step's current tokens per second. Row and step costs 
 to the engine's own decode-only steps as it serves (StepCosts: the whole step, with verifying drafts and dropping
 rejected ones from the KV), and a draft model's token to its own calls. On a CPU,
 where a small model's step grows with every row, this drafts little beside other streams and more alone; where
-rows are nearly free (a larger, memory-bound model) it drafts more. Grammars and penalties decode plainly (a rejected draft would have
-advanced their state), as in `Model.generate` with a drafter.
+rows are nearly free (a larger, memory-bound model) it drafts more. Grammars and samplers with state (penalties,
+DRY, mirostat, XTC) decode plainly (a rejected draft would have advanced their state), as in `Model.generate` with
+a drafter.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from .errors import UsageError
 from .runtime.context import Context, ContextOptions
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
-from .runtime.generate import common_prefix
 from .runtime.speculative import (DRAFT_MAX, THRESHOLD, Distribution, DraftModel, Lookup, _accept, next_draft,
                                   same_vocabulary, speculative_mode)
 
@@ -79,9 +79,10 @@ class StepCosts:
 
     def observe(self, rows: int, seconds: float) -> None:
         step, row = self.base
+        calibrated = step + row * rows
         # an outlier (a finished request's prompt cache write, the OS taking the core) counts as 4x the expected
-        seconds = min(seconds, 4 * self.scale * (step + row * rows))
-        self.scale = DECAY * self.scale + (1 - DECAY) * seconds / (step + row * rows)
+        seconds = min(seconds, 4 * self.scale * calibrated)
+        self.scale = DECAY * self.scale + (1 - DECAY) * seconds / calibrated
         self.w, self.x, self.y = DECAY * self.w + 1, DECAY * self.x + rows, DECAY * self.y + seconds
         self.xx, self.xy = DECAY * self.xx + rows * rows, DECAY * self.xy + rows * seconds
         self.seen += 1
@@ -117,7 +118,7 @@ class Speculation:
         if draft_model is not None and not same_vocabulary(model, draft_model):
             raise UsageError(f"{draft_model.path}: its vocabulary differs from {model.path}'s; "
                              "a draft model must share the target's tokenizer")
-        self.model, self.lookup, self.draft_max, self.threshold = model, lookup, draft_max, threshold
+        self.model, self.draft_max, self.threshold = model, draft_max, threshold
         self.ctx = Context(draft_model, ctx_options) if draft_model is not None else None
         # seconds: a step's fixed cost and each row's (calibrate(), then the engine's steps), each draft model
         # token's; until calibrate() every draft looks free and streams draft up to their limits
@@ -215,10 +216,7 @@ class Speculation:
             if min(n, self.draft_max) <= 0 or len(history) + 1 >= ctx.n_ctx:
                 continue
             seq = d.drafter.seq
-            have = min(common_prefix(ctx.seq_tokens(seq), history), len(history) - 1)
-            if not ctx.remove(seq, have):
-                ctx.remove(seq)
-                have = 0
+            have = d.drafter.keep_prefix(history, len(history) - 1)  # the pending token is decoded for its logits
             if len(rows) + len(history) - have > ctx.n_batch:  # a long catch-up (a new prompt) goes on its own
                 if len(rows) == ctx.n_batch:  # no row left in this step's batch: this stream drafts next step
                     continue

@@ -311,19 +311,10 @@ class Engine(SlotReuse):
         # outputs: (slot, batch index, output row) with logits; chunks: (slot, start, end)
         n, rows, outputs, chunks = 0, 0, [], []
         budget = self.options.n_batch - len(decoding)  # decoding streams always get their token
-        drafted = {}  # slot -> (drafts, their draft probabilities or None): verified in this step's decode
-        drafting = [s for s in decoding if s.drafts is not None]
-        if drafting:  # drafts come before prompt chunks, as llama-server's do
-            wants = [(s.drafts, self._room(s)) for s in drafting]
-            allot = self.speculation.allot(wants) if self.options.draft_cost_model else [room for _, room in wants]
-            asks, left = [], budget  # within the step's batch: at most `budget` drafts in all
-            for slot, allotted in zip(drafting, allot):
-                asks.append((slot.drafts, [*slot.held, slot.pending], min(allotted, left)))
-                left -= asks[-1][2]
-            for slot, (drafts, q) in zip(drafting, self.speculation.draft_many(asks)):
-                if drafts:
-                    drafted[slot] = (drafts, q)
-                    budget -= len(drafts)
+        # slot -> (drafts, their draft probabilities or None): verified in this step's decode; drafts come before
+        # prompt chunks, as llama-server's do
+        drafted = self._drafts(decoding, budget)
+        budget -= sum(len(d) for d, _ in drafted.values())
         for slot in prefilling:  # prompt chunks first, then the decode tokens
             remaining = len(slot.req.tokens) - slot.cursor
             take = min(remaining, budget)
@@ -383,6 +374,19 @@ class Engine(SlotReuse):
             # a step of decoding rows only, all told (drafts' verification and rollback too; a draft model's time
             # is its own cost): the cost model's data
             self.speculation.observe(n, time.perf_counter() - t_step)
+
+    def _drafts(self, decoding: list[_Slot], budget: int) -> dict:
+        """The drafts of this step's decoding streams, at most `budget` in all: {slot: (drafts, q)}."""
+        drafting = [s for s in decoding if s.drafts is not None]
+        if not drafting:
+            return {}
+        wants = [(s.drafts, self._room(s)) for s in drafting]
+        allot = self.speculation.allot(wants) if self.options.draft_cost_model else [room for _, room in wants]
+        asks = []
+        for slot, allotted in zip(drafting, allot):
+            asks.append((slot.drafts, [*slot.held, slot.pending], min(allotted, budget)))
+            budget -= asks[-1][2]
+        return {slot: (drafts, q) for slot, (drafts, q) in zip(drafting, self.speculation.draft_many(asks)) if drafts}
 
     def _room(self, slot: _Slot) -> int:
         """Drafts a decoding slot may make: within draft_max, max_tokens (the model's own token follows them) and

@@ -111,13 +111,18 @@ def test_logit_bias_bans_and_forces(tiny_model):
         assert out.tokens == [forced] * 8
 
 
-@pytest.mark.parametrize("penalty", [{"repeat_penalty": 1.5}, {"frequency_penalty": 1.0}, {"presence_penalty": 1.5}])
-def test_penalties_break_a_greedy_loop(tiny_model, penalty):
+@pytest.mark.parametrize("penalty, window", [
+    ({"repeat_penalty": 1.5}, "penalty_last_n"), ({"frequency_penalty": 1.0}, "penalty_last_n"),
+    ({"presence_penalty": 1.5}, "penalty_last_n"),
+    # DRY without breakers: the loop runs across lines
+    ({"dry_multiplier": 0.8, "dry_sequence_breakers": ()}, "dry_penalty_last_n"),
+])
+def test_penalties_break_a_greedy_loop(tiny_model, penalty, window):
     prompt = "import os\nimport os\nimport"  # greedy: " sys\nimport _get\n" over and over
     loop = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True).tokens
     varied = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True, **penalty).tokens
     assert len(set(varied)) > 2 * len(set(loop))
-    off = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True, penalty_last_n=0, **penalty)
+    off = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True, **{window: 0}, **penalty)
     assert off.tokens == loop  # a window of 0 turns them off
 
 
@@ -411,16 +416,6 @@ def test_xtc_drops_the_most_likely_tokens(tiny_model):
     assert hits >= 5
     greedy = tiny_model.generate("import os\n", max_tokens=16, temperature=0)
     assert tiny_model.generate("import os\n", max_tokens=16, temperature=0, xtc_probability=1.0).tokens == greedy.tokens
-
-
-def test_dry_breaks_a_greedy_loop(tiny_model):
-    prompt = "import os\nimport os\nimport"  # greedy: " sys\nimport _get\n" over and over
-    loop = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True).tokens
-    dry = dict(dry_multiplier=0.8, dry_sequence_breakers=())  # no breakers: the loop runs across lines
-    varied = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True, **dry).tokens
-    assert len(set(varied)) > 2 * len(set(loop))
-    off = tiny_model.generate(prompt, max_tokens=64, temperature=0, ignore_eos=True, dry_penalty_last_n=0, **dry)
-    assert off.tokens == loop  # a window of 0 turns it off
 
 
 def test_top_n_sigma_and_dynamic_temperature(tiny_model):

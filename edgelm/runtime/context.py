@@ -135,16 +135,15 @@ class Context:
         self._exact[seq] = min(self._exact.get(seq, 0), start if ok else 0)
         return ok
 
-    @property
-    def can_shift(self) -> bool:
-        """Whether positions can move (RoPE caches can; recurrent states and some attention kinds cannot)."""
-        return bool(lib.llama_memory_can_shift(self.memory))
+    def check_can_shift(self) -> None:
+        """UsageError unless positions can move (RoPE caches can; recurrent states and some attention kinds cannot)."""
+        if not lib.llama_memory_can_shift(self.memory):
+            raise UsageError(f"{self.model.path.name}: this model's KV cache cannot shift positions")
 
     def shift(self, seq: int, keep: int, discard: int) -> None:
         """Context shift: drop positions [keep, keep + discard) of `seq` and move the later ones down by `discard`
         (llama.cpp re-rotates their keys), so a generation at the context's end can go on."""
-        if not self.can_shift:
-            raise UsageError(f"{self.model.path.name}: this model's KV cache cannot shift positions")
+        self.check_can_shift()
         if not lib.llama_memory_seq_rm(self.memory, seq, keep, keep + discard):
             raise UsageError("llama.cpp could not drop the shifted-out positions")
         lib.llama_memory_seq_add(self.memory, seq, keep + discard, -1, -discard)
@@ -229,6 +228,10 @@ class Context:
             if rc != 0:
                 self._tokens.pop(seq, None)
                 raise ModelLoadError(f"llama_decode failed with code {rc}")
+        self._record(seq, start, tokens)
+
+    def _record(self, seq: int, start: int, tokens: list[int]) -> None:
+        """`seq` now holds `tokens` at positions start..: extend what it is known to hold, or forget that."""
         held = self._tokens.setdefault(seq, [])
         if len(held) == start:
             held.extend(tokens)
@@ -300,16 +303,11 @@ class Context:
             for _, _, seq, _ in rows:
                 self._tokens.pop(seq, None)
             raise ModelLoadError(f"llama_decode failed with code {rc}")
-        lost = set()
-        for token, pos, seq, _ in rows:  # as decode(): what each sequence holds, while it is a known prefix
-            if seq in lost:
-                continue
-            held = self._tokens.setdefault(seq, [])
-            if len(held) == pos:
-                held.append(token)
-            else:  # not a continuation of what we know it holds: stop claiming to know
-                self._tokens.pop(seq)
-                lost.add(seq)
+        runs: dict[int, tuple[int, list[int]]] = {}  # sequence -> (its first position here, its tokens)
+        for token, pos, seq, _ in rows:
+            runs.setdefault(seq, (pos, []))[1].append(token)
+        for seq, (start, tokens) in runs.items():
+            self._record(seq, start, tokens)
 
     def _output_rows(self, n_outputs: int) -> np.ndarray:
         """Every output row of the last decode, in batch order, in place: (n_outputs, n_vocab)."""

@@ -74,14 +74,10 @@ class SamplingParams:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise UsageError(f"unknown sampling field(s): {', '.join(unknown)}")
-        if isinstance(kwargs.get("stop"), str):
-            kwargs["stop"] = (kwargs["stop"],)
-        elif kwargs.get("stop") is not None:
-            kwargs["stop"] = tuple(kwargs["stop"])
-        for key in ("stop", "dry_sequence_breakers"):
+        for key in ("stop", "dry_sequence_breakers"):  # one string, or a list of them
             if isinstance(kwargs.get(key), str):
                 kwargs[key] = (kwargs[key],)
-            elif isinstance(kwargs.get(key), list):
+            elif isinstance(kwargs.get(key), (list, tuple)):
                 kwargs[key] = tuple(kwargs[key])
         if isinstance(kwargs.get("logit_bias"), Mapping):
             kwargs["logit_bias"] = {_token_key(k): v for k, v in kwargs["logit_bias"].items()}
@@ -288,13 +284,15 @@ def biased_argmax(row: np.ndarray, ids: np.ndarray, bias: np.ndarray) -> int | N
 class SamplerChain:
     """llama.cpp samplers owned by Python, freed with the object.
 
-    Logit bias and penalties stand alone so that prompt tokens reach only the penalties (as llama.cpp's
-    server and CLI accept them) and banned tokens can be dropped before the truncation samplers see them.
+    Logit bias and the samplers that remember tokens (penalties, DRY) stand alone so that prompt tokens reach only
+    those (as llama.cpp's server and CLI accept them) and banned tokens can be dropped before the truncation
+    samplers see them.
     """
 
     def __init__(self, params: SamplingParams, model, n_ctx: int):
         self.params = params
-        self._bias = self._penalties = self._dry = self._grammar = self._tail = self._utf8 = None
+        self._bias = self._grammar = self._tail = self._utf8 = None
+        self._history: list[tuple[object, int]] = []  # (sampler, the tokens it looks back over): penalties, DRY
         try:
             self._build(params, model, n_ctx)
         except BaseException:
@@ -302,15 +300,14 @@ class SamplerChain:
             raise
         self._candidates = Candidates(model.n_vocab)
         # nothing to do in Python between the logits and the chain: let llama.cpp fill the candidates itself
-        self._plain = all(x is None for x in (self._bias, self._penalties, self._dry, self._grammar)) and (
+        self._plain = self._bias is None and not self._history and self._grammar is None and (
             params.greedy or params.typical_p >= 1.0)
         # plain greedy is an argmax over the logits row: numpy reads it in place, where llama_sampler_sample
         # would first copy the whole vocabulary into candidates (0.3 ms a token at 152k tokens, 0.01 ms this way)
         self._argmax_row = ctypes.c_float * model.n_vocab if self._plain and params.greedy else None
         # greedy with a logit bias and nothing else: the same argmax over a biased copy of the row
         self._biased = None
-        if params.greedy and params.logit_bias and self._penalties is None and self._dry is None and \
-                self._grammar is None:
+        if params.greedy and params.logit_bias and not self._history and self._grammar is None:
             self._argmax_row = ctypes.c_float * model.n_vocab
             ids = np.fromiter(params.logit_bias, dtype=np.int64, count=len(params.logit_bias))
             self._biased = (ids, np.array([params.logit_bias[int(t)] for t in ids], dtype=np.float32))
@@ -322,13 +319,14 @@ class SamplerChain:
             if bad is not None:  # llama.cpp indexes the logits with it unchecked
                 raise UsageError(f"logit_bias: token id {bad} out of range [0, {n_vocab})")
             self._bias = logit_bias_sampler(p, n_vocab)
-        self.last_n = n_ctx if p.penalty_last_n == -1 else min(int(p.penalty_last_n), n_ctx)
-        if p.penalized and self.last_n > 0:  # ctypes wants plain numbers: numpy's pass validate() but not it
-            self._penalties = lib.llama_sampler_init_penalties(
-                n_vocab, self.last_n, float(p.repeat_penalty), float(p.frequency_penalty), float(p.presence_penalty))
-        self.dry_last_n = n_ctx if p.dry_penalty_last_n == -1 else min(int(p.dry_penalty_last_n), n_ctx)
+        last_n = n_ctx if p.penalty_last_n == -1 else min(int(p.penalty_last_n), n_ctx)
+        if p.penalized and last_n > 0:  # ctypes wants plain numbers: numpy's pass validate() but not it
+            self._history.append((lib.llama_sampler_init_penalties(
+                n_vocab, last_n, float(p.repeat_penalty), float(p.frequency_penalty), float(p.presence_penalty)),
+                last_n))
         if p.dry:
-            self._dry = dry_sampler(p, model, self.dry_last_n)
+            last_n = n_ctx if p.dry_penalty_last_n == -1 else min(int(p.dry_penalty_last_n), n_ctx)
+            self._history.append((dry_sampler(p, model, last_n), last_n))
         if p.gbnf is not None:
             self._grammar = Grammar(p.gbnf, model.vocab)
             self._utf8 = Utf8Guard(model)  # JSON and GBNF speak of characters, so bytes must form them
@@ -363,13 +361,10 @@ class SamplerChain:
         return self._argmax_row is not None
 
     def accept_prompt(self, tokens: list[int]) -> None:
-        """Feed the prompt to the penalties' window (never to the grammar), as llama.cpp does."""
-        if self._penalties is not None:
-            for t in tokens[-self.last_n:]:
-                lib.llama_sampler_accept(self._penalties, t)
-        if self._dry is not None:
-            for t in tokens[-self.dry_last_n:]:
-                lib.llama_sampler_accept(self._dry, t)
+        """Feed the prompt to the penalties' and DRY's windows (never to the grammar), as llama.cpp does."""
+        for sampler, last_n in self._history:
+            for t in tokens[-last_n:]:
+                lib.llama_sampler_accept(sampler, t)
 
     def sample(self, ctx_ptr, index: int = -1) -> int | None:
         """Sample and accept a token from output `index` of the last decode; None when no token is allowed."""
@@ -404,10 +399,8 @@ class SamplerChain:
             lib.llama_sampler_apply(self._bias, c.ref)
         if masked:
             self._grammar.apply(c.ref)
-        if self._penalties is not None:
-            lib.llama_sampler_apply(self._penalties, c.ref)
-        if self._dry is not None:
-            lib.llama_sampler_apply(self._dry, c.ref)
+        for sampler, _ in self._history:
+            lib.llama_sampler_apply(sampler, c.ref)
         typical = self.params.typical_p < 1.0 and not self.params.greedy
         if c.prune(TYPICAL_FLOOR if typical else None) == 0:
             return None  # everything banned, or a grammar dead end
@@ -415,20 +408,21 @@ class SamplerChain:
         return c.selected
 
     def accept(self, token: int) -> None:
-        if self._penalties is not None:
-            lib.llama_sampler_accept(self._penalties, token)
-        if self._dry is not None:
-            lib.llama_sampler_accept(self._dry, token)
+        for sampler, _ in self._history:
+            lib.llama_sampler_accept(sampler, token)
         if self._grammar is not None:
             self._grammar.accept(token)
             self._utf8.accept(token)
 
     def close(self) -> None:
-        for name in ("_bias", "_penalties", "_dry", "_tail"):
+        for name in ("_bias", "_tail"):
             ptr = getattr(self, name, None)
             if ptr:
                 lib.llama_sampler_free(ptr)
             setattr(self, name, None)
+        for sampler, _ in getattr(self, "_history", ()):
+            lib.llama_sampler_free(sampler)
+        self._history = []
         if getattr(self, "_grammar", None) is not None:
             self._grammar.close()
             self._grammar = None

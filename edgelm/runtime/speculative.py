@@ -210,11 +210,18 @@ class DraftModel(Drafter):
     def prefill(self, tokens: list[int]) -> None:
         self._sync(tokens[:-1])
 
-    def _sync(self, history: list[int]) -> None:
+    def keep_prefix(self, history: list[int], most: int | None = None) -> int:
+        """Cut the sequence back to its common prefix with `history` (at most `most` positions); its length."""
         n = common_prefix(self.ctx.seq_tokens(self.seq), history)
+        if most is not None:
+            n = min(n, most)
         if not self.ctx.remove(self.seq, n):
             self.ctx.remove(self.seq)
             n = 0
+        return n
+
+    def _sync(self, history: list[int]) -> None:
+        n = self.keep_prefix(history)
         if n < len(history):
             self.ctx.decode(history[n:], n, self.seq, logits_last=False)
 
