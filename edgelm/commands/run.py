@@ -171,11 +171,7 @@ def add_template_arguments(p) -> None:
 
 
 def template_from_args(args) -> str | None:
-    if args.chat_template is not None and args.chat_template_file is not None:
-        raise UsageError("give --chat-template or --chat-template-file, not both")
-    if args.chat_template_file is not None:
-        return _read(args.chat_template_file, "chat template")
-    return args.chat_template
+    return _text_or_file(args.chat_template, args.chat_template_file, "--chat-template", "chat template")
 
 
 def add_lora_arguments(p) -> None:
@@ -264,22 +260,23 @@ def _read(path: str, what: str) -> str:
         raise UsageError(f"{path}: cannot read the {what}: {e.strerror if isinstance(e, OSError) else e}") from None
 
 
+def _text_or_file(text: str | None, path: str | None, flag: str, what: str) -> str | None:
+    """The value of llama.cpp's --FLAG TEXT / --FLAG-file FILE pair, one of them at most."""
+    if text is not None and path is not None:
+        raise UsageError(f"give {flag} or {flag}-file, not both")
+    return _read(path, what) if path is not None else text
+
+
 def sampling_from_args(args) -> dict:
-    for text, file in (("--grammar", "--grammar-file"), ("--json-schema", "--json-schema-file")):
-        if getattr(args, text[2:].replace("-", "_")) is not None and getattr(args, file[2:].replace("-", "_")):
-            raise UsageError(f"give {text} or {file}, not both")
-    schema = args.json_schema
-    if schema is not None and schema.startswith("@"):
+    schema = _text_or_file(args.json_schema, args.json_schema_file, "--json-schema", "JSON schema")
+    if args.json_schema_file is None and schema is not None and schema.startswith("@"):
         schema = _read(schema[1:], "JSON schema")
-    if args.json_schema_file:
-        schema = _read(args.json_schema_file, "JSON schema")
-    grammar = _read(args.grammar_file, "grammar") if args.grammar_file else args.grammar
+    grammar = _text_or_file(args.grammar, args.grammar_file, "--grammar", "grammar")
     pairs = {"max_tokens": args.max_tokens, "temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
              "min_p": args.min_p, "typical_p": args.typical_p, "repeat_penalty": args.repeat_penalty,
              "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
              "penalty_last_n": args.repeat_last_n, "seed": args.seed, "stop": args.stop,
-             "grammar": grammar,
-             "json_schema": schema, "ignore_eos": args.ignore_eos or None,
+             "grammar": grammar, "json_schema": schema, "ignore_eos": args.ignore_eos or None,
              "mirostat": args.mirostat, "mirostat_tau": args.mirostat_ent, "mirostat_eta": args.mirostat_lr,
              "xtc_probability": args.xtc_probability, "xtc_threshold": args.xtc_threshold,
              "dry_multiplier": args.dry_multiplier, "dry_base": args.dry_base,
