@@ -12,12 +12,14 @@ from .openai_api import APIError, piece
 from .runtime.sampling import SamplingParams
 
 
-def add_routes(app: FastAPI, server) -> None:
-    """llama-server's routes on the server's app (`server`: edgelm.server.Server)."""
+def add_routes(app: FastAPI, models) -> None:
+    """llama-server's routes on the server's app (`models`: edgelm.router's One or Router). In router mode the
+    GET routes take the model as `?model=NAME`, the POST routes in the body, as llama-server's router does."""
     from .server import read_body
 
     @app.get("/props")
-    async def props():  # llama-server's: what clients read the context size and template from
+    async def props(request: Request):  # llama-server's: what clients read the context size and template from
+        server = await models.get(request, request.query_params.get("model"))
         o = server.options
         return {"model_path": str(server.llama.path), "model_alias": server.model_id, "total_slots": o.n_parallel,
                 "chat_template": server.template.text, "modalities": {"vision": False, "audio": False},
@@ -27,7 +29,8 @@ def add_routes(app: FastAPI, server) -> None:
                                                            **asdict(SamplingParams())}}}
 
     @app.get("/lora-adapters")
-    async def lora_adapters():  # llama-server's listing: the adapters every request runs with
+    async def lora_adapters(request: Request):  # llama-server's listing: the adapters every request runs with
+        server = await models.get(request, request.query_params.get("model"))
         specs = server.llama.lora.specs if server.llama.lora else ()
         return [{"id": i, "path": str(spec.path), "scale": spec.scale} for i, spec in enumerate(specs)]
 
@@ -38,6 +41,7 @@ def add_routes(app: FastAPI, server) -> None:
         content = body.get("content")
         if not isinstance(content, str):
             raise APIError(400, "content must be a string", param="content")
+        server = await models.get(request, body.get("model"))
         flags = {name: body.get(name, default) for name, default in
                  (("add_special", False), ("parse_special", True), ("with_pieces", False))}
         bad = next((name for name, v in flags.items() if not isinstance(v, bool)), None)
@@ -55,6 +59,7 @@ def add_routes(app: FastAPI, server) -> None:
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise APIError(400, "tokens must be a list of token ids", param="tokens")
+        server = await models.get(request, body.get("model"))
         try:
             server.llama.check_tokens(tokens)
         except UsageError as e:

@@ -29,9 +29,42 @@ class Metrics:
                 self.ttft[-1] += 1
 
 
-def prometheus_text(m: Metrics, engine) -> str:
-    """The /metrics page: HTTP counters, the engine's counters and gauges, the time-to-first-token histogram."""
+COUNTERS = (("requests_total", "requests", "Generation requests accepted by the engine."),
+            ("requests_completed_total", "completed", "Generation requests finished."),
+            ("requests_cancelled_total", "cancelled", "Generation requests cancelled (client gone)."),
+            ("requests_rejected_total", "rejected", "Requests refused because the queue was full."),
+            ("prompt_tokens_total", "prompt_tokens", "Prompt tokens of finished requests."),
+            ("prompt_tokens_cached_total", "cached_tokens", "Prompt tokens reused from a KV cache."),
+            ("generated_tokens_total", "generated_tokens", "Tokens generated."),
+            ("decode_steps_total", "steps", "llama_decode calls."),
+            ("shared_prefix_hits_total", "shared_prefix_hits", "Prompts that reused another slot's KV."),
+            ("batch_tokens_total", "batch_tokens", "Tokens evaluated over all decode steps."),
+            ("draft_tokens_total", "drafted", "Speculative drafts verified (--lookup, --draft)."),
+            ("draft_tokens_accepted_total", "draft_accepted", "Speculative drafts kept."))
+
+
+def _engine_series(engine) -> list[tuple[str, str, str, float]]:
+    """(name, type, help, value) of one engine's counters and gauges."""
     s = engine.stats
+    cache = engine.prompt_cache
+    return [*((name, "counter", text, s[key]) for name, key, text in COUNTERS),
+            ("prompt_cache_hits_total", "counter", "Prompt cache entries restored.",
+             cache.stats["hits"] if cache is not None else 0),
+            ("queue_length", "gauge", "Requests waiting for a slot.", engine.queued),
+            ("active_sequences", "gauge", "Requests being decoded.", engine.active),
+            ("batch_size", "gauge", "Tokens in the last decode step.", s["last_batch"])]
+
+
+def _label(model: str | None) -> str:
+    if model is None:
+        return ""
+    escaped = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'{{model="{escaped}"}}'
+
+
+def prometheus_text(m: Metrics, engines: dict, router=None) -> str:
+    """The /metrics page: HTTP counters, each engine's counters and gauges (labelled by model where the key is a
+    model's name: router mode), the router's own, and the time-to-first-token histogram."""
     lines = [
         "# HELP edgelm_http_requests_total HTTP requests by endpoint and status.",
         "# TYPE edgelm_http_requests_total counter",
@@ -40,31 +73,18 @@ def prometheus_text(m: Metrics, engine) -> str:
         for (endpoint, status), n in sorted(m.http.items()):
             lines.append(f'edgelm_http_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
         buckets, total_sum = list(m.ttft), m.ttft_sum
-    counters = (("requests_total", "requests", "Generation requests accepted by the engine."),
-                ("requests_completed_total", "completed", "Generation requests finished."),
-                ("requests_cancelled_total", "cancelled", "Generation requests cancelled (client gone)."),
-                ("requests_rejected_total", "rejected", "Requests refused because the queue was full."),
-                ("prompt_tokens_total", "prompt_tokens", "Prompt tokens of finished requests."),
-                ("prompt_tokens_cached_total", "cached_tokens", "Prompt tokens reused from a KV cache."),
-                ("generated_tokens_total", "generated_tokens", "Tokens generated."),
-                ("decode_steps_total", "steps", "llama_decode calls."),
-                ("shared_prefix_hits_total", "shared_prefix_hits", "Prompts that reused another slot's KV."),
-                ("batch_tokens_total", "batch_tokens", "Tokens evaluated over all decode steps."),
-                ("draft_tokens_total", "drafted", "Speculative drafts verified (--lookup, --draft)."),
-                ("draft_tokens_accepted_total", "draft_accepted", "Speculative drafts kept."))
-    for name, key, text in counters:
-        lines += [f"# HELP edgelm_{name} {text}", f"# TYPE edgelm_{name} counter", f"edgelm_{name} {s[key]}"]
-    cache = engine.prompt_cache
-    hits = cache.stats["hits"] if cache is not None else 0
-    lines += ["# HELP edgelm_prompt_cache_hits_total Prompt cache entries restored.",
-              "# TYPE edgelm_prompt_cache_hits_total counter", f"edgelm_prompt_cache_hits_total {hits}",
-              "# HELP edgelm_queue_length Requests waiting for a slot.", "# TYPE edgelm_queue_length gauge",
-              f"edgelm_queue_length {engine.queued}",
-              "# HELP edgelm_active_sequences Requests being decoded.", "# TYPE edgelm_active_sequences gauge",
-              f"edgelm_active_sequences {engine.active}",
-              "# HELP edgelm_batch_size Tokens in the last decode step.", "# TYPE edgelm_batch_size gauge",
-              f"edgelm_batch_size {s['last_batch']}",
-              "# HELP edgelm_time_to_first_token_seconds Time from request to first token.",
+    series = {model: _engine_series(engine) for model, engine in engines.items()}
+    for i, (name, kind, text, _) in enumerate(next(iter(series.values()), [])):
+        lines += [f"# HELP edgelm_{name} {text}", f"# TYPE edgelm_{name} {kind}"]
+        lines += [f"edgelm_{name}{_label(model)} {values[i][3]}" for model, values in series.items()]
+    if router is not None:
+        lines += ["# HELP edgelm_models_loaded Models loaded now.", "# TYPE edgelm_models_loaded gauge",
+                  f"edgelm_models_loaded {len(router.models)}",
+                  "# HELP edgelm_model_loads_total Models loaded.", "# TYPE edgelm_model_loads_total counter",
+                  f"edgelm_model_loads_total {router.loads}",
+                  "# HELP edgelm_model_unloads_total Models unloaded (idle past their keep-alive, or to make room).",
+                  "# TYPE edgelm_model_unloads_total counter", f"edgelm_model_unloads_total {router.unloads}"]
+    lines += ["# HELP edgelm_time_to_first_token_seconds Time from request to first token.",
               "# TYPE edgelm_time_to_first_token_seconds histogram"]
     running = 0
     for bound, n in zip(TTFT_BUCKETS, buckets):

@@ -2,24 +2,30 @@
 Open WebUI, editor plugins) talk to `edgelm serve` unchanged.
 
 /api/generate, /api/chat (NDJSON streaming by default, tools), /api/embed and /api/embeddings, /api/tags,
-/api/ps, /api/show, /api/version. One model is loaded: a request's "model" is echoed, not used to choose one.
+/api/ps, /api/show, /api/version. With one model (`edgelm serve MODEL`) a request's "model" is echoed, not used
+to choose one; in router mode (router.py) it chooses the model, and `keep_alive` says how long it stays loaded.
 Errors are Ollama's {"error": "..."} bodies (server.py picks the shape by path). Options that size the server
 (num_ctx, num_thread, num_gpu, ...) are set when it starts (`edgelm serve --ctx ...`) and ignored per request.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from ._version import __version__
-from .errors import ChatTemplateError, ContextOverflowError, UsageError
+from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
+from .gguf_reader import GGUFFile, read_gguf
 from .gguf_summary import describe
 from .openai_api import APIError
+from .router import parse_keep_alive
 from .runtime.chat import chat_tokens
 from .runtime.sampling import SamplingParams
 from .runtime.reasoning import prompt_opens_thinking
@@ -34,6 +40,7 @@ OPTIONS = {  # Ollama option -> SamplingParams field
 }
 SERVER_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap", "use_mlock",
                   "numa", "low_vram", "f16_kv", "vocab_only", "penalize_newline", "tfs_z"}
+FOREVER = 253402300799.0  # 9999-12-31T23:59:59Z: expires_at of a model that stays loaded
 MESSAGE_KEYS = {"role", "content", "images", "tool_calls", "tool_name", "thinking"}
 
 
@@ -95,27 +102,50 @@ def chat_messages(messages) -> list[dict]:
     return out
 
 
-def add_routes(app: FastAPI, server) -> None:
-    """Ollama's routes on the server's app (`server`: edgelm.server.Server)."""
+def details(gguf: GGUFFile) -> dict:
+    summary = describe(gguf)
+    types = list(summary["bytes_by_type"])
+    return {"parent_model": "", "format": "gguf", "family": summary["architecture"] or "",
+            "families": [summary["architecture"] or ""], "parameter_size": summary["size_label"] or "",
+            "quantization_level": types[0].upper() if types else ""}
+
+
+def entry(name: str, gguf: GGUFFile, digest: str | None = None) -> dict:
+    """An /api/tags and /api/ps row."""
+    st = Path(gguf.path).stat()
+    return {"name": name, "model": name, "size": st.st_size, "digest": digest or gguf.fingerprint(),
+            "details": details(gguf), "modified_at": datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat()}
+
+
+def expires(at: float) -> str:
+    """Ollama's expires_at: when an idle loaded model unloads (a far date for never)."""
+    return datetime.fromtimestamp(min(at, FOREVER), timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def add_routes(app: FastAPI, models) -> None:
+    """Ollama's routes on the server's app (`models`: edgelm.router's One or Router)."""
     from .server import follow, read_body, wait_for
 
-    llama = server.llama
-    summary = describe(llama.gguf)
-
-    def details() -> dict:
-        types = list(summary["bytes_by_type"])
-        return {"parent_model": "", "format": "gguf", "family": summary["architecture"] or "",
-                "families": [summary["architecture"] or ""], "parameter_size": summary["size_label"] or "",
-                "quantization_level": types[0].upper() if types else ""}
-
-    def entry() -> dict:
-        return {"name": server.model_id, "model": server.model_id, "size": summary["file_size"],
-                "digest": llama.fingerprint, "details": details(),
-                "modified_at": datetime.fromtimestamp(llama.path.stat().st_mtime, timezone.utc).isoformat()}
-
-    def submit(tokens: list[int], params: SamplingParams):
+    def submit(server, tokens: list[int], params: SamplingParams):
         (req,) = server.submit(tokens, params)
         return req
+
+    async def model_for(request: Request, body: dict, field: str = "model"):
+        return await models.get(request, body.get(field), body.get("keep_alive"))
+
+    def unloading(body: dict) -> bool:
+        """An empty request with keep_alive 0: Ollama's way to unload a model (`ollama stop`); router mode only."""
+        if not models.routed or body.get("keep_alive") is None:
+            return False
+        try:
+            return parse_keep_alive(body["keep_alive"]) == 0
+        except UsageError as e:
+            raise APIError(400, str(e)) from None
+
+    async def unload(body: dict) -> str:
+        name = models.find(body.get("model")).name
+        await models.unload(name)
+        return name
 
     def final(model: str, req, t0: float, extra: dict) -> dict:
         t = req.timings
@@ -137,18 +167,34 @@ def add_routes(app: FastAPI, server) -> None:
 
     @app.get("/api/tags")
     async def tags():
-        return {"models": [entry()]}
+        if not models.routed:
+            return {"models": [entry(models.server.model_id, models.server.llama.gguf, models.server.llama.fingerprint)]}
+        rows = []
+        for name, e in models.catalog().items():
+            if e.path is not None:  # a named model on a Hub reference not cached yet has no file to describe
+                with contextlib.suppress(EdgelmError, OSError):
+                    rows.append(entry(name, read_gguf(e.path, keep_arrays=False)))
+        return {"models": rows}
 
     @app.get("/api/ps")
     async def ps():
-        return {"models": [{**entry(), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0}]}
+        rows = []
+        for name, server in models.servers().items():
+            row = entry(name, server.llama.gguf, server.llama.fingerprint)
+            if server.memory is not None:  # what it holds in memory, KV cache and buffers included
+                row["size"] = server.memory.total
+            at = models.expires_at(name) if models.routed else math.inf
+            rows.append({**row, "expires_at": expires(at), "size_vram": 0})
+        return {"models": rows}
 
     @app.post("/api/show")
     async def show(request: Request):
-        await read_body(request)
+        body = await read_body(request)
+        server = await model_for(request, body, "model" if "model" in body else "name")
+        llama = server.llama
         keys = ("general.architecture", "general.name", "general.parameter_count", "general.file_type")
         info = {k: llama.gguf.get(k) for k in keys if llama.gguf.get(k) is not None}
-        arch = summary["architecture"]
+        arch = describe(llama.gguf)["architecture"]
         info.update({f"{arch}.{k}": llama.gguf.get(f"{arch}.{k}") for k in
                      ("context_length", "embedding_length", "block_count", "attention.head_count")
                      if llama.gguf.get(f"{arch}.{k}") is not None})
@@ -156,13 +202,20 @@ def add_routes(app: FastAPI, server) -> None:
         named = {"system": profile.system or "", "license": profile.license or ""} if profile else {}
         return {**named, "modelfile": profile.modelfile() if profile else "",
                 "parameters": profile.parameters() if profile else "", "template": server.template.text,
-                "details": details(), "model_info": info, "capabilities": ["completion", "tools", "embedding"],
-                "modified_at": entry()["modified_at"]}
+                "details": details(llama.gguf), "model_info": info,
+                "capabilities": ["completion", "tools", "embedding"],
+                "modified_at": datetime.fromtimestamp(llama.path.stat().st_mtime, timezone.utc).isoformat()}
 
     @app.post("/api/generate")
     async def generate(request: Request):
         body = await read_body(request)
-        model, t0 = body.get("model") or server.model_id, time.perf_counter()
+        t0 = time.perf_counter()
+        if not body.get("prompt") and not body.get("context") and unloading(body):
+            return {"model": await unload(body), "created_at": now(), "response": "", "done": True,
+                    "done_reason": "unload"}
+        server = await model_for(request, body)
+        llama = server.llama
+        model = body.get("model") or server.model_id
         prompt, system, context = body.get("prompt", ""), body.get("system"), body.get("context") or []
         if not isinstance(prompt, str) or not isinstance(system, (str, type(None))):
             raise APIError(400, "prompt and system must be strings")
@@ -184,7 +237,7 @@ def add_routes(app: FastAPI, server) -> None:
                 tokens = context + chat_tokens(llama, server.preamble(turns), server.template)
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
-        req = submit(tokens, params)
+        req = submit(server, tokens, params)
 
         def last(text: str = "") -> dict:
             return final(model, req, t0, {"response": text, "context": tokens + req.completion().tokens})
@@ -205,7 +258,13 @@ def add_routes(app: FastAPI, server) -> None:
     @app.post("/api/chat")
     async def chat(request: Request):
         body = await read_body(request)
-        model, t0 = body.get("model") or server.model_id, time.perf_counter()
+        t0 = time.perf_counter()
+        if not body.get("messages") and unloading(body):
+            return {"model": await unload(body), "created_at": now(), "message": {"role": "assistant", "content": ""},
+                    "done": True, "done_reason": "unload"}
+        server = await model_for(request, body)
+        llama = server.llama
+        model = body.get("model") or server.model_id
         params = sampling(body, server.options.max_tokens_cap, server.defaults)
         think = body.get("think")
         if think not in (None, True, False):  # levels ("high", ...) are for models edgelm does not run
@@ -217,7 +276,7 @@ def add_routes(app: FastAPI, server) -> None:
                                  extra=None if think is None else {"enable_thinking": think})  # Qwen3's switch
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
-        req = submit(tokens, params)
+        req = submit(server, tokens, params)
         opened = prompt_opens_thinking(llama, tokens)
 
         def message(text: str, calls=None, thinking: str | None = None) -> dict:
@@ -251,7 +310,7 @@ def add_routes(app: FastAPI, server) -> None:
         thinking, text, calls = split_reply(req.completion().text, tools, opened)
         return final(model, req, t0, {"message": message(text, calls, thinking)})
 
-    async def embed_texts(texts: list[str]):
+    async def embed_texts(server, texts: list[str]):
         try:
             return await asyncio.wrap_future(server.engine.call(lambda: server.embed(texts)))
         except ContextOverflowError as e:
@@ -265,10 +324,11 @@ def add_routes(app: FastAPI, server) -> None:
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
             raise APIError(400, "input must be a non-empty string or list of non-empty strings")
-        vectors = await embed_texts(texts)
+        server = await model_for(request, body)
+        vectors = await embed_texts(server, texts)
         return {"model": body.get("model") or server.model_id, "embeddings": [v.tolist() for v in vectors],
                 "total_duration": ns(time.perf_counter() - t0), "load_duration": 0,
-                "prompt_eval_count": sum(len(llama.tokenize(t)) for t in texts)}
+                "prompt_eval_count": sum(len(server.llama.tokenize(t)) for t in texts)}
 
     @app.post("/api/embeddings")
     async def embeddings(request: Request):  # the older single-text form
@@ -276,4 +336,5 @@ def add_routes(app: FastAPI, server) -> None:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "prompt must be a non-empty string")
-        return {"embedding": (await embed_texts([prompt]))[0].tolist()}
+        server = await model_for(request, body)
+        return {"embedding": (await embed_texts(server, [prompt]))[0].tolist()}

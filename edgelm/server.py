@@ -2,7 +2,8 @@
 
 Endpoints: /v1/chat/completions, /v1/completions (streaming as Server-Sent Events in OpenAI's chunk
 format, or not), /v1/embeddings, /v1/models, /tokenize, /detokenize, /props and /lora-adapters (llama-server's),
-/health (always public), /metrics (Prometheus text).
+/health (always public), /metrics (Prometheus text). One model, or in router mode (router.py) any of a catalog,
+chosen by each request's "model" and loaded on demand (/models, /models/load, /models/unload as llama-server's).
 Errors are OpenAI-style bodies: bad input is a 400, a missing or wrong API key a 401, a full queue
 a 503 with Retry-After. A client that disconnects cancels its sequence within one decode step.
 """
@@ -29,6 +30,7 @@ from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
 from .engine import POLL_S, Engine, EngineOptions, QueueFullError
 from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
 from .metrics import Metrics, prometheus_text
+from .router import RELEASE, One, Router, RouterOptions
 from .runtime.chat import chat_tokens, template_for, template_kwargs
 from .runtime.memory import ensure_fits
 from .runtime.model import LlamaModel, LoadOptions, resolve_model
@@ -80,13 +82,14 @@ class ServerOptions:
 class Server:
     """The model, its engine, and what the handlers share."""
 
-    def __init__(self, options: ServerOptions):
+    def __init__(self, options: ServerOptions, metrics: Metrics | None = None):
         self.options = options
         model = resolve_model(options.model)  # once: an hf:// reference asks the Hub (or its cache) here
+        self.memory = None  # the memory-fit estimate: what /api/ps reports a loaded model's size as
         if options.memory_check:  # the engine's one context holds every slot's cells
-            ensure_fits(model, n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch,
-                        type_k=options.type_k, type_v=options.type_v, n_gpu_layers=options.n_gpu_layers,
-                        flash_attn=options.flash_attn, draft=options.draft)
+            self.memory = ensure_fits(model, n_ctx=options.n_ctx * options.n_parallel, n_batch=options.n_batch,
+                                      type_k=options.type_k, type_v=options.type_v, n_gpu_layers=options.n_gpu_layers,
+                                      flash_attn=options.flash_attn, draft=options.draft)
         self.llama = LlamaModel(model, LoadOptions(n_gpu_layers=options.n_gpu_layers), lora=options.lora or None,
                                 control=options.control, control_range=options.control_range)
         self.template = template_for(self.llama, options.chat_template)  # a bad template fails before serving
@@ -104,7 +107,7 @@ class Server:
         if options.prompt_cache is not None:
             self.engine.prompt_cache = PromptCache(self.engine.ctx, ram_bytes=0, path=options.prompt_cache,
                                                    disk_bytes=options.prompt_cache_bytes)
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         self._embedder = None
         self._embed_lock = threading.Lock()
 
@@ -173,20 +176,24 @@ class Server:
         except UsageError as e:
             raise APIError(400, str(e)) from None
 
-    def metrics_text(self) -> str:
-        return prometheus_text(self.metrics, self.engine)
 
 
-def create_app(options: ServerOptions) -> FastAPI:
-    server = Server(options)
+def create_app(options: ServerOptions, router: RouterOptions | None = None) -> FastAPI:
+    """The app over one model (`options.model`), or with `router`, over any model of the router's catalog."""
+    metrics = Metrics()
+    make = lambda o: Server(o, metrics)  # noqa: E731
+    models = One(make(options)) if router is None else Router(options, router, metrics, make)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        reaper = asyncio.create_task(models.reap()) if models.routed else None
         yield
-        server.close()
+        if reaper is not None:
+            reaper.cancel()
+        models.close()
 
     app = FastAPI(title="edgelm", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.server = server
+    app.state.models = models
 
     def error(request: Request, exc: APIError):
         return exc.response(ollama=request.url.path.startswith(OLLAMA))
@@ -208,12 +215,12 @@ def create_app(options: ServerOptions) -> FastAPI:
     async def _edgelm(request: Request, exc: EdgelmError):
         return error(request, APIError(400, str(exc)))
 
-    app.add_middleware(_Guard, server=server)
+    app.add_middleware(_Guard, options=options, metrics=metrics)
     if options.cors_origins:  # outermost: a browser's preflight is answered before the API key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-Api-Key", "Content-Type"])
-    add_routes(app, server)  # Ollama's API beside OpenAI's
-    add_llama_server_routes(app, server)  # llama-server's own: /tokenize, /detokenize, /props, /lora-adapters
+    add_routes(app, models)  # Ollama's API beside OpenAI's
+    add_llama_server_routes(app, models)  # llama-server's own: /tokenize, /detokenize, /props, /lora-adapters
 
     @app.get("/")
     async def root():
@@ -224,28 +231,44 @@ def create_app(options: ServerOptions) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
-                                            "owned_by": "edgelm"}]}
+    async def list_models():
+        if not models.routed:
+            server = models.server
+            return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
+                                                "owned_by": "edgelm"}]}
+        return {"object": "list", "data": [  # llama-server's router adds each model's status
+            {"id": name, "object": "model", "created": int(entry.path.stat().st_mtime) if entry.path else 0,
+             "owned_by": "edgelm", "status": {"value": models.status(name)}}
+            for name, entry in models.catalog().items()]}
 
     @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+    async def metrics_page():
+        servers = models.servers()
+        engines = {name: s.engine for name, s in servers.items()} if models.routed else {
+            None: models.server.engine}
+        return PlainTextResponse(prometheus_text(metrics, engines, models if models.routed else None),
+                                 media_type="text/plain; version=0.0.4")
+
+    if models.routed:
+        app.get("/models")(list_models)  # llama-server's router lists its models here too
+        add_router_routes(app, models)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
         if "prompt" not in body:
             raise APIError(400, "prompt is required", param="prompt")
+        server = await models.get(request, body.get("model"))
         params = server.sampling(body, chat=False)
         tokens = server.prompt_tokens(body["prompt"])
-        return await _generate(request, body, tokens, params, chat=False)
+        return await _generate(server, request, body, tokens, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
         if "messages" not in body:
             raise APIError(400, "messages is required", param="messages")
+        server = await models.get(request, body.get("model"))
         params = server.sampling(body, chat=True)
         try:
             tools, grammar = tool_setup(body.get("tools"), body.get("tool_choice"))
@@ -258,7 +281,7 @@ def create_app(options: ServerOptions) -> FastAPI:
         except UsageError as e:
             raise APIError(400, str(e), param="chat_template_kwargs") from None
         tokens = server.chat_prompt(body["messages"], tools, extra)
-        return await _generate(request, body, tokens, params, chat=True, tools=tools)
+        return await _generate(server, request, body, tokens, params, chat=True, tools=tools)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
@@ -268,6 +291,7 @@ def create_app(options: ServerOptions) -> FastAPI:
             texts = [texts]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
             raise APIError(400, "input must be a non-empty string or list of non-empty strings", param="input")
+        server = await models.get(request, body.get("model"))
         try:
             vectors = await asyncio.wrap_future(server.engine.call(lambda: server.embed(texts)))
         except ContextOverflowError as e:
@@ -277,7 +301,7 @@ def create_app(options: ServerOptions) -> FastAPI:
                 "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
-    async def _generate(request: Request, body: dict, tokens: list[int], params: SamplingParams, chat: bool,
+    async def _generate(server: Server, request: Request, body: dict, tokens: list[int], params: SamplingParams, chat: bool,
                         tools: list[dict] | None = None):
         reqs = server.submit(tokens, params, choices(body))  # one request per choice, started in the same step
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -446,8 +470,8 @@ class _Guard:
     """API key and body size checks, and request counts by endpoint and status. A plain ASGI middleware:
     Starlette's BaseHTTPMiddleware would hide a client's disconnect from the handlers."""
 
-    def __init__(self, app, server: Server):
-        self.app, self.server = app, server
+    def __init__(self, app, options: ServerOptions, metrics: Metrics):
+        self.app, self.options, self.metrics = app, options, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -462,7 +486,7 @@ class _Guard:
 
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            key = self.server.options.api_key
+            key = self.options.api_key
             if key is not None and (path.startswith(("/v1/", OLLAMA)) or path in KEYED):
                 _check_key(headers, key)
             size = headers.get("content-length")
@@ -471,13 +495,19 @@ class _Guard:
         except APIError as e:
             await e.response(ollama=path.startswith(OLLAMA))(scope, receive, send_status)
         else:
-            await self.app(scope, receive, send_status)
+            releases = scope[RELEASE] = []  # router mode: the leases a handler took on its model
+            try:
+                await self.app(scope, receive, send_status)  # returns once the response is sent, streams too
+            finally:
+                for release in releases:
+                    release()
         finally:
-            self.server.metrics.request(path if path in ROUTES else "other", status[0])
+            self.metrics.request(path if path in ROUTES else "other", status[0])
 
 
 OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
 KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props"}  # besides /v1/ and /api/: what an API key guards
+KEYED |= {"/models", "/models/load", "/models/unload"}  # router mode's (llama-server's)
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED,
           *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version"))}
 
@@ -488,3 +518,20 @@ def _check_key(headers: dict[str, str], key: str) -> None:
     if not given or not hmac.compare_digest(given.encode(), key.encode()):
         raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY, or X-Api-Key)",
                        type="invalid_request_error", code="invalid_api_key")
+
+
+def add_router_routes(app: FastAPI, router: Router) -> None:
+    """llama-server's router endpoints beside GET /models: POST /models/load, POST /models/unload."""
+
+    @app.post("/models/load")
+    async def load(request: Request):
+        body = await read_body(request)
+        return {"success": True, "model": await router.load(body.get("model"))}
+
+    @app.post("/models/unload")
+    async def unload(request: Request):
+        body = await read_body(request)
+        name = router.find(body.get("model")).name
+        if not await router.unload(name):
+            raise APIError(400, f"model {name!r} is not loaded", param="model")
+        return {"success": True}
