@@ -21,7 +21,7 @@ from typing import Any
 from . import hub, modelfile
 from .errors import EdgelmError, InsufficientMemoryError, UsageError
 from .openai_api import APIError
-from .runtime.model import default_model_path
+from .runtime.model import default_model_path, resolve_model
 
 RELEASE = "edgelm.release"  # the ASGI scope's list of lease releases, called once the response is sent
 REAP_S = 0.5  # how often idle models are looked at for expiry
@@ -98,18 +98,23 @@ class Router:
         self.loads = self.unloads = 0
         self._one_load = asyncio.Lock()  # loads go one at a time: each makes room and checks memory for itself
         self._headers: dict[tuple, bool] = {}  # (path, mtime, size) -> whether the file is a model
+        self.extra: dict[str, Entry] = {}  # the default model, where it is a file outside the catalog
         self.default = None
         if options.default is not None:
-            entry = self.find(options.default)
+            try:
+                entry = self.find(options.default)
+            except APIError:
+                path = resolve_model(options.default)  # ModelNotFoundError: a clear one-line error at start-up
+                entry = self.extra[path.stem] = Entry(path.stem, str(path))
             self._add(entry.name, make(self.options_for(entry)))
             self.default = entry.name
 
     # ------------------------------------------------------------ the catalog
 
     def catalog(self) -> dict[str, Entry]:
-        """Name -> Entry; where two sources give one name, the first wins: named models, --models-dir, the
-        bundled model, the Hub cache."""
-        out: dict[str, Entry] = {}
+        """Name -> Entry; where two sources give one name, the first wins: the default model given as a file,
+        named models, --models-dir, the bundled model, the Hub cache."""
+        out: dict[str, Entry] = dict(self.extra)
         for profile in modelfile.profiles():
             out.setdefault(profile.name, Entry(profile.name, profile.model, profile))
         if self.options.models_dir is not None:

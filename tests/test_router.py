@@ -274,17 +274,18 @@ def test_http_named_models_least_recently_used_and_ollama_unload(served, tiny_gg
 
 def test_router_flags_that_belong_to_one_model_are_refused(tiny_gguf):
     for flags in (["--lora", str(tiny_gguf["f16"])], ["--draft", str(tiny_gguf["f16"])], ["--alias", "x"],
-                  ["--models-max", "-1"], ["--keep-alive", "soon"], ["--models-dir", "/nonexistent"]):
+                  ["--models-max", "-1"], ["--keep-alive", "soon"], ["--models-dir", "/nonexistent"],
+                  ["/nonexistent.gguf"]):
         r = subprocess.run([sys.executable, "-m", "edgelm", "serve", "--router", *flags], capture_output=True,
                            text=True, cwd=ROOT)
         assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_http_a_stream_holds_its_model_until_it_ends_or_its_client_leaves(models_dir, home):
+def test_http_a_stream_holds_its_model_until_it_ends_or_its_client_leaves(models_dir, home, tiny_gguf):
     from test_server import ServerProcess
 
-    s = ServerProcess("--models-dir", str(models_dir), "--models-max", "1", "--parallel", "1", "--ctx", "2048",
-                      env=home)
+    s = ServerProcess(str(tiny_gguf["f32"]), "--models-dir", str(models_dir), "--models-max", "1", "--parallel", "1",
+                      "--ctx", "2048", env=home)  # a default model outside the catalog: loaded first, then made room
     long = {"model": BUNDLED, "prompt": PROMPT, "max_tokens": 1800, "ignore_eos": True, "temperature": 0,
             "stream": True}
     other = {"model": "tiny-f16", "prompt": PROMPT, "max_tokens": 4}
@@ -306,5 +307,7 @@ def test_http_a_stream_holds_its_model_until_it_ends_or_its_client_leaves(models
             assert time.time() < deadline
             time.sleep(0.1)
         assert status == 200
+        default = httpx.post(s.base + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=120)
+        assert default.json()["model"] == "tiny-f32"
     finally:
         assert "Traceback" not in s.stop()
