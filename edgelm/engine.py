@@ -23,7 +23,7 @@ import llama_cpp as lib
 from .drafting import Speculation, check_draft_options
 from .engine_reuse import SlotReuse
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
-from .runtime.backend import running_graphs
+from .runtime.backend import release_workers, running_graphs
 from .runtime.canonical import ROW_GROUP, canonical_sequences
 from .request import POLL_S, QueueFullError, Request, RequestCancelled  # noqa: F401 (POLL_S: the consumers' tick)
 from .runtime.context import Context, ContextOptions
@@ -252,6 +252,7 @@ class Engine(SlotReuse):
             with self._cv:
                 while (not self._closed and (self._paused or not self._queue) and not self._calls
                        and not any(s.req for s in self._slots)):
+                    release_workers()  # idle: another engine's graphs (router mode) must not meet this pool
                     self._cv.wait()
                 if self._closed:
                     break

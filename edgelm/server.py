@@ -32,6 +32,7 @@ from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageE
 from .metrics import Metrics, prometheus_text
 from .router import RELEASE, One, Router, RouterOptions
 from .runtime.chat import chat_tokens, template_for, template_kwargs
+from .runtime.backend import release_workers
 from .runtime.memory import ensure_fits
 from .runtime.model import LlamaModel, LoadOptions, resolve_model
 from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason,
@@ -110,6 +111,7 @@ class Server:
         self.metrics = metrics or Metrics()
         self._embedder = None
         self._embed_lock = threading.Lock()
+        release_workers()  # loading ran graphs on this thread, which will not decode (runtime/backend.py)
 
     def close(self) -> None:
         self.engine.close()
