@@ -9,8 +9,9 @@ that name the model they want. A round sends 8 requests one after the other, alt
 (greedy, 16 tokens, end-of-generation tokens banned so each runs to its 16 tokens), twice: with --models-max 1,
 so every request after the first unloads one model and loads the other, and with --models-max 2, so both stay
 loaded after their first request. Per request: wall time from sending it to the whole response. The report
-gives medians over rounds of the switching requests (all but the first, at --models-max 1) and of the warm ones
-(the last 6, at --models-max 2), and the first request's time (a cold start with the server up).
+gives, per model, the median over rounds of its first request (a cold start with the server up), of its
+requests that switch models (all but the first, at --models-max 1) and of its requests with both models loaded
+(all but each model's first, at --models-max 2). Raw times go to .bench/router.json (--render-only re-renders).
 llama-server's router starts a llama-server process per model and forwards requests to it; edgelm loads each
 model into its own process.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import subprocess
 import sys
 import tempfile
@@ -27,12 +29,13 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, ROOT, log, machine, markdown_table, median, python, today, tool, write_doc  # noqa: E402
+from common import BENCH, DOCS, ROOT, log, machine, markdown_table, median, python, today, tool, write_doc  # noqa: E402
 from serve_bench import biases, free_port  # noqa: E402
 
 THREADS, CTX, N_GEN, N_REQUESTS = 2, 512, 16, 8
 PROMPTS = ("Once upon a time", "def parse(line):", "The weather today", "class Node:")
 REPORT = DOCS / "router.md"
+RAW = BENCH / "router.json"
 
 
 def argv(server: str, folder: Path, port: int, models_max: int) -> list:
@@ -80,7 +83,7 @@ def model_ids(base: str, stems: list[str]) -> list[str]:
 
 def one_round(server: str, folder: Path, stems: list[str], bans: list[dict], models_max: int) -> list[float]:
     """Seconds per request, alternating between the models."""
-    with serving(server, folder, models_max) as base, httpx.Client(timeout=300) as client:
+    with serving(server, folder, models_max) as base:
         names = model_ids(base, stems)
         times = []
         for i in range(N_REQUESTS):
@@ -88,7 +91,8 @@ def one_round(server: str, folder: Path, stems: list[str], bans: list[dict], mod
             body = {"model": names[k], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": N_GEN, "temperature": 0,
                     "logit_bias": bans[k]}
             t0 = time.perf_counter()
-            r = client.post(base + "/v1/completions", json=body)
+            r = httpx.post(base + "/v1/completions", json=body, timeout=300)  # a connection each: llama-server's
+            # router may close one when it stops a model's process
             times.append(time.perf_counter() - t0)
             r.raise_for_status()
             got = r.json()["usage"]["completion_tokens"]
@@ -101,7 +105,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--render-only", action="store_true")
     args = p.parse_args()
+    if args.render_only:
+        render(json.loads(RAW.read_text()))
+        return
     from runtime_bench import models
 
     built = models(quick=args.quick)
@@ -115,33 +123,40 @@ def main() -> None:
             stems.append(f"m{i}-{path.stem}")
             (folder / f"{stems[-1]}.gguf").symlink_to(path.resolve())
         bans = [biases(path)[0] for path in pair]
-        results = {}
+        results = {"labels": labels, "rounds": rounds, "machine": machine(), "date": today(), "times": {}}
         for r in range(rounds):
             for models_max in (1, 2):
                 for server in ("edgelm", "llama-server"):  # alternated within each round
                     times = one_round(server, folder, stems, bans, models_max)
-                    results.setdefault((server, models_max), []).append(times)
+                    results["times"].setdefault(f"{server} {models_max}", []).append(times)
                     log(f"round {r + 1}, {server}, --models-max {models_max}: "
                         + " ".join(f"{t * 1000:.0f}" for t in times) + " ms")
-    render(results, labels, rounds)
+    RAW.parent.mkdir(exist_ok=True)
+    RAW.write_text(json.dumps(results, indent=1))
+    render(results)
 
 
-def render(results: dict, labels: list[str], rounds: int) -> None:
-    def stat(server: str, models_max: int, pick) -> float:
-        return median([median(pick(times)) for times in results[(server, models_max)]])
+def render(results: dict) -> None:
+    labels, rounds = results["labels"], results["rounds"]
+
+    def stat(server: str, models_max: int, k: int, first: bool) -> float:
+        """Median over rounds of model k's requests: its first one, or the others."""
+        return median([median(times[k:k + 1] if first else times[k + 2::2])
+                       for times in results["times"][f"{server} {models_max}"]])
 
     rows, ratios = [], {}
-    for what, models_max, pick in (("first request (cold: load + 16 tokens)", 1, lambda t: t[:1]),
-                                   ("request that switches models (unload + load + 16 tokens)", 1, lambda t: t[1:]),
-                                   ("request with both models loaded (16 tokens)", 2, lambda t: t[2:])):
-        e, ls = stat("edgelm", models_max, pick), stat("llama-server", models_max, pick)
-        ratios[what] = ls / e
-        rows.append([what, f"{e * 1000:.0f} ms", f"{ls * 1000:.0f} ms", f"{ls / e:.2f}×"])
-    table = markdown_table(["per request, median", "edgelm serve --models-dir", "llama-server --models-dir",
-                            "edgelm faster by"], rows, "lrrr")
+    for what, models_max, first in (("first request (load + 16 tokens)", 1, True),
+                                    ("switching to it (unload the other + load + 16 tokens)", 1, False),
+                                    ("both loaded (16 tokens)", 2, False)):
+        for k, label in enumerate(labels):
+            e, ls = stat("edgelm", models_max, k, first), stat("llama-server", models_max, k, first)
+            ratios[f"{label}, {what}"] = ls / e
+            rows.append([label, what, f"{e * 1000:.0f} ms", f"{ls * 1000:.0f} ms", f"{ls / e:.2f}×"])
+    table = markdown_table(["model", "request, median", "edgelm serve --models-dir", "llama-server --models-dir",
+                            "edgelm faster by"], rows, "llrrr")
     text = f"""# Router mode: switching models
 
-`benchmarks/router_bench.py`, {today()}, {machine()}. Models: {labels[0]} and {labels[1]}, alternating
+`benchmarks/router_bench.py`, {results["date"]}, {results["machine"]}. Models: {labels[0]} and {labels[1]}, alternating
 request by request; {rounds} round(s), each server started fresh for each setting; {THREADS} threads, one
 {CTX}-token slot per model, greedy, {N_GEN} tokens per request.
 

@@ -105,6 +105,11 @@ def _set_key(b: bytes, key: str, fmt: str, value, skip: int = 0) -> bytes:
     return _put(b, _after(b, key) + skip, fmt, value)
 
 
+def _token(b: bytes, text: str) -> int:
+    """Where the one-byte token string `text` of test.tokens starts."""
+    return b.index(struct.pack("<Q", 1) + text.encode(), _after(b, "test.tokens")) + 8
+
+
 def _set_tensor(b: bytes, name: str, field: str, value, dim: int = 0) -> bytes:
     p = _after(b, name)
     n_dims = struct.unpack_from("<I", b, p)[0]
@@ -147,6 +152,13 @@ CORPUS: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("array over llama.cpp's cap", lambda b: _set_key(b, "test.tokens", "Q", 1 << 50, 8), "1125899906842624 exceeds"),
     ("array past end", lambda b: _set_key(b, "test.ints", "Q", 10**6, 8), "array length 1000000 cannot fit"),
     ("invalid UTF-8 key", lambda b: _put(b, _after(b, "test.key_a") - 1, "B", 0xFF), "string is not valid UTF-8"),
+    # token strings "a", "b" -> b"\xc3", b"\xa9": each invalid alone, "é" if read as one
+    ("split UTF-8 across elements", lambda b: _put(_put(b, _token(b, "a"), "B", 0xC3), _token(b, "b"), "B", 0xA9),
+     "key 'test.tokens' element 2 of 4: string is not valid UTF-8"),
+    ("array string over llama.cpp's cap", lambda b: _put(b, _token(b, "a") - 8, "Q", 1 << 62),
+     "key 'test.tokens' element 2 of 4: string length 4611686018427387904 exceeds"),
+    ("array string past end", lambda b: _put(b, _token(b, "b") - 8, "Q", 10**6),
+     "key 'test.tokens' element 3 of 4 (string of 1000000 bytes) runs past end of file"),
     ("empty key", lambda b: _put(b, _after(b, "test.key_a") - len("test.key_a") - 8, "Q", 0), "key-value 2 of 6: empty key"),
     # value types
     ("unknown value type", lambda b: _set_key(b, "test.key_b", "i", 13), "key 'test.key_b' has unknown value type 13"),
@@ -193,11 +205,12 @@ def test_valid_file_reads(valid: bytes, tmp_path: Path):
 def test_malformed_file_rejected(valid: bytes, tmp_path: Path, case: str, mutate, phrase: str):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(mutate(valid))
-    with pytest.raises(GGUFError) as err:
-        read_gguf(bad)
-    message = str(err.value)
-    assert message.startswith(f"{bad}: ") and "\n" not in message  # the CLI prints it as one line
-    assert phrase in message
+    for keep_arrays in (True, False):  # the same checks whether arrays are kept or only walked
+        with pytest.raises(GGUFError) as err:
+            read_gguf(bad, keep_arrays=keep_arrays)
+        message = str(err.value)
+        assert message.startswith(f"{bad}: ") and "\n" not in message  # the CLI prints it as one line
+        assert phrase in message
 
 
 def test_tensor_name_too_long(tmp_path: Path):
