@@ -10,13 +10,12 @@ from ._version import __version__
 from .errors import UsageError
 from .openai_api import APIError, piece
 from .runtime.sampling import SamplingParams
+from .serving import read_body
 
 
 def add_routes(app: FastAPI, models) -> None:
     """llama-server's routes on the server's app (`models`: edgelm.router's One or Router). In router mode the
     GET routes take the model as `?model=NAME`, the POST routes in the body, as llama-server's router does."""
-    from .server import read_body
-
     @app.get("/props")
     async def props(request: Request):  # llama-server's: what clients read the context size and template from
         server = await models.get(request, request.query_params.get("model"))

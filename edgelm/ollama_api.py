@@ -30,6 +30,7 @@ from .runtime.chat import chat_tokens
 from .runtime.sampling import SamplingParams
 from .runtime.reasoning import prompt_opens_thinking
 from .runtime.tools import ReplyStream, split_reply, tool_setup
+from .serving import follow, read_body, wait_for
 
 OPTIONS = {  # Ollama option -> SamplingParams field
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "typical_p": "typical_p",
@@ -124,8 +125,6 @@ def expires(at: float) -> str:
 
 def add_routes(app: FastAPI, models) -> None:
     """Ollama's routes on the server's app (`models`: edgelm.router's One or Router)."""
-    from .server import follow, read_body, wait_for
-
     def submit(server, tokens: list[int], params: SamplingParams):
         (req,) = server.submit(tokens, params)
         return req

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request
+
 from . import hub, modelfile
 from .errors import EdgelmError, InsufficientMemoryError, UsageError
 from .openai_api import APIError
@@ -169,7 +171,7 @@ class Router:
 
     # ------------------------------------------------------------ requests
 
-    async def get(self, request, name: Any = None, keep_alive: Any = None):
+    async def get(self, request: Request, name: Any = None, keep_alive: Any = None):
         """The server of the model a request names (the default one if it names none), loaded if need be, leased
         to the request until its response has been sent."""
         if keep_alive is not None:
@@ -280,6 +282,13 @@ class Router:
 
     # ------------------------------------------------------------ listings
 
+    def listing(self) -> dict:
+        """/v1/models (and llama-server's /models): the catalog, with each model's status as llama-server's
+        router gives it."""
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(entry.path.stat().st_mtime) if entry.path else 0,
+             "owned_by": "edgelm", "status": {"value": self.status(name)}} for name, entry in self.catalog().items()]}
+
     def status(self, name: str) -> str:
         return "loaded" if name in self.models else "loading" if name in self.loading else "unloaded"
 
@@ -302,11 +311,16 @@ class One:
     def __init__(self, server):
         self.server = server
 
-    async def get(self, request, name: Any = None, keep_alive: Any = None):
+    async def get(self, request: Request, name: Any = None, keep_alive: Any = None):
         return self.server
 
     def servers(self) -> dict[str, Any]:
         return {self.server.model_id: self.server}
+
+    def listing(self) -> dict:
+        server = self.server
+        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
+                                            "owned_by": "edgelm"}]}
 
     def close(self) -> None:
         self.server.close()
@@ -320,3 +334,25 @@ def with_profile(options, profile, n_ctx: int | None = None, n_threads: int | No
                    n_ctx=n_ctx or named.get("n_ctx", options.n_ctx),
                    n_threads=n_threads or named.get("n_threads", options.n_threads),
                    lora=options.lora or tuple(profile.adapters), chat_template=options.chat_template or profile.template)
+
+
+def add_routes(app, router: Router) -> None:
+    """llama-server's router endpoints: GET /models, POST /models/load, POST /models/unload."""
+    from .serving import read_body
+
+    @app.get("/models")
+    async def catalog():
+        return router.listing()
+
+    @app.post("/models/load")
+    async def load(request: Request):
+        body = await read_body(request)
+        return {"success": True, "model": await router.load(body.get("model"))}
+
+    @app.post("/models/unload")
+    async def unload(request: Request):
+        body = await read_body(request)
+        name = router.find(body.get("model")).name
+        if not await router.unload(name):
+            raise APIError(400, f"model {name!r} is not loaded", param="model")
+        return {"success": True}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import threading
 import time
@@ -27,10 +26,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
-from .engine import POLL_S, Engine, EngineOptions, QueueFullError
+from .engine import Engine, EngineOptions, QueueFullError
 from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
 from .metrics import Metrics, prometheus_text
-from .router import RELEASE, One, Router, RouterOptions
+from .router import One, Router, RouterOptions
+from .router import add_routes as add_router_routes
 from .runtime.chat import chat_tokens, template_for, template_kwargs
 from .runtime.backend import release_workers
 from .runtime.memory import ensure_fits
@@ -43,9 +43,8 @@ from .runtime.sampling import SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 from .runtime.reasoning import prompt_opens_thinking
 from .runtime.tools import ReplyStream, ToolCall, forcing_call, split_reply, tool_setup
+from .serving import OLLAMA, Guard, follow, read_body, wait_for
 
-MAX_BODY_BYTES = 4 << 20
-DISCONNECT_EVERY = 10  # ticks between checks for a client that went away
 
 
 @dataclass
@@ -179,7 +178,6 @@ class Server:
             raise APIError(400, str(e)) from None
 
 
-
 def create_app(options: ServerOptions, router: RouterOptions | None = None) -> FastAPI:
     """The app over one model (`options.model`), or with `router`, over any model of the router's catalog."""
     metrics = Metrics()
@@ -217,7 +215,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
     async def _edgelm(request: Request, exc: EdgelmError):
         return error(request, APIError(400, str(exc)))
 
-    app.add_middleware(_Guard, options=options, metrics=metrics)
+    app.add_middleware(Guard, options=options, metrics=metrics)
     if options.cors_origins:  # outermost: a browser's preflight is answered before the API key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-Api-Key", "Content-Type"])
@@ -234,26 +232,16 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
 
     @app.get("/v1/models")
     async def list_models():
-        if not models.routed:
-            server = models.server
-            return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
-                                                "owned_by": "edgelm"}]}
-        return {"object": "list", "data": [  # llama-server's router adds each model's status
-            {"id": name, "object": "model", "created": int(entry.path.stat().st_mtime) if entry.path else 0,
-             "owned_by": "edgelm", "status": {"value": models.status(name)}}
-            for name, entry in models.catalog().items()]}
+        return models.listing()
 
     @app.get("/metrics")
     async def metrics_page():
-        servers = models.servers()
-        engines = {name: s.engine for name, s in servers.items()} if models.routed else {
-            None: models.server.engine}
+        engines = {name if models.routed else None: s.engine for name, s in models.servers().items()}
         return PlainTextResponse(prometheus_text(metrics, engines, models if models.routed else None),
                                  media_type="text/plain; version=0.0.4")
 
     if models.routed:
-        app.get("/models")(list_models)  # llama-server's router lists its models here too
-        add_router_routes(app, models)
+        add_router_routes(app, models)  # llama-server's /models, /models/load, /models/unload
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -406,134 +394,3 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         return obj
 
     return app
-
-
-async def read_body(request: Request) -> dict:
-    """The request's JSON object; APIError for one too large, not JSON, or not an object."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise APIError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
-
-
-async def follow(server: Server, request: Request, reqs: list):
-    """(choice, chunk) as the engine's requests make them, looked for on a shared tick rather than on a wake-up per
-    token (see Request.__iter__), with a disconnect check every few ticks; requests still running when it stops
-    (the client left, or the handler failed) are cancelled, which frees their slots."""
-    loop = asyncio.get_running_loop()
-    waiting, ticks = set(range(len(reqs))), 0
-    first = set(waiting)
-    try:
-        while waiting:
-            for i in sorted(waiting):
-                for chunk in reqs[i].drain():
-                    if i in first and (chunk.text or chunk.tokens):
-                        server.metrics.observe_ttft(time.perf_counter() - reqs[i].submitted)
-                        first.discard(i)
-                    yield i, chunk
-                    if chunk.finish_reason is not None:
-                        waiting.discard(i)
-            if not waiting:
-                return
-            ticks += 1
-            if ticks % DISCONNECT_EVERY == 0 and await request.is_disconnected():
-                return
-            await asyncio.sleep(POLL_S - loop.time() % POLL_S)  # every stream wakes on the same tick
-    finally:
-        cancel_unfinished(reqs)
-
-
-async def wait_for(request: Request, reqs: list) -> bool:
-    """Wait for every request to end, in a worker thread that wakes only then or to look for a departed client
-    (instead of at every tick); False, with the requests cancelled, if the client left."""
-    try:
-        for req in reqs:
-            while not await asyncio.to_thread(req.wait, DISCONNECT_EVERY * POLL_S):
-                if await request.is_disconnected():
-                    return False
-        return True
-    finally:
-        cancel_unfinished(reqs)
-
-
-def cancel_unfinished(reqs: list) -> None:
-    for req in reqs:
-        if req.finish_reason is None:
-            req.cancel()
-
-
-class _Guard:
-    """API key and body size checks, and request counts by endpoint and status. A plain ASGI middleware:
-    Starlette's BaseHTTPMiddleware would hide a client's disconnect from the handlers."""
-
-    def __init__(self, app, options: ServerOptions, metrics: Metrics):
-        self.app, self.options, self.metrics = app, options, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path, status = scope["path"], [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            key = self.options.api_key
-            if key is not None and (path.startswith(("/v1/", OLLAMA)) or path in KEYED):
-                _check_key(headers, key)
-            size = headers.get("content-length")
-            if scope["method"] == "POST" and size is not None and (not size.isdecimal() or int(size) > MAX_BODY_BYTES):
-                raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        except APIError as e:
-            await e.response(ollama=path.startswith(OLLAMA))(scope, receive, send_status)
-        else:
-            releases = scope[RELEASE] = []  # router mode: the leases a handler took on its model
-            try:
-                await self.app(scope, receive, send_status)  # returns once the response is sent, streams too
-            finally:
-                for release in releases:
-                    release()
-        finally:
-            self.metrics.request(path if path in ROUTES else "other", status[0])
-
-
-OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
-KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props"}  # besides /v1/ and /api/: what an API key guards
-KEYED |= {"/models", "/models/load", "/models/unload"}  # router mode's (llama-server's)
-ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED,
-          *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version"))}
-
-
-def _check_key(headers: dict[str, str], key: str) -> None:
-    auth = headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-    if not given or not hmac.compare_digest(given.encode(), key.encode()):
-        raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY, or X-Api-Key)",
-                       type="invalid_request_error", code="invalid_api_key")
-
-
-def add_router_routes(app: FastAPI, router: Router) -> None:
-    """llama-server's router endpoints beside GET /models: POST /models/load, POST /models/unload."""
-
-    @app.post("/models/load")
-    async def load(request: Request):
-        body = await read_body(request)
-        return {"success": True, "model": await router.load(body.get("model"))}
-
-    @app.post("/models/unload")
-    async def unload(request: Request):
-        body = await read_body(request)
-        name = router.find(body.get("model")).name
-        if not await router.unload(name):
-            raise APIError(400, f"model {name!r} is not loaded", param="model")
-        return {"success": True}

@@ -84,3 +84,21 @@ def test_a_draft_model_counts_toward_the_fit(monkeypatch, tiny_gguf):
         edgelm.load(n_ctx=1024, draft=tiny_gguf["q8_0"])
     with edgelm.load(n_ctx=1024, n_threads=2) as m:
         assert m.n_ctx == 1024
+
+
+def test_cgroup_room_leaves_out_the_page_cache_it_can_reclaim(tmp_path):
+    from edgelm.runtime.memory import _cgroup_room
+
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/cgroup").write_text("0::/app.slice/edgelm\n")
+    group = tmp_path / "sys/fs/cgroup/app.slice/edgelm"
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text("8000\n")
+    (group / "memory.current").write_text("7000\n")  # 3000 of it inactive page cache
+    (group / "memory.stat").write_text("anon 3500\nfile 3500\nactive_file 500\ninactive_file 3000\n")
+    assert _cgroup_room(tmp_path) == 8000 - 4000
+    (group / "memory.stat").unlink()  # without the breakdown: all of memory.current counts
+    assert _cgroup_room(tmp_path) == 1000
+    (group / "memory.max").write_text("max\n")
+    assert _cgroup_room(tmp_path) is None
+    assert _cgroup_room(tmp_path / "elsewhere") is None  # not cgroup v2

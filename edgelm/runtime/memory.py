@@ -13,6 +13,8 @@ the numbers and what to change (`memory_check=False`, `--no-mem-check` to try an
 """
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -112,15 +114,21 @@ def available() -> int | None:
     return found
 
 
-def _cgroup_room() -> int | None:
-    """cgroup v2 memory.max - memory.current of this process's group (None: no limit, or not cgroup v2)."""
+def _cgroup_room(root: Path = Path("/")) -> int | None:
+    """cgroup v2 memory.max less what the group holds and cannot readily give back (memory.current counts the
+    page cache too: its inactive files are reclaimed before anything fails, as a container's working set leaves
+    them out); None: no limit, or not cgroup v2."""
     try:
-        line = next(ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::"))
-        group = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+        line = next(ln for ln in (root / "proc/self/cgroup").read_text().splitlines() if ln.startswith("0::"))
+        group = root / "sys/fs/cgroup" / line[3:].lstrip("/")
         limit = (group / "memory.max").read_text().strip()
         if limit == "max":
             return None
-        return max(0, int(limit) - int((group / "memory.current").read_text()))
+        used = int((group / "memory.current").read_text())
+        with contextlib.suppress(OSError, ValueError):
+            stat = dict(ln.split() for ln in (group / "memory.stat").read_text().splitlines())
+            used -= min(used, int(stat.get("inactive_file", 0)))
+        return max(0, int(limit) - used)
     except (OSError, StopIteration, ValueError):
         return None
 
