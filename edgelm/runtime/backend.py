@@ -9,8 +9,9 @@ the CPUs, libgomp cuts its spin at every barrier from 300,000 turns to 100 (gomp
 workers sleep in the kernel between graph nodes, and decoding runs at half speed (measured on 2 cores, 2
 threads, the small model: 600-700 t/s instead of 1,300-1,500). Two such threads in one process are common: an
 app that loads the model on its UI thread and generates on a worker, a server that loads on its main thread and
-decodes on its engine thread. So a thread lets its pool go (`release_workers`) after a load's warm-up and after
-every call (`running_graphs`); its next graph starts a fresh pool, about 0.2 ms. A pool kept between calls would
+decodes on its engine thread, a router's engines (one per model). So a thread lets its pool go
+(`release_workers`) after a load and after every call (`running_graphs`), and an engine whenever it goes idle;
+its next graph starts a fresh pool, about 0.2 ms. A pool kept between calls would
 throttle every later call from another thread, which cannot let it go: libgomp frees only the caller's pool
 (measured: a worker thread at 284-540 t/s after one call on the main thread, 836-949 t/s without its pool).
 """
