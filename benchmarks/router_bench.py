@@ -2,7 +2,7 @@
 mode (`llama-server --models-dir`), side by side in one run.
 
     .venv/bin/python benchmarks/router_bench.py            # small Q8_0 and the 0.5B-shape Q4_K_M, 3 rounds
-    .venv/bin/python benchmarks/router_bench.py --quick    # small Q8_0 and tiny Q8_0, 1 round
+    .venv/bin/python benchmarks/router_bench.py --quick    # small Q8_0 and tiny Q8_0, 1 round, logged only
 
 Both servers get a folder holding the two models, 2 threads, one slot of 512 tokens per model, and requests
 that name the model they want. A round sends 8 requests one after the other, alternating between the models
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +28,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, DOCS, ROOT, log, machine, markdown_table, median, python, today, tool, write_doc  # noqa: E402
-from serve_bench import biases, free_port  # noqa: E402
+from common import BENCH, DOCS, log, machine, markdown_table, median, python, today, tool, write_doc  # noqa: E402
+from serve_bench import biases, free_port, launched  # noqa: E402
 
 THREADS, CTX, N_GEN, N_REQUESTS = 2, 512, 16, 8
 PROMPTS = ("Once upon a time", "def parse(line):", "The weather today", "class Node:")
@@ -49,30 +48,9 @@ def argv(server: str, folder: Path, port: int, models_max: int) -> list:
 @contextlib.contextmanager
 def serving(server: str, folder: Path, models_max: int):
     port = free_port()
-    log_file = folder / f"{server}-{models_max}.log"
-    with open(log_file, "w") as out:
-        proc = subprocess.Popen([str(a) for a in argv(server, folder, port, models_max)], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{server} exited with {proc.returncode}: {log_file.read_text()[-2000:]}")
-                if time.time() > deadline:
-                    raise RuntimeError(f"{server} did not come up in 120 s")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(base + "/models", timeout=1).status_code == 200:
-                        break
-                time.sleep(0.2)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    log_file = BENCH / "router" / f"{server}-{models_max}.log"  # kept: the models' folder is a temporary one
+    with launched(server, argv(server, folder, port, models_max), port, "/models", log_file, timeout_s=120) as (base, _):
+        yield base
 
 
 def model_ids(base: str, stems: list[str]) -> list[str]:
@@ -131,6 +109,9 @@ def main() -> None:
                     results["times"].setdefault(f"{server} {models_max}", []).append(times)
                     log(f"round {r + 1}, {server}, --models-max {models_max}: "
                         + " ".join(f"{t * 1000:.0f}" for t in times) + " ms")
+    if args.quick:  # a smoke run: the report and its raw times stay those of the full run
+        log(f"quick run: {json.dumps(results['times'])}")
+        return
     RAW.parent.mkdir(exist_ok=True)
     RAW.write_text(json.dumps(results, indent=1))
     render(results)

@@ -110,21 +110,28 @@ def serving(name: str, model: Path, streams: int, purpose: str, extra: tuple = (
     """A fresh server process (with `extra` arguments); yields its base URL and process. Its output goes to
     log_path(...)."""
     kind, port = SERVERS[name], free_port()
-    log_file = log_path(name, model, streams, purpose)
+    with launched(name, [*kind.argv(model, port, streams), *extra], port, kind.health,
+                  log_path(name, model, streams, purpose)) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def launched(name: str, argv: list, port: int, health: str, log_file: Path, timeout_s: float = 300):
+    """Run `argv` (a server listening on `port`) until `health` answers 200; yields its base URL and process,
+    and stops it at the end. Its output goes to `log_file`."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as out:
-        proc = subprocess.Popen([str(a) for a in (*kind.argv(model, port, streams), *extra)], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 300
+            deadline = time.time() + timeout_s
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}: see {out.name}")
                 if time.time() > deadline:
-                    raise RuntimeError(f"{name} did not come up in 300 s: see {out.name}")
+                    raise RuntimeError(f"{name} did not come up in {timeout_s:.0f} s: see {out.name}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(base + kind.health, timeout=1).status_code == 200:
+                    if httpx.get(base + health, timeout=1).status_code == 200:
                         break
                 time.sleep(0.2)
             yield base, proc
