@@ -223,14 +223,11 @@ class _Cursor:
         tokenizer's vocabulary is 10^4 to 10^5 of them."""
         read, limit, pos = self.f.read, min(self.file_size, self.budget), self.pos
         raws = []
-
-        def read_checked(size: int, what: str) -> bytes:
-            self.pos = pos
-            self.need(size, what)  # raises: past the end or the budget
-            raise AssertionError("unreachable")
-
         for j in range(n):
-            head = read(8) if pos + 8 <= limit else read_checked(8, self.where)
+            if pos + 8 > limit:  # need() raises: past the end or the budget
+                self.pos = pos
+                self.need(8, self.where)
+            head = read(8)
             if len(head) != 8:
                 break  # the file shrank under us
             (size,) = _U64.unpack(head)
@@ -238,8 +235,10 @@ class _Cursor:
                 raise self.fail(f"key {key!r} element {j} of {n}: string length {size} exceeds llama.cpp's limit of "
                                 f"{GGUF_MAX_STRING_LENGTH}")
             pos += 8
-            raw = read(size) if pos + size <= limit else read_checked(
-                size, f"key {key!r} element {j} of {n} (string of {size} bytes)")
+            if pos + size > limit:
+                self.pos = pos
+                self.need(size, f"key {key!r} element {j} of {n} (string of {size} bytes)")
+            raw = read(size)
             if len(raw) != size:
                 break
             pos += size

@@ -10,7 +10,6 @@ Errors are Ollama's {"error": "..."} bodies (server.py picks the shape by path).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import time
@@ -21,11 +20,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from ._version import __version__
-from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
-from .gguf_reader import GGUFFile, read_gguf
+from .errors import ChatTemplateError, ContextOverflowError, UsageError
+from .gguf_reader import GGUFFile
 from .gguf_summary import describe
 from .openai_api import APIError
-from .router import parse_keep_alive
+from .router import requested_keep_alive
 from .runtime.chat import chat_tokens
 from .runtime.sampling import SamplingParams
 from .runtime.reasoning import prompt_opens_thinking
@@ -113,9 +112,12 @@ def details(gguf: GGUFFile) -> dict:
 
 def entry(name: str, gguf: GGUFFile, digest: str | None = None) -> dict:
     """An /api/tags and /api/ps row."""
-    st = Path(gguf.path).stat()
-    return {"name": name, "model": name, "size": st.st_size, "digest": digest or gguf.fingerprint(),
-            "details": details(gguf), "modified_at": datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat()}
+    return {"name": name, "model": name, "size": Path(gguf.path).stat().st_size,
+            "digest": digest or gguf.fingerprint(), "details": details(gguf), "modified_at": modified(gguf.path)}
+
+
+def modified(path) -> str:
+    return datetime.fromtimestamp(Path(path).stat().st_mtime, timezone.utc).isoformat()
 
 
 def expires(at: float) -> str:
@@ -134,12 +136,7 @@ def add_routes(app: FastAPI, models) -> None:
 
     def unloading(body: dict) -> bool:
         """An empty request with keep_alive 0: Ollama's way to unload a model (`ollama stop`); router mode only."""
-        if not models.routed or body.get("keep_alive") is None:
-            return False
-        try:
-            return parse_keep_alive(body["keep_alive"]) == 0
-        except UsageError as e:
-            raise APIError(400, str(e)) from None
+        return models.routed and body.get("keep_alive") is not None and requested_keep_alive(body["keep_alive"]) == 0
 
     async def unload(body: dict) -> str:
         name = models.find(body.get("model")).name
@@ -168,12 +165,9 @@ def add_routes(app: FastAPI, models) -> None:
     async def tags():
         if not models.routed:
             return {"models": [entry(models.server.model_id, models.server.llama.gguf, models.server.llama.fingerprint)]}
-        rows = []
-        for name, e in models.catalog().items():
-            if e.path is not None:  # a named model on a Hub reference not cached yet has no file to describe
-                with contextlib.suppress(EdgelmError, OSError):
-                    rows.append(entry(name, read_gguf(e.path, keep_arrays=False)))
-        return {"models": rows}
+        headers = {name: e.path and models.header(e.path) for name, e in models.catalog().items()}
+        # a named model on a Hub reference not cached yet has no file to describe
+        return {"models": [entry(name, gguf) for name, gguf in headers.items() if gguf is not None]}
 
     @app.get("/api/ps")
     async def ps():
@@ -203,7 +197,7 @@ def add_routes(app: FastAPI, models) -> None:
                 "parameters": profile.parameters() if profile else "", "template": server.template.text,
                 "details": details(llama.gguf), "model_info": info,
                 "capabilities": ["completion", "tools", "embedding"],
-                "modified_at": datetime.fromtimestamp(llama.path.stat().st_mtime, timezone.utc).isoformat()}
+                "modified_at": modified(llama.path)}
 
     @app.post("/api/generate")
     async def generate(request: Request):

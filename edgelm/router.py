@@ -54,6 +54,14 @@ def parse_keep_alive(value: Any) -> float:
     return math.inf if seconds < 0 else seconds
 
 
+def requested_keep_alive(value: Any) -> float:
+    """parse_keep_alive() of a request's field: APIError (400) naming it."""
+    try:
+        return parse_keep_alive(value)
+    except UsageError as e:
+        raise APIError(400, str(e), param="keep_alive") from None
+
+
 @dataclass(frozen=True)
 class Entry:
     """One model the router can load."""
@@ -99,7 +107,7 @@ class Router:
         self.loading: dict[str, asyncio.Future] = {}
         self.loads = self.unloads = 0
         self._one_load = asyncio.Lock()  # loads go one at a time: each makes room and checks memory for itself
-        self._headers: dict[tuple, bool] = {}  # (path, mtime, size) -> whether the file is a model
+        self._headers: dict[tuple, Any] = {}  # (path, mtime, size) -> its GGUF header, or None for a broken file
         self.extra: dict[str, Entry] = {}  # the default model, where it is a file outside the catalog
         self.default = None
         if options.default is not None:
@@ -136,20 +144,27 @@ class Router:
         parts = hub.shards(path.name)
         if parts[0] != path.name or _SPLIT_PIECE.search(path.name):
             return None
-        st = path.stat()
+        gguf = self.header(path)  # a broken file is not offered; `edgelm info` says what is wrong
+        if gguf is None or gguf.get("general.type", "model") != "model" or \
+                gguf.get("general.architecture") in (None, "controlvector"):
+            return None
+        return path.name[:-len("-00001-of-00000.gguf")] if len(parts) > 1 else path.stem
+
+    def header(self, path: Path):
+        """A file's GGUF header without its arrays, read once while the file is unchanged; None if unreadable."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
         key = (str(path), st.st_mtime_ns, st.st_size)
         if key not in self._headers:
             from .gguf_reader import read_gguf
 
             try:
-                gguf = read_gguf(path, keep_arrays=False)
-                self._headers[key] = (gguf.get("general.type", "model") == "model"
-                                      and gguf.get("general.architecture") not in (None, "controlvector"))
+                self._headers[key] = read_gguf(path, keep_arrays=False)
             except (EdgelmError, OSError):
-                self._headers[key] = False  # a broken file is not offered; `edgelm info` says what is wrong
-        if not self._headers[key]:
-            return None
-        return path.name[:-len("-00001-of-00000.gguf")] if len(parts) > 1 else path.stem
+                self._headers[key] = None
+        return self._headers[key]
 
     def find(self, name: Any) -> Entry:
         """The catalog entry a request's "model" names ("NAME:latest" finds NAME too); APIError 404 if none."""
@@ -175,10 +190,7 @@ class Router:
         """The server of the model a request names (the default one if it names none), loaded if need be, leased
         to the request until its response has been sent."""
         if keep_alive is not None:
-            try:
-                keep_alive = parse_keep_alive(keep_alive)
-            except UsageError as e:
-                raise APIError(400, str(e), param="keep_alive") from None
+            keep_alive = requested_keep_alive(keep_alive)
         slot = await self._slot(self._key(name))
         slot.leases += 1
         slot.used = time.monotonic()

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
 
         set_verbose(True)
     from edgelm.modelfile import find
-    from edgelm.router import parse_keep_alive, with_profile
+    from edgelm.router import with_profile
 
     options = ServerOptions(model=args.model, api_key=args.api_key, cors_origins=tuple(args.cors),
                             n_parallel=args.parallel, n_ctx=args.ctx or 2048, n_batch=args.batch,
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
         options.prompt_cache_bytes = args.prompt_cache_size
     router = None
     if args.router or args.models_dir is not None:
-        router = router_options(args, options, parse_keep_alive)
+        router = router_options(args, options)
     else:
         profile = find(args.model)  # a name made by `edgelm create`: its model and settings, under the flags
         if profile is not None:
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def router_options(args, options, parse_keep_alive):
+def router_options(args, options):
     """RouterOptions from the command line; UsageError for flags that belong to one model."""
     one_model = [flag for flag, given in (("--lora", options.lora), ("--control-vector", options.control),
                                           ("--draft", options.draft), ("--alias", options.alias),
@@ -113,7 +113,7 @@ def router_options(args, options, parse_keep_alive):
         raise UsageError(f"--models-max must be 0 (no limit) or more, not {args.models_max}")
     if args.models_dir is not None and not Path(args.models_dir).is_dir():
         raise UsageError(f"--models-dir {args.models_dir}: no such folder")
-    from edgelm.router import RouterOptions
+    from edgelm.router import RouterOptions, parse_keep_alive
 
     return RouterOptions(models_dir=args.models_dir, models_max=args.models_max,
                          keep_alive=parse_keep_alive(args.keep_alive), autoload=args.autoload, default=args.model,
