@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from edgelm.errors import GGUFError, ModelNotFoundError
 
@@ -218,9 +218,13 @@ class _Cursor:
         fmt = "<" + code
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
-    def strings(self, n: int, key: str, keep: bool) -> list[str] | None:
-        """An array's n strings (None when not kept), checked as string() checks one, in one tight loop: a
-        tokenizer's vocabulary is 10^4 to 10^5 of them."""
+    def string(self, what: str) -> str:
+        return self.strings(1, lambda _: what)[0]
+
+    def strings(self, n: int, label: Callable[[int], str], keep: bool = True) -> list[str] | None:
+        """n strings in a row (None when not kept), each checked as llama.cpp reads it (length cap, inside the
+        file and the metadata budget, UTF-8), in one tight loop: a tokenizer's vocabulary is 10^4 to 10^5 of
+        them. label(j) names string j in errors."""
         read, limit, pos = self.f.read, min(self.file_size, self.budget), self.pos
         raws = []
         for j in range(n):
@@ -232,19 +236,19 @@ class _Cursor:
                 break  # the file shrank under us
             (size,) = _U64.unpack(head)
             if size > GGUF_MAX_STRING_LENGTH:
-                raise self.fail(f"key {key!r} element {j} of {n}: string length {size} exceeds llama.cpp's limit of "
+                raise self.fail(f"{label(j)}: string length {size} exceeds llama.cpp's limit of "
                                 f"{GGUF_MAX_STRING_LENGTH}")
             pos += 8
             if pos + size > limit:
                 self.pos = pos
-                self.need(size, f"key {key!r} element {j} of {n} (string of {size} bytes)")
+                self.need(size, f"{label(j)} (string of {size} bytes)")
             raw = read(size)
             if len(raw) != size:
                 break
             pos += size
             raws.append(raw)
         if len(raws) != n:
-            raise self.fail(f"truncated: key {key!r} element {len(raws)} of {n} runs past end of file")
+            raise self.fail(f"truncated: {label(len(raws))} runs past end of file")
         self.pos = pos
         try:
             if keep:
@@ -256,20 +260,8 @@ class _Cursor:
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise self.fail(f"key {key!r} element {j} of {n}: string is not valid UTF-8 ({e.reason} at "
-                                    f"byte {e.start})") from None
+                    raise self.fail(f"{label(j)}: string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
             raise
-
-    def string(self, what: str) -> str:
-        n = self.unpack("Q")
-        if n > GGUF_MAX_STRING_LENGTH:
-            raise self.fail(f"{what}: string length {n} exceeds llama.cpp's limit of {GGUF_MAX_STRING_LENGTH}")
-        self.need(n, f"{what} (string of {n} bytes)")
-        raw = self.take(n)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise self.fail(f"{what}: string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def read_gguf(
@@ -387,14 +379,15 @@ def _read_value(cur: _Cursor, key: str, keep_arrays: bool = True) -> tuple[Any, 
         raise cur.fail(f"key {key!r}: array length {n} exceeds llama.cpp's limit of {GGUF_MAX_ARRAY_ELEMENTS}")
     if n * elem_min > cur.remaining:
         raise cur.fail(f"key {key!r}: array length {n} cannot fit in the {cur.remaining} bytes left in the file")
+    element = lambda j: f"key {key!r} element {j} of {n}"  # noqa: E731 (made only for an error)
     if not keep_arrays:
         if elem_code == _STRING:
-            cur.strings(n, key, keep=False)
+            cur.strings(n, element, keep=False)
         else:
             cur.take(n * elem_min)
         return SkippedArray(elem_name, n), f"array[{elem_name}]"
     if elem_code == _STRING:
-        values = cur.strings(n, key, keep=True)
+        values = cur.strings(n, element)
     else:
         values = list(struct.unpack(f"<{n}{elem_fmt}", cur.take(n * elem_min)))
         if elem_code == _BOOL:
