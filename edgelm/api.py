@@ -13,7 +13,8 @@ from .errors import ContextOverflowError, UsageError
 from .runtime.backend import release_workers, running_graphs
 from .runtime.chat import chat_tokens, template_for
 from .runtime.context import Context, ContextOptions
-from .runtime.generate import REUSE, Chunk, Completion, Timings, collect, generate, stream, text_stream
+from .runtime.generate import (REUSE, Chunk, Completion, Timings, check_keep, collect, generate, shift_keep, stream,
+                               text_stream, truncated)
 from .runtime.memory import ensure_fits
 from .runtime.model import LlamaModel, LoadOptions, resolve_model
 from .runtime.sampling import SamplingParams
@@ -48,8 +49,7 @@ class Model:
             SamplingParams(seed=seed).validate()
         if not isinstance(context_shift, bool):
             raise UsageError(f"context_shift must be True or False, not {context_shift!r}")
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < -1:
-            raise UsageError(f"keep must be an integer >= -1 (-1: the whole prompt), not {keep!r}")
+        check_keep(keep)
         # speculative decoding: early exit (the model's own first layers draft), a draft model, or prompt lookup
         self.speculative = SpeculativeOptions(early_exit, None if draft is None else str(draft), lookup, draft_max,
                                               draft_threshold)
@@ -259,8 +259,7 @@ class Model:
         """Positions a context shift keeps for this prompt, None without context shift."""
         if not self.context_shift:
             return None
-        keep = len(tokens) if self.keep == -1 else min(self.keep, len(tokens))
-        return max(keep, int(bool(tokens) and tokens[0] == self.llama.bos))
+        return shift_keep(tokens, self.keep, self.llama.bos)
 
     def _cached_response(self, tokens: list[int], params: SamplingParams) -> Completion | None:
         rc = self.response_cache
@@ -415,9 +414,7 @@ def prompt_tokens(llama: LlamaModel, prompt: str | list[int], n_ctx: int, max_to
         raise ContextOverflowError(f"prompt of {len(tokens)} tokens does not fit the context of {n_ctx} "
                                    f"(use a larger n_ctx, or truncate='left')")
     # keep the most recent tokens, leaving room for the reply (and a leading BOS where the model wants one)
-    keep = max(1, room - min(max_tokens, room // 2))
-    head = tokens[:1] if llama.add_bos and tokens[0] == llama.bos else []
-    return head + tokens[len(tokens) - keep + len(head):]
+    return truncated(tokens, max(1, room - min(max_tokens, room // 2)), int(llama.add_bos and tokens[0] == llama.bos))
 
 
 def load(path_or_ref: str | os.PathLike | None = None, **options) -> Model:

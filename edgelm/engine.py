@@ -6,7 +6,9 @@ then builds one batch: prompt chunks of requests being prefilled first (bounded 
 keep flowing), then the pending token of every decoding request. After the decode each request samples from its
 own logits row with its own sampler chain and streams text chunks to its consumer. Finished or
 cancelled requests leave between steps; their KV stays in their slot for a follow-up request that
-shares the prefix (engine_reuse.py), and goes to the prompt cache when one is configured. With a drafter (prompt lookup or a draft
+shares the prefix (engine_reuse.py), and goes to the prompt cache when one is configured. A request submitted
+with `keep` goes on past its sequence's context end: there the older half of what follows its first `keep`
+positions leaves the KV and the rest moves down (a context shift, as llama-server's --context-shift). With a drafter (prompt lookup or a draft
 model, drafting.py) each decoding stream also brings drafts to the step, verified in the same decode.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .runtime.backend import release_workers, running_graphs
 from .runtime.canonical import ROW_GROUP, canonical_sequences
 from .request import POLL_S, QueueFullError, Request, RequestCancelled  # noqa: F401 (POLL_S: the consumers' tick)
 from .runtime.context import Context, ContextOptions
-from .runtime.generate import Chunk, StopMatcher
+from .runtime.generate import Chunk, StopMatcher, check_keep, shift_keep
 from .runtime.logprobs import LogprobReader
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
@@ -80,6 +82,8 @@ class _Slot:
         self.sampler = SamplerChain(req.params, model, n_ctx)
         self.sampler.accept_prompt(req.tokens)
         self.logprobs = LogprobReader(model.n_vocab, req.params.logprobs) if req.params.logprobs is not None else None
+        # positions a context shift keeps (runtime.generate.shift_keep); None: the context's end is the end
+        self.keep = None if req.keep is None else shift_keep(req.tokens, req.keep, model.bos)
         self.cursor = reuse  # next prompt position to evaluate
         self.donor = None
         self.drafts = None  # StreamDrafts when the engine drafts and this request's sampling takes drafts
@@ -116,7 +120,8 @@ class Engine(SlotReuse):
             type_v=options.type_v, kv_unified=False)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0, "prompt_tokens": 0,
                       "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_tokens": 0, "last_batch": 0,
-                      "shared_prefix_hits": 0, "draft_rounds": 0, "drafted": 0, "draft_accepted": 0}
+                      "shared_prefix_hits": 0, "draft_rounds": 0, "drafted": 0, "draft_accepted": 0,
+                      "context_shifts": 0}
         self.speculation = None
         if options.lookup or draft_model is not None:
             self.speculation = Speculation(model, ctx_options, lookup=options.lookup, draft_model=draft_model,
@@ -149,17 +154,25 @@ class Engine(SlotReuse):
 
     # ------------------------------------------------------------ client side
 
-    def submit(self, tokens: list[int], params: SamplingParams) -> Request:
-        """Queue a request (tokens already checked against the vocabulary); raises QueueFullError."""
+    @property
+    def can_shift(self) -> bool:
+        return bool(lib.llama_memory_can_shift(self.ctx.memory))
+
+    def submit(self, tokens: list[int], params: SamplingParams, keep: int | None = None) -> Request:
+        """Queue a request (tokens already checked against the vocabulary); raises QueueFullError. With `keep`
+        (llama.cpp's --keep: -1 the whole prompt) its generation shifts the context at the end, not stops."""
         if not tokens:
             raise UsageError("empty prompt: nothing to condition on")
+        if keep is not None:
+            check_keep(keep)
+            self.ctx.check_can_shift()
         self.model.check_tokens(tokens)
         if len(tokens) >= self.options.n_ctx:
             raise ContextOverflowError(f"prompt of {len(tokens)} tokens does not fit the context of "
                                        f"{self.options.n_ctx} per sequence")
         if params.max_tokens > self.options.max_tokens_cap:
             raise UsageError(f"max_tokens must be at most {self.options.max_tokens_cap}, not {params.max_tokens}")
-        req = Request(list(tokens), params)
+        req = Request(list(tokens), params, keep)
         with self._cv:
             if self._closed:
                 raise UsageError("the engine is closed")
@@ -171,7 +184,7 @@ class Engine(SlotReuse):
             self._cv.notify()
         return req
 
-    def submit_many(self, items: list[tuple[list[int], SamplingParams]]) -> list[Request]:
+    def submit_many(self, items: list[tuple[list[int], SamplingParams]], keep: int | None = None) -> list[Request]:
         """Queue several requests at once, so they start in the same step (a reproducible schedule)."""
         with self._cv:
             if len(self._queue) + len(items) > self.options.max_queue:
@@ -179,7 +192,7 @@ class Engine(SlotReuse):
                 raise QueueFullError(f"{len(items)} requests do not fit the queue of {self.options.max_queue}")
             self._paused = True
         try:
-            return [self.submit(tokens, params) for tokens, params in items]
+            return [self.submit(tokens, params, keep) for tokens, params in items]
         finally:
             with self._cv:
                 self._paused = False
@@ -303,6 +316,8 @@ class Engine(SlotReuse):
         for slot in self._slots:
             if slot.donor is not None and not self._still_waiting(slot):
                 self._take_from_donor(slot)
+            elif slot.req is not None and slot.pending is not None and len(slot.held) >= self.options.n_ctx:
+                self._shift(slot)
         decoding = [s for s in self._slots if s.req is not None and not s.prefilling and s.pending is not None]
         prefilling = sorted((s for s in self._slots if s.evaluating), key=lambda s: s.req.submitted)
         if not decoding and not prefilling:
@@ -392,8 +407,8 @@ class Engine(SlotReuse):
     def _room(self, slot: _Slot) -> int:
         """Drafts a decoding slot may make: within draft_max, max_tokens (the model's own token follows them) and
         the sequence's context (len(held) is the pending token's position)."""
-        return min(self.options.draft_max, slot.req.params.max_tokens - slot.n_out - 1,
-                   self.options.n_ctx - 2 - len(slot.held))
+        return max(0, min(self.options.draft_max, slot.req.params.max_tokens - slot.n_out - 1,
+                          self.options.n_ctx - 2 - len(slot.held)))
 
     def _verified(self, slot: _Slot, index: int, row: int, drafts: list[int], q, argmax, now: float) -> None:
         """Emit what a step verified for a drafting slot (its rows from batch `index` and output `row` on): the
@@ -439,13 +454,32 @@ class Engine(SlotReuse):
             req._emit(Chunk(text, [token], logprobs=logprobs))
             self._finish(slot, "stop", flush=False)
             return
-        if slot.n_out >= req.params.max_tokens or len(slot.held) + 1 >= self.options.n_ctx:
+        if slot.n_out >= req.params.max_tokens or (len(slot.held) + 1 >= self.options.n_ctx
+                                                   and not self._shifts(slot)):
             tail = slot.stops.flush() + slot.decoder.decode(b"", final=True)
             req._emit(Chunk(text + tail, [token], logprobs=logprobs))
             self._finish(slot, "length", flush=False)
             return
         req._emit(Chunk(text, [token], logprobs=logprobs))
         slot.pending = token
+
+    def _shifts(self, slot: _Slot) -> bool:
+        """Whether a slot near its context's end goes on, to shift once its pending token finds no position (as
+        runtime.generate shifts): it was asked to and has at least two positions to halve."""
+        return slot.keep is not None and len(slot.held) - slot.keep >= 2
+
+    def _shift(self, slot: _Slot) -> None:
+        """Context shift: the older half of what follows the kept positions leaves the KV, the rest moves down.
+        Past the kept positions the KV no longer equals a fresh prefill's, so no later request reuses it; the
+        stream drafts no more (a draft model's sequence would need the same shift)."""
+        discard = (len(slot.held) - slot.keep) // 2
+        self.ctx.shift(slot.seq, slot.keep, discard)
+        del slot.held[slot.keep:slot.keep + discard]
+        slot.exact = min(slot.exact, slot.keep)
+        if slot.drafts is not None:
+            slot.drafts.close()
+            slot.drafts = None
+        self.stats["context_shifts"] += 1
 
     def _finish(self, slot: _Slot, reason: str, *, flush: bool = True) -> None:
         req = slot.req

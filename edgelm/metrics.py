@@ -40,7 +40,8 @@ COUNTERS = (("requests_total", "requests", "Generation requests accepted by the 
             ("shared_prefix_hits_total", "shared_prefix_hits", "Prompts that reused another slot's KV."),
             ("batch_tokens_total", "batch_tokens", "Tokens evaluated over all decode steps."),
             ("draft_tokens_total", "drafted", "Speculative drafts verified (--lookup, --draft)."),
-            ("draft_tokens_accepted_total", "draft_accepted", "Speculative drafts kept."))
+            ("draft_tokens_accepted_total", "draft_accepted", "Speculative drafts kept."),
+            ("context_shifts_total", "context_shifts", "Context shifts of generations at their context's end."))
 
 
 def _engine_series(engine) -> list[tuple[str, str, str, float]]:

@@ -6,6 +6,9 @@ Open WebUI, editor plugins) talk to `edgelm serve` unchanged.
 to choose one; in router mode (router.py) it chooses the model, and `keep_alive` says how long it stays loaded.
 Errors are Ollama's {"error": "..."} bodies (server.py picks the shape by path). Options that size the server
 (num_ctx, num_thread, num_gpu, ...) are set when it starts (`edgelm serve --ctx ...`) and ignored per request.
+As in Ollama, a prompt longer than the context is truncated (a chat loses its oldest turns) unless the request
+says "truncate": false, and a generation reaching the context's end shifts it (keeping `num_keep` tokens) unless
+it says "shift": false.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import asyncio
 import json
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +29,8 @@ from .gguf_reader import GGUFFile
 from .gguf_summary import describe
 from .openai_api import APIError
 from .router import requested_keep_alive
-from .runtime.chat import chat_tokens
+from .runtime.chat import chat_tokens, fit_messages
+from .runtime.generate import check_keep, shift_keep, truncated
 from .runtime.sampling import SamplingParams
 from .runtime.reasoning import prompt_opens_thinking
 from .runtime.tools import ReplyStream, split_reply, tool_setup
@@ -38,7 +43,7 @@ OPTIONS = {  # Ollama option -> SamplingParams field
     "num_predict": "max_tokens", "mirostat": "mirostat", "mirostat_tau": "mirostat_tau",
     "mirostat_eta": "mirostat_eta",
 }
-SERVER_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap", "use_mlock",
+SERVER_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock",
                   "numa", "low_vram", "f16_kv", "vocab_only", "penalize_newline", "tfs_z"}
 FOREVER = 253402300799.0  # 9999-12-31T23:59:59Z: expires_at of a model that stays loaded
 MESSAGE_KEYS = {"role", "content", "images", "tool_calls", "tool_name", "thinking"}
@@ -57,7 +62,7 @@ def sampling(body: dict, max_tokens_cap: int, defaults: dict | None = None) -> S
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "options must be an object")
-    unknown = sorted(set(options) - set(OPTIONS) - SERVER_OPTIONS)
+    unknown = sorted(set(options) - set(OPTIONS) - SERVER_OPTIONS - {"num_keep"})  # num_keep: Fit
     if unknown:
         raise APIError(400, f"unknown option(s): {', '.join(unknown)}")
     kwargs = {**(defaults or {}), **{OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None}}
@@ -77,6 +82,45 @@ def sampling(body: dict, max_tokens_cap: int, defaults: dict | None = None) -> S
         return SamplingParams.from_kwargs(**kwargs)
     except (UsageError, TypeError) as e:
         raise APIError(400, str(e)) from None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How a request meets its context: Ollama's truncate and shift (both default true) and num_keep."""
+
+    truncate: bool
+    shift: bool
+    keep: int | None  # None: the server's --keep
+
+    @classmethod
+    def of(cls, body: dict, can_shift: bool) -> "Fit":
+        flags = {}
+        for name in ("truncate", "shift"):
+            flags[name] = body.get(name)
+            if flags[name] is not None and not isinstance(flags[name], bool):
+                raise APIError(400, f"{name} must be true or false, not {flags[name]!r}")
+        keep = (body.get("options") or {}).get("num_keep")
+        if keep is not None:
+            try:
+                check_keep(keep)
+            except UsageError as e:
+                raise APIError(400, f"num_keep: {e}") from None
+        # a model whose cache cannot shift finishes at the context's end unless the request insists
+        return cls(flags["truncate"] is not False, can_shift if flags["shift"] is None else flags["shift"], keep)
+
+    def head(self, tokens: list[int], server) -> int:
+        return shift_keep(tokens, server.options.keep if self.keep is None else self.keep, server.llama.bos)
+
+    def room(self, server, params: SamplingParams) -> int:
+        """Prompt tokens a request may bring: the context less room for its reply (half of it at most)."""
+        n_ctx = server.options.n_ctx
+        return n_ctx - 1 - min(params.max_tokens, n_ctx // 2)
+
+    def tokens(self, tokens: list[int], server, params: SamplingParams) -> list[int]:
+        """`tokens`, or where they overflow the context and truncation is on, their kept head and recent end."""
+        if len(tokens) < server.options.n_ctx or not self.truncate:
+            return tokens  # what fits, or what the engine refuses with a 400
+        return truncated(tokens, self.room(server, params), self.head(tokens, server))
 
 
 def chat_messages(messages) -> list[dict]:
@@ -127,8 +171,8 @@ def expires(at: float) -> str:
 
 def add_routes(app: FastAPI, models) -> None:
     """Ollama's routes on the server's app (`models`: edgelm.router's One or Router)."""
-    def submit(server, tokens: list[int], params: SamplingParams):
-        (req,) = server.submit(tokens, params)
+    def submit(server, tokens: list[int], params: SamplingParams, fit: Fit):
+        (req,) = server.submit(tokens, params, shift=fit.shift, keep=fit.keep)
         return req
 
     async def model_for(request: Request, body: dict, field: str = "model"):
@@ -217,6 +261,7 @@ def add_routes(app: FastAPI, models) -> None:
         if not isinstance(context, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
             raise APIError(400, "context must be a list of token ids")
         params = sampling(body, server.options.max_tokens_cap, server.defaults)
+        fit = Fit.of(body, server.engine.can_shift)
         if not prompt and not context:  # Ollama's way to load a model: answer at once
             return {"model": model, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
         try:
@@ -230,7 +275,8 @@ def add_routes(app: FastAPI, models) -> None:
                 tokens = context + chat_tokens(llama, server.preamble(turns), server.template)
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
-        req = submit(server, tokens, params)
+        tokens = fit.tokens(tokens, server, params)
+        req = submit(server, tokens, params, fit)
 
         def last(text: str = "") -> dict:
             return final(model, req, t0, {"response": text, "context": tokens + req.completion().tokens})
@@ -259,17 +305,24 @@ def add_routes(app: FastAPI, models) -> None:
         llama = server.llama
         model = body.get("model") or server.model_id
         params = sampling(body, server.options.max_tokens_cap, server.defaults)
+        fit = Fit.of(body, server.engine.can_shift)
         think = body.get("think")
         if think not in (None, True, False):  # levels ("high", ...) are for models edgelm does not run
             raise APIError(400, f"think must be true or false, not {think!r}")
         try:
             tools, _ = tool_setup(body.get("tools") or None, None)  # its clients send [] for none
             messages = server.preamble(chat_messages(body.get("messages")))
-            tokens = chat_tokens(llama, messages, server.template, tools=tools,
-                                 extra=None if think is None else {"enable_thinking": think})  # Qwen3's switch
+
+            def render(messages: list[dict]) -> list[int]:
+                return chat_tokens(llama, messages, server.template, tools=tools,
+                                   extra=None if think is None else {"enable_thinking": think})  # Qwen3's switch
+            tokens = render(messages)
+            if fit.truncate and len(tokens) >= server.options.n_ctx:  # the oldest turns go first, as in Ollama
+                tokens = render(fit_messages(messages, lambda m: len(render(m)), fit.room(server, params)))
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
-        req = submit(server, tokens, params)
+        tokens = fit.tokens(tokens, server, params)
+        req = submit(server, tokens, params, fit)
         opened = prompt_opens_thinking(llama, tokens)
 
         def message(text: str, calls=None, thinking: str | None = None) -> dict:

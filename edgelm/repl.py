@@ -8,6 +8,7 @@ from typing import Callable, TextIO
 
 from .errors import ContextOverflowError, EdgelmError, UsageError
 from .fsutil import atomic_write
+from .runtime.chat import fit_messages
 
 HELP = """commands:
   /reset        forget the conversation (keeps --system)
@@ -57,14 +58,7 @@ class ChatSession:
         conversation leaves room for a reply in the context, as Ollama does."""
         n_ctx, profile = self.model.n_ctx, getattr(self.model, "profile", None)
         reply = self.sampling.get("max_tokens") or (profile.sampling.get("max_tokens") if profile else None) or 256
-        room = n_ctx - min(reply, n_ctx // 2)
-        first = 1 if messages and messages[0]["role"] == "system" else 0
-        messages = list(messages)
-        while len(messages) - first > 1 and self.n_tokens(messages) > room:
-            del messages[first]
-            while len(messages) - first > 1 and messages[first]["role"] != "user":
-                del messages[first]  # the conversation goes on from a user's turn
-        return messages
+        return fit_messages(messages, self.n_tokens, n_ctx - min(reply, n_ctx // 2))
 
     def n_tokens(self, messages: list[dict]) -> int:
         return len(self.model.tokenize(self.model.chat_prompt(messages), parse_special=True))

@@ -34,10 +34,11 @@ class Request:
 
     _ids = itertools.count(1)
 
-    def __init__(self, tokens: list[int], params: SamplingParams):
+    def __init__(self, tokens: list[int], params: SamplingParams, keep: int | None = None):
         self.id = next(self._ids)
         self.tokens = tokens
         self.params = params
+        self.keep = keep  # context shift: prompt positions kept (Engine.submit), None: none
         self.timings = Timings(prompt_tokens=len(tokens))
         self.finish_reason: str | None = None
         self._buffer: deque = deque()  # chunks (or an exception) not yet taken by the consumer
@@ -46,6 +47,7 @@ class Request:
         self._ids: list[int] = []
         self._logprobs = [] if params.logprobs is not None else None
         self._cancelled = threading.Event()
+        self._error: BaseException | None = None
         self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
@@ -92,7 +94,10 @@ class Request:
         return self.completion()
 
     def completion(self) -> Completion:
-        """What has been generated so far (all of it once finish_reason is set)."""
+        """What has been generated so far (all of it once finish_reason is set); a request that failed raises
+        its error."""
+        if self._error is not None:
+            raise self._error
         logprobs = None if self._logprobs is None else list(self._logprobs)
         return Completion("".join(self._parts), list(self._ids), self.finish_reason, self.timings, logprobs)
 
@@ -106,5 +111,6 @@ class Request:
             self._done.set()
 
     def _fail(self, error: BaseException) -> None:  # engine thread
+        self._error = error
         self._buffer.append(error)
         self._done.set()

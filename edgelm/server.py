@@ -26,12 +26,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
-from .engine import Engine, EngineOptions, QueueFullError
-from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, UsageError
+from .engine import Engine, EngineOptions, QueueFullError, RequestCancelled
+from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .metrics import Metrics, prometheus_text
 from .router import One, Router, RouterOptions
 from .router import add_routes as add_router_routes
 from .runtime.chat import chat_tokens, template_for, template_kwargs
+from .runtime.generate import check_keep
 from .runtime.backend import release_workers
 from .runtime.memory import ensure_fits
 from .runtime.model import LlamaModel, LoadOptions, resolve_model
@@ -77,6 +78,8 @@ class ServerOptions:
     draft: str | None = None  # or a draft model sharing the vocabulary
     draft_max: int = DRAFT_MAX
     draft_threshold: float = THRESHOLD
+    context_shift: bool = False  # OpenAI's routes: generate past the context's end (Ollama's shift by default)
+    keep: int = 0  # prompt tokens a context shift keeps (-1: all; BOS always)
 
 
 class Server:
@@ -84,6 +87,7 @@ class Server:
 
     def __init__(self, options: ServerOptions, metrics: Metrics | None = None):
         self.options = options
+        check_keep(options.keep)
         model = resolve_model(options.model)  # once: an hf:// reference asks the Hub (or its cache) here
         self.memory = None  # the memory-fit estimate: what /api/ps reports a loaded model's size as
         if options.memory_check:  # the engine's one context holds every slot's cells
@@ -110,6 +114,10 @@ class Server:
         self.metrics = metrics or Metrics()
         self._embedder = None
         self._embed_lock = threading.Lock()
+        if options.context_shift and not self.engine.can_shift:
+            self.close()
+            raise UsageError(f"{self.llama.path.name}: this model's KV cache cannot shift positions "
+                             "(--context-shift)")
         release_workers()  # loading ran graphs on this thread, which will not decode (runtime/backend.py)
 
     def close(self) -> None:
@@ -162,13 +170,17 @@ class Server:
         except UsageError as e:
             raise APIError(400, str(e), param="messages") from None
 
-    def submit(self, tokens: list[int], params: SamplingParams, n: int = 1) -> list:
-        """One engine request per choice; with a seed, choice i samples with seed + i so the choices differ."""
+    def submit(self, tokens: list[int], params: SamplingParams, n: int = 1, *, shift: bool | None = None,
+               keep: int | None = None) -> list:
+        """One engine request per choice; with a seed, choice i samples with seed + i so the choices differ.
+        `shift` and `keep` default to the server's --context-shift and --keep."""
+        shift = self.options.context_shift if shift is None else shift
+        keep = self.options.keep if keep is None else keep
         seeds = [None if params.seed is None else (params.seed + i) % lib.LLAMA_DEFAULT_SEED for i in range(n)]
         items = [(tokens, params if seed in (None, params.seed) else replace(params, seed=seed))
                  for seed in seeds]
         try:
-            return self.engine.submit_many(items)
+            return self.engine.submit_many(items, keep if shift else None)
         except QueueFullError as e:
             raise APIError(503, str(e), type="server_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
@@ -213,6 +225,10 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
 
     @app.exception_handler(EdgelmError)
     async def _edgelm(request: Request, exc: EdgelmError):
+        if isinstance(exc, ModelLoadError):  # llama.cpp failed under a request: not the request's fault
+            return error(request, APIError(500, str(exc), type="server_error"))
+        if isinstance(exc, RequestCancelled):  # the engine closed under it
+            return error(request, APIError(503, str(exc), type="server_error"))
         return error(request, APIError(400, str(exc)))
 
     app.add_middleware(Guard, options=options, metrics=metrics)

@@ -300,3 +300,31 @@ def test_a_prompt_chunk_is_canonical_only_in_a_micro_batch_of_its_own(model, chu
         assert slot.exact == (len(prompt) - len(prompt) % 4 if chunk_slot == 1 else 0)
     finally:
         engine.close()
+
+
+def test_context_shift_in_the_engine(tiny_gguf):
+    """A request submitted with `keep` goes on past its sequence's context end (llama-server's --context-shift):
+    up to the first shift it is the unshifted request, after it what a fresh context holding the kept tokens
+    gives; a request without `keep` beside it still ends at the context's end."""
+    n_ctx, options = 128, dict(n_threads=2, type_k="f32", type_v="f32")
+    with edgelm.load(tiny_gguf["f32"], n_ctx=n_ctx, prefix_cache_bytes=0, **options) as plain:
+        prompt = plain.tokenize("def parse(line):\n")
+        p = len(prompt)
+        long = params(max_tokens=3 * n_ctx, ignore_eos=True)
+        with Engine(plain.llama, EngineOptions(n_parallel=2, n_ctx=n_ctx, **options)) as engine:
+            shifted, ended = engine.submit(prompt, long, keep=-1), engine.submit(prompt, long)
+            shifted, ended = shifted.result(), ended.result()
+            assert ended.finish_reason == "length" and len(ended.tokens) == n_ctx - p
+            assert shifted.finish_reason == "length" and len(shifted.tokens) == 3 * n_ctx
+            assert engine.stats["context_shifts"] >= 4
+            with pytest.raises(UsageError, match="keep"):
+                engine.submit(prompt, long, keep=-2)
+        with Engine(plain.llama, EngineOptions(n_parallel=1, n_ctx=n_ctx, **options)) as engine:
+            alone = engine.submit(prompt, long, keep=-1).result()
+        i = n_ctx - p  # the first token that found no position: the shift kept the prompt and dropped the older half
+        assert alone.tokens[:i] == ended.tokens
+        kept = prompt + alone.tokens[(n_ctx - p) // 2:i + 1]
+        assert alone.tokens[i + 1:i + 17] == plain.generate(kept, max_tokens=16, temperature=0, ignore_eos=True).tokens
+        # beside another stream, through its shifts (later, llama.cpp may round a near tie in a two-row batch
+        # differently from a one-row one)
+        assert shifted.tokens[:i + 17] == alone.tokens[:i + 17]

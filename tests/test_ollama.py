@@ -99,7 +99,6 @@ def test_embed_matches_the_python_api(client, model):
     (lambda c: c.generate(model="m", prompt="x", options={"mirostat": 3}), "mirostat"),  # applied, so checked
     (lambda c: c.chat(model="m", messages=[{"role": "user", "content": "x", "images": ["aGk="]}]), "images"),
     (lambda c: c.chat(model="m", messages=[{"role": "robot", "content": "x"}]), "role"),
-    (lambda c: c.generate(model="m", prompt="word " * 3000), "context"),
 ])
 def test_bad_requests_are_400_with_ollamas_error_body(client, call, match):
     with pytest.raises(ollama.ResponseError, match=match) as e:
@@ -126,3 +125,67 @@ def test_the_api_key_guards_ollamas_routes(server):
     r = httpx.post(server.base + "/api/generate", json={"model": "m", "prompt": "x"})
     assert r.status_code == 401 and "API key" in r.json()["error"]
     assert httpx.get(server.base + "/api/tags", headers={"X-Api-Key": KEY}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def short():
+    """A server whose context is 128 tokens per request."""
+    s = ServerProcess("--parallel", "2", "--ctx", "128")
+    yield s
+    err = s.stop()
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_prompt_longer_than_the_context_is_truncated_unless_asked_not_to(short, model):
+    """As in Ollama: a chat loses its oldest turns (never the system message, never the newest), a long prompt its
+    oldest tokens (after the BOS); with "truncate": false either is a 400."""
+    turns = [{"role": "system", "content": "Be brief."}]
+    for i in range(8):
+        turns += [{"role": "user", "content": f"Question {i}: what is {i} times three, and why is it so?"},
+                  {"role": "assistant", "content": f"It is {3 * i}, because {i} plus {i} plus {i} makes {3 * i}."}]
+    turns.append({"role": "user", "content": "And the last one?"})
+    body = {"model": "m", "messages": turns, "stream": False, "options": {"temperature": 0, "num_predict": 8}}
+    out = httpx.post(short.base + "/api/chat", json=body, timeout=60).json()
+    room = 128 - 1 - 8  # the context less the reply's tokens
+
+    def size(messages):
+        return len(model.tokenize(model.chat_prompt(messages), parse_special=True))
+    # the system message and the newest turns that fit, from a user's turn on
+    kept = next(turns[:1] + turns[k:] for k in range(1, len(turns), 2) if size(turns[:1] + turns[k:]) <= room)
+    assert 1 < len(kept) < len(turns) and out["prompt_eval_count"] == size(kept)
+    ref = model.chat(kept, temperature=0, max_tokens=8)
+    assert out["message"]["content"] == ref.text and out["eval_count"] == 8
+    r = httpx.post(short.base + "/api/chat", json={**body, "truncate": False}, timeout=60)
+    assert r.status_code == 400 and "context" in r.json()["error"]
+
+    long = {"model": "m", "prompt": "word " * 300, "raw": True, "stream": False, "options": {"num_predict": 4}}
+    out = httpx.post(short.base + "/api/generate", json=long, timeout=60).json()
+    tokens = model.tokenize("word " * 300)
+    assert out["context"][:-4] == tokens[:1] + tokens[len(tokens) - 122:]  # BOS and the newest, room for 4 more
+    r = httpx.post(short.base + "/api/generate", json={**long, "truncate": False}, timeout=60)
+    assert r.status_code == 400 and "does not fit" in r.json()["error"]
+    for bad in ({"truncate": "yes"}, {"shift": 1}, {"options": {"num_keep": -2}}):
+        r = httpx.post(short.base + "/api/generate", json={**long, **bad}, timeout=60)
+        assert r.status_code == 400 and "must be" in r.json()["error"], r.text
+
+
+def test_a_generation_shifts_the_context_unless_asked_not_to(short):
+    """Ollama's API shifts the context at its end by default ("shift": false ends there, with done_reason
+    "length"); OpenAI's routes shift only with `edgelm serve --context-shift`, as llama-server's do."""
+    body = {"model": "m", "prompt": "def main():\n", "raw": True, "stream": False,
+            "options": {"temperature": 0, "num_predict": 300}}
+    before = short.metrics()["edgelm_context_shifts_total"]
+    out = httpx.post(short.base + "/api/generate", json=body, timeout=120).json()
+    assert out["done_reason"] == "length" and out["eval_count"] == 300
+    assert short.metrics()["edgelm_context_shifts_total"] >= before + 3
+    out = httpx.post(short.base + "/api/generate", json={**body, "shift": False}, timeout=60).json()
+    assert out["done_reason"] == "length" and out["eval_count"] == 128 - out["prompt_eval_count"]
+    openai = {"model": "m", "prompt": "def main():\n", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(short.base + "/v1/completions", json=openai, timeout=60).json()
+    assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] < 128
+    shifting = ServerProcess("--parallel", "1", "--ctx", "128", "--context-shift", "--keep", "-1")
+    try:
+        r = httpx.post(shifting.base + "/v1/completions", json=openai, timeout=120).json()
+        assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 300
+    finally:
+        assert "Traceback" not in shifting.stop()

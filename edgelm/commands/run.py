@@ -128,10 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_context_arguments(m)
     m.add_argument("--truncate", choices=("error", "left"), default="error",
                    help="a prompt longer than the context: fail, or keep its end")
-    m.add_argument("--context-shift", action="store_true",
-                   help="at the context's end, drop the older half of the text after --keep and generate on")
-    m.add_argument("--keep", type=int, default=0, metavar="N",
-                   help="prompt tokens a context shift keeps (-1: the whole prompt; default 0, BOS stays)")
+    add_shift_arguments(m)
     c = p.add_argument_group("caching")
     c.add_argument("--prompt-cache", metavar="DIR",
                    help="keep prompt KV states in DIR, reused by later runs that share a prefix")
@@ -141,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     return p
+
+
+def add_shift_arguments(p) -> None:
+    """llama.cpp's --context-shift / --keep."""
+    p.add_argument("--context-shift", action="store_true",
+                   help="at the context's end, drop the older half of the text after --keep and generate on")
+    p.add_argument("--keep", type=int, default=0, metavar="N",
+                   help="prompt tokens a context shift keeps (-1: the whole prompt; default 0, BOS stays)")
 
 
 def add_context_arguments(p) -> None:

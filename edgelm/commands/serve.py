@@ -10,8 +10,8 @@ from edgelm.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .run import (add_context_arguments, add_control_arguments, add_lora_arguments, add_speculative_arguments,
-                      add_template_arguments, parse_size)
+    from .run import (add_context_arguments, add_control_arguments, add_lora_arguments, add_shift_arguments,
+                      add_speculative_arguments, add_template_arguments, parse_size)
 
     p = argparse.ArgumentParser(prog="edgelm serve", description=__doc__)
     p.add_argument("model", nargs="?", help="GGUF file, hf:// reference or named model (default: the bundled model; "
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--gpu-layers", type=int, default=0)
     add_context_arguments(p)
+    s = p.add_argument_group("context shift (Ollama's API shifts unless a request says \"shift\": false)")
+    add_shift_arguments(s)
     add_lora_arguments(p)
     add_control_arguments(p)
     add_template_arguments(p)
@@ -76,7 +78,8 @@ def main(argv: list[str]) -> int:
                             n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_queue=args.max_queue,
                             max_tokens_cap=args.max_tokens_cap, prompt_cache=args.prompt_cache,
                             lora=tuple(lora_from_args(args) or ()), chat_template=template_from_args(args),
-                            alias=args.alias, **control_from_args(args), **context_from_args(args),
+                            alias=args.alias, context_shift=args.context_shift, keep=args.keep,
+                            **control_from_args(args), **context_from_args(args),
                             **speculative_from_args(args))
     if args.prompt_cache_size is not None:
         options.prompt_cache_bytes = args.prompt_cache_size

@@ -297,6 +297,19 @@ class ChatTemplate:
 RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "documents")
 
 
+def fit_messages(messages: list[dict], n_tokens, room: int) -> list[dict]:
+    """`messages` without their oldest turns (never a leading system message, never the newest message) until
+    `n_tokens(messages)` is at most `room`, as Ollama fits a chat to its context; what is left starts with a
+    user's turn."""
+    first = 1 if messages and messages[0].get("role") == "system" else 0
+    messages = list(messages)
+    while len(messages) - first > 1 and n_tokens(messages) > room:
+        del messages[first]
+        while len(messages) - first > 1 and messages[first].get("role") != "user":
+            del messages[first]
+    return messages
+
+
 def template_kwargs(extra: Mapping | None) -> dict:
     """Extra template variables, checked: names that are identifiers and not the template's own, JSON values
     (copied, so the template never holds the caller's objects)."""

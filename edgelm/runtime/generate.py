@@ -97,6 +97,24 @@ def prefill(ctx: Context, tokens: list[int], seq: int = 0, cache=None, reuse: st
     return n
 
 
+def shift_keep(prompt: list[int], keep: int, bos: int | None) -> int:
+    """Positions a context shift keeps for `prompt` (llama.cpp's --keep): its first `keep` tokens (-1: all of
+    them), and a leading BOS always."""
+    n = len(prompt) if keep == -1 else min(keep, len(prompt))
+    return max(n, int(bool(prompt) and prompt[0] == bos))
+
+
+def truncated(tokens: list[int], n: int, head: int) -> list[int]:
+    """`n` tokens of `tokens`: its first `head` (a BOS, kept positions) and then its most recent ones."""
+    head = min(head, n // 2)
+    return tokens[:head] + tokens[len(tokens) - n + head:]
+
+
+def check_keep(keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < -1:
+        raise UsageError(f"keep must be an integer >= -1 (-1: the whole prompt), not {keep!r}")
+
+
 def generate_tokens(
     ctx: Context, prompt: list[int], params: SamplingParams, timings: Timings, seq: int = 0, cache=None,
     reuse: str = "exact", logprobs: list[TokenLogprob] | None = None, keep: int | None = None,
