@@ -3,6 +3,7 @@
     hf://owner/repo/path/file.gguf[@revision]   one file
     hf://owner/repo[:QUANT][@revision]          the repo's GGUF whose name carries QUANT (e.g. Q4_K_M);
                                                 without QUANT, the repo's only GGUF
+    hf.co/owner/repo[:QUANT]                    Ollama's name for the same (huggingface.co/... too)
 
 huggingface_hub does the transfer and owns its environment: HF_ENDPOINT (the server), HF_HOME / HF_HUB_CACHE
 (the cache), HF_TOKEN (gated and private repos), HF_HUB_OFFLINE=1 (the cache only). A cached file costs one
@@ -19,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from edgelm.errors import DownloadError, ModelNotFoundError, UsageError
 
 SCHEME = "hf://"
+OLLAMA_HOSTS = ("hf.co/", "huggingface.co/")  # `ollama pull hf.co/owner/repo:Q4_K_M` names Hub models so
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one half of owner/repo, as the Hub allows
 _QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _REVISION = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")  # a branch, tag, commit or refs/pr/N
@@ -39,7 +41,15 @@ class HubRef:
 
 
 def is_hub_ref(ref) -> bool:
-    return isinstance(ref, str) and ref.startswith(SCHEME)
+    return isinstance(ref, str) and ref.startswith((SCHEME, *OLLAMA_HOSTS))
+
+
+def normalize(ref: str) -> str:
+    """Ollama's hf.co/owner/repo:QUANT as hf://owner/repo:QUANT; anything else unchanged."""
+    for host in OLLAMA_HOSTS:
+        if ref.startswith(host):
+            return SCHEME + ref[len(host):]
+    return ref
 
 
 # ------------------------------------------------------------ parsing
@@ -48,6 +58,7 @@ def parse_ref(ref: str) -> HubRef:
     """Checks a reference without touching the network: no traversal, no absolute paths, GGUF files only."""
     if not is_hub_ref(ref):
         raise UsageError(f"{ref!r}: not a Hub reference (expected {SCHEME}owner/repo/file.gguf)")
+    ref = normalize(ref)
     body, at, revision = ref[len(SCHEME):].partition("@")
     if at and not (_REVISION.fullmatch(revision) and ".." not in revision.split("/")):
         raise UsageError(f"{ref}: bad revision {revision!r} (a branch, tag or commit hash)")
@@ -108,15 +119,36 @@ def choose_file(files: list[str], quant: str | None, ref: str, source: str = "th
 
 # ------------------------------------------------------------ fetching
 
-def fetch(ref: str) -> Path:
-    """The local path of a Hub reference, downloading it (and its split parts) into the cache if needed."""
+def fetch(ref: str, on_part=None) -> Path:
+    """The local path of a Hub reference, downloading it (and its split parts) into the cache if needed;
+    `on_part(filename, path)` hears of each part once it is in the cache."""
     hub_ref = parse_ref(ref)
     filename = hub_ref.filename
     if filename is None:
         files, source = _list_files(hub_ref)
         filename = choose_file(files, hub_ref.quant, ref, source)
-    paths = [_download(hub_ref, part) for part in shards(filename)]
+    paths = []
+    for part in shards(filename):
+        paths.append(_download(hub_ref, part))
+        if on_part is not None:
+            on_part(part, paths[-1])
     return paths[0]  # llama.cpp finds the other parts next to the first
+
+
+def cached(ref: str) -> Path | None:
+    """The cached file a Hub reference names (its first part), without asking the Hub; None if not cached."""
+    hub_ref = parse_ref(ref)
+    rev = _cached_revision(hub_ref)
+    if rev is None or not rev.files:
+        return None
+    filename = hub_ref.filename
+    if filename is None:
+        try:
+            filename = choose_file(_revision_files(rev), hub_ref.quant, ref, "the cached snapshot")
+        except (UsageError, ModelNotFoundError):
+            return None
+    path = rev.snapshot_path / filename
+    return path if path.is_file() else None
 
 
 def _download(ref: HubRef, filename: str) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError, UsageError
 from .fsutil import atomic_write
+from .hub import is_hub_ref, normalize
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}(?::[a-z0-9][a-z0-9._-]{0,31})?")
 SAMPLING = {  # Ollama's PARAMETER names -> SamplingParams fields
@@ -173,8 +174,21 @@ def _value(key: str, raw: str):
     return value
 
 
-def build(name: str, text: str, base_dir: Path) -> Profile:
-    """A Profile from Modelfile `text` whose relative paths start at `base_dir`; everything checked."""
+def _parameter(fields: dict, key: str, raw: str) -> None:
+    if key == "stop":
+        fields["sampling"].setdefault("stop", []).append(raw)
+    elif key in SAMPLING:
+        fields["sampling"][SAMPLING[key]] = _value(key, raw)
+    elif key in LOAD:
+        fields["load"][LOAD[key]] = _value(key, raw)
+    else:
+        raise UsageError(f"Modelfile: PARAMETER {key} is not supported "
+                         f"(known: {', '.join(sorted([*SAMPLING, *LOAD]))})")
+
+
+def build(name: str, text: str, base_dir: Path, parameters: dict | None = None) -> Profile:
+    """A Profile from Modelfile `text` whose relative paths start at `base_dir`, and `parameters` (PARAMETER
+    values by name, as Ollama's /api/create sends them, lists for stop); everything checked."""
     from .gguf_reader import read_gguf
     from .runtime.chat import ChatTemplate
     from .runtime.sampling import SamplingParams
@@ -198,16 +212,7 @@ def build(name: str, text: str, base_dir: Path) -> Profile:
             fields["adapters"].append(str(path))
         elif word == "PARAMETER":
             key, _, raw = arg.partition(" ")
-            raw = raw.strip().strip('"')
-            if key == "stop":
-                fields["sampling"].setdefault("stop", []).append(raw)
-            elif key in SAMPLING:
-                fields["sampling"][SAMPLING[key]] = _value(key, raw)
-            elif key in LOAD:
-                fields["load"][LOAD[key]] = _value(key, raw)
-            else:
-                raise UsageError(f"Modelfile: PARAMETER {key} is not supported "
-                                 f"(known: {', '.join(sorted([*SAMPLING, *LOAD]))})")
+            _parameter(fields, key, raw.strip().strip('"'))
         elif word == "SYSTEM":
             fields["system"] = arg
         elif word == "MESSAGE":
@@ -226,6 +231,12 @@ def build(name: str, text: str, base_dir: Path) -> Profile:
             fields["license"] = arg
         elif word != "REQUIRES":
             raise UsageError(f"Modelfile: unknown instruction {word}")
+    for key, value in (parameters or {}).items():
+        for one in value if isinstance(value, list) and key == "stop" else [value]:
+            if isinstance(one, bool) or not isinstance(one, str if key == "stop" else (int, float)):
+                raise UsageError(f"parameters.{key} must be {'strings' if key == 'stop' else 'a number'}, "
+                                 f"not {one!r}")
+            _parameter(fields, key, one if key == "stop" else str(one))
     if "model" not in fields:
         raise UsageError("Modelfile: no FROM line")
     if base is not None:  # FROM another name: its settings, then this Modelfile's on top
@@ -242,8 +253,8 @@ def build(name: str, text: str, base_dir: Path) -> Profile:
 
 
 def _model_ref(arg: str, base_dir: Path, read_gguf) -> str:
-    if arg.startswith("hf://"):
-        return arg
+    if is_hub_ref(arg):
+        return normalize(arg)
     path = (base_dir / Path(arg).expanduser()).resolve()
     if not path.is_file():
         raise ModelNotFoundError(f"Modelfile: FROM {arg}: no such GGUF file or named model")
@@ -259,7 +270,11 @@ def create(name: str, modelfile: str | Path) -> Profile:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: cannot read the Modelfile: {e}") from None
-    profile = build(name, text, path.resolve().parent)
+    return save(build(name, text, path.resolve().parent))
+
+
+def save(profile: Profile) -> Profile:
+    """Write a named model's record (replacing an older record of the name), atomically."""
     target = _path(profile.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, json.dumps(asdict(profile), ensure_ascii=False, indent=1).encode("utf-8"))

@@ -73,7 +73,7 @@ class Entry:
     def path(self) -> Path | None:
         """The local file, where there is one without asking the Hub."""
         path = Path(self.ref)
-        return path if not self.ref.startswith(hub.SCHEME) and path.is_file() else None
+        return path if not hub.is_hub_ref(self.ref) and path.is_file() else None
 
 
 @dataclass
@@ -175,6 +175,13 @@ class Router:
         for key in (name, name.removesuffix(":latest"), f"{name}:latest"):
             if key in catalog:
                 return catalog[key]
+        if hub.is_hub_ref(name):  # a Hub model by the name it was pulled by (hf.co/owner/repo:Q4_K_M)
+            try:
+                path = hub.cached(name)
+            except UsageError as e:
+                raise APIError(400, str(e), param="model") from None
+            if path is not None:
+                return Entry(name, str(path))
         raise APIError(404, f"model {name!r} not found (GET /v1/models lists the models this server has)",
                        type="not_found_error", code="model_not_found", param="model")
 

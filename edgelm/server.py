@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
 from .engine import Engine, EngineOptions, QueueFullError, RequestCancelled
-from .errors import ChatTemplateError, ContextOverflowError, EdgelmError, ModelLoadError, UsageError
+from .errors import (ChatTemplateError, ContextOverflowError, DownloadError, EdgelmError, ModelLoadError,
+                     ModelNotFoundError, UsageError)
 from .metrics import Metrics, prometheus_text
 from .router import One, Router, RouterOptions
 from .router import add_routes as add_router_routes
@@ -40,6 +41,7 @@ from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, 
                          sampling_params)
 from .llama_server_api import add_routes as add_llama_server_routes
 from .ollama_api import add_routes
+from .ollama_store import add_routes as add_store_routes
 from .runtime.sampling import SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 from .runtime.reasoning import prompt_opens_thinking
@@ -229,6 +231,10 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
             return error(request, APIError(500, str(exc), type="server_error"))
         if isinstance(exc, RequestCancelled):  # the engine closed under it
             return error(request, APIError(503, str(exc), type="server_error"))
+        if isinstance(exc, ModelNotFoundError):
+            return error(request, APIError(404, str(exc), type="not_found_error", code="model_not_found"))
+        if isinstance(exc, DownloadError):  # the Hub, not the request
+            return error(request, APIError(502, str(exc), type="server_error"))
         return error(request, APIError(400, str(exc)))
 
     app.add_middleware(Guard, options=options, metrics=metrics)
@@ -236,6 +242,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-Api-Key", "Content-Type"])
     add_routes(app, models)  # Ollama's API beside OpenAI's
+    add_store_routes(app, models)  # and its model management: /api/pull, /api/create, /api/copy, /api/delete
     add_llama_server_routes(app, models)  # llama-server's own: /tokenize, /detokenize, /props, /lora-adapters
 
     @app.get("/")

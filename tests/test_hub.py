@@ -47,6 +47,14 @@ def test_parse_ref(ref, expected):
     assert (r.repo_id, r.filename, r.quant, r.revision) == expected and str(r) == ref
 
 
+@pytest.mark.parametrize("name, ref", [("hf.co/o/r:Q4_K_M", "hf://o/r:Q4_K_M"), ("huggingface.co/o/r", "hf://o/r"),
+                                       ("hf.co/o/r/m.gguf@v1", "hf://o/r/m.gguf@v1")])
+def test_ollamas_hub_names(name, ref):
+    """`ollama pull hf.co/owner/repo:QUANT` names a Hub model; edgelm reads it as hf://owner/repo:QUANT."""
+    assert hub.is_hub_ref(name) and str(hub.parse_ref(name)) == ref and hub.normalize(name) == ref
+    assert not hub.is_hub_ref("models/hf.co.gguf") and hub.normalize("./m.gguf") == "./m.gguf"
+
+
 @pytest.mark.parametrize("ref, match", [
     ("hf://o/r/../../../etc/passwd.gguf", "bad file name"),  # traversal out of the cache
     ("hf://o/r/sub/../../x.gguf", "bad file name"),

@@ -12,7 +12,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("refs", nargs="+", help="NAME, hf://owner/repo/file.gguf[@rev] or hf://owner/repo:QUANT")
     args = p.parse_args(argv)
     for ref in args.refs:
-        if not ref.startswith("hf://"):
+        if not hub.is_hub_ref(ref):
             removed = modelfile.remove(ref)
             if removed is None:
                 from edgelm.errors import ModelNotFoundError

@@ -18,6 +18,7 @@ import llama_cpp as lib
 
 from edgelm.errors import ModelLoadError, ModelNotFoundError, UsageError
 from edgelm.gguf_reader import GGUFFile, read_gguf
+from edgelm.hub import fetch, is_hub_ref
 
 from .backend import ensure_backend
 from .lora import LoraAdapters, lora_specs
@@ -32,9 +33,7 @@ def default_model_path() -> Path:
 
 def resolve_model(ref: str | os.PathLike | None) -> Path:
     """A model reference -> an existing local file (None: the bundled model; hf://...: via the Hub cache)."""
-    if isinstance(ref, str) and ref.startswith("hf://"):
-        from edgelm.hub import fetch  # huggingface_hub loads only for Hub references
-
+    if is_hub_ref(ref):  # huggingface_hub loads only for Hub references
         return fetch(ref)
     path = default_model_path() if ref is None else Path(ref).expanduser()
     if not path.exists():
