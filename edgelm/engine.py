@@ -6,10 +6,11 @@ then builds one batch: prompt chunks of requests being prefilled first (bounded 
 keep flowing), then the pending token of every decoding request. After the decode each request samples from its
 own logits row with its own sampler chain and streams text chunks to its consumer. Finished or
 cancelled requests leave between steps; their KV stays in their slot for a follow-up request that
-shares the prefix (engine_reuse.py), and goes to the prompt cache when one is configured. A request submitted
-with `keep` goes on past its sequence's context end: there the older half of what follows its first `keep`
-positions leaves the KV and the rest moves down (a context shift, as llama-server's --context-shift). With a drafter (prompt lookup or a draft
-model, drafting.py) each decoding stream also brings drafts to the step, verified in the same decode.
+shares the prefix (engine_reuse.py), and goes to the prompt cache when one is configured. With a drafter
+(prompt lookup or a draft model, drafting.py) each decoding stream also brings drafts to the step, verified in
+the same decode. A request submitted with `keep` goes on past its sequence's context end: there the older half
+of what follows its first `keep` positions leaves the KV and the rest moves down (a context shift, as
+llama-server's --context-shift does).
 """
 from __future__ import annotations
 
