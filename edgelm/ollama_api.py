@@ -356,9 +356,9 @@ def add_routes(app: FastAPI, models) -> None:
         thinking, text, calls = split_reply(req.completion().text, tools, opened)
         return final(model, req, t0, {"message": message(text, calls, thinking)})
 
-    async def embed_texts(server, texts: list[str]):
+    async def embed_texts(server, texts: list[str], truncate: bool = False):
         try:
-            return await asyncio.wrap_future(server.engine.call(lambda: server.embed(texts)))
+            return await asyncio.wrap_future(server.engine.call(lambda: server.embed(texts, truncate)))
         except ContextOverflowError as e:
             raise APIError(400, str(e)) from None
 
@@ -371,7 +371,7 @@ def add_routes(app: FastAPI, models) -> None:
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
             raise APIError(400, "input must be a non-empty string or list of non-empty strings")
         server = await model_for(request, body)
-        vectors = await embed_texts(server, texts)
+        vectors = await embed_texts(server, texts, Fit.of(body, False).truncate)  # a text too long: its start
         return {"model": body.get("model") or server.model_id, "embeddings": [v.tolist() for v in vectors],
                 "total_duration": ns(time.perf_counter() - t0), "load_duration": 0,
                 "prompt_eval_count": sum(len(server.llama.tokenize(t)) for t in texts)}

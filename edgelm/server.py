@@ -130,13 +130,13 @@ class Server:
             if model is not None:
                 model.close()
 
-    def embed(self, texts: list[str]):
+    def embed(self, texts: list[str], truncate: bool = False):
         from .runtime.embed import Embedder
 
         with self._embed_lock:
             if self._embedder is None:
                 self._embedder = Embedder(self.llama, n_ctx=self.options.n_ctx, n_threads=self.options.n_threads)
-            return self._embedder.embed(texts)
+            return self._embedder.embed(texts, truncate=truncate)
 
     # ------------------------------------------------------------ request -> engine
 

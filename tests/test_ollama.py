@@ -169,6 +169,16 @@ def test_a_prompt_longer_than_the_context_is_truncated_unless_asked_not_to(short
         assert r.status_code == 400 and "must be" in r.json()["error"], r.text
 
 
+def test_embed_truncates_a_long_input_unless_asked_not_to(short):
+    """As Ollama's /api/embed: a text longer than the context is embedded by its first tokens."""
+    head = "def main():\n    return 1\n" * 40  # longer than the 128-token context alone
+    body = {"model": "m", "input": [head + "one tail", head + "another, quite different, tail"]}
+    first, second = httpx.post(short.base + "/api/embed", json=body, timeout=60).json()["embeddings"]
+    assert first == second and len(first) > 0
+    r = httpx.post(short.base + "/api/embed", json={**body, "truncate": False}, timeout=60)
+    assert r.status_code == 400 and "tokens" in r.json()["error"]
+
+
 def test_a_generation_shifts_the_context_unless_asked_not_to(short):
     """Ollama's API shifts the context at its end by default ("shift": false ends there, with done_reason
     "length"); OpenAI's routes shift only with `edgelm serve --context-shift`, as llama-server's do."""

@@ -25,8 +25,9 @@ class Embedder:
         self.ctx = Context(model, ContextOptions(n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads, embeddings=True))
         self.model = model
 
-    def embed(self, texts: list[str], *, normalize: bool = True) -> np.ndarray:
-        """(len(texts), n_embd) float32 embeddings."""
+    def embed(self, texts: list[str], *, normalize: bool = True, truncate: bool = False) -> np.ndarray:
+        """(len(texts), n_embd) float32 embeddings; with `truncate`, a text longer than the context is embedded
+        by its first tokens (as Ollama's /api/embed does), else it raises ContextOverflowError."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise UsageError("embed() takes a list of strings")
         out = np.empty((len(texts), self.model.n_embd), dtype=np.float32)
@@ -34,7 +35,9 @@ class Embedder:
             tokens = self.model.tokenize(text)
             if not tokens:
                 raise UsageError(f"text {i} is empty after tokenisation")
-            if len(tokens) > self.ctx.n_batch:
+            if len(tokens) > self.ctx.n_batch and truncate:
+                tokens = tokens[:self.ctx.n_batch]
+            elif len(tokens) > self.ctx.n_batch:
                 raise ContextOverflowError(
                     f"text {i} has {len(tokens)} tokens; the embedding context holds {self.ctx.n_batch}"
                 )
