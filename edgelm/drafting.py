@@ -24,10 +24,11 @@ from __future__ import annotations
 import heapq
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import ModelLoadError, UsageError
 from .runtime.context import Context, ContextOptions
 from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
@@ -35,6 +36,9 @@ from .runtime.speculative import (DRAFT_MAX, THRESHOLD, Distribution, DraftModel
                                   same_vocabulary, speculative_mode)
 
 import llama_cpp as lib
+
+if TYPE_CHECKING:
+    from .engine import _Slot
 
 
 def check_draft_options(lookup: bool, draft_model, draft_max: int, threshold: float) -> None:
@@ -312,3 +316,53 @@ class StreamDrafts:
         if self.dist is not None:
             self.dist.close()
             self.dist = None
+
+
+class SlotDrafting:
+    """Engine methods that bring decoding slots' drafts to a step and take its verdict on them, over its slots,
+    context (`ctx`), `speculation`, options and stats."""
+
+    def _drafts(self, decoding: list[_Slot], budget: int) -> dict:
+        """The drafts of this step's decoding streams, at most `budget` in all: {slot: (drafts, q)}."""
+        drafting = [s for s in decoding if s.drafts is not None]
+        if not drafting:
+            return {}
+        wants = [(s.drafts, self._room(s)) for s in drafting]
+        allot = self.speculation.allot(wants) if self.options.draft_cost_model else [room for _, room in wants]
+        asks = []
+        for slot, allotted in zip(drafting, allot):
+            asks.append((slot.drafts, [*slot.held, slot.pending], min(allotted, budget)))
+            budget -= asks[-1][2]
+        return {slot: (drafts, q) for slot, (drafts, q) in zip(drafting, self.speculation.draft_many(asks)) if drafts}
+
+    def _room(self, slot: _Slot) -> int:
+        """Drafts a decoding slot may make: within draft_max, max_tokens (the model's own token follows them) and
+        the sequence's context (len(held) is the pending token's position)."""
+        return max(0, min(self.options.draft_max, slot.req.params.max_tokens - slot.n_out - 1,
+                          self.options.n_ctx - 2 - len(slot.held)))
+
+    def _verified(self, slot: _Slot, index: int, row: int, drafts: list[int], q, argmax, now: float) -> None:
+        """Emit what a step verified for a drafting slot (its rows from batch `index` and output `row` on): the
+        drafts kept and the model's next token; the rejected drafts leave the KV (its own and the draft model's)."""
+        if argmax is not None and slot.sampler.argmax_only:
+            def choose(j: int) -> int:
+                return int(argmax[row + j])
+        else:
+            def choose(j: int) -> int | None:
+                return slot.sampler.sample(self.ctx.ptr, index + j)
+        tokens = slot.drafts.verify(self.ctx, index, drafts, q, choose)
+        for j, token in enumerate(tokens):
+            if j:
+                if slot.req is None:  # finished on the token before
+                    return
+                slot.held.append(slot.pending)  # a kept draft: the step put it in the KV
+                slot.pending = None
+            self._sampled(slot, token, now, index + j)
+        if slot.req is None:
+            return
+        keep = len(slot.held)
+        if not self.ctx.remove(slot.seq, keep):
+            slot.req._fail(ModelLoadError(f"could not drop rejected drafts from sequence {slot.seq}"))
+            self._release(slot, keep=False)
+            return
+        slot.drafts.rollback(keep)

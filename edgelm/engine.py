@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import llama_cpp as lib
 
-from .drafting import Speculation, check_draft_options
+from .drafting import SlotDrafting, Speculation, check_draft_options
 from .engine_reuse import SlotReuse
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.backend import release_workers, running_graphs
@@ -105,7 +105,7 @@ class _Slot:
         return self.prefilling and self.donor is None
 
 
-class Engine(SlotReuse):
+class Engine(SlotReuse, SlotDrafting):
     def __init__(self, model: LlamaModel, options: EngineOptions | None = None, *, prompt_cache=None,
                  threaded: bool = True, draft_model: LlamaModel | None = None):
         """threaded=False: no worker thread; the caller drives it with run_until_idle(). Either way one thread
@@ -154,10 +154,6 @@ class Engine(SlotReuse):
             self.speculation.calibrate(self.ctx)
 
     # ------------------------------------------------------------ client side
-
-    @property
-    def can_shift(self) -> bool:
-        return bool(lib.llama_memory_can_shift(self.ctx.memory))
 
     def submit(self, tokens: list[int], params: SamplingParams, keep: int | None = None) -> Request:
         """Queue a request (tokens already checked against the vocabulary); raises QueueFullError. With `keep`
@@ -392,51 +388,6 @@ class Engine(SlotReuse):
             # is its own cost): the cost model's data
             self.speculation.observe(n, time.perf_counter() - t_step)
 
-    def _drafts(self, decoding: list[_Slot], budget: int) -> dict:
-        """The drafts of this step's decoding streams, at most `budget` in all: {slot: (drafts, q)}."""
-        drafting = [s for s in decoding if s.drafts is not None]
-        if not drafting:
-            return {}
-        wants = [(s.drafts, self._room(s)) for s in drafting]
-        allot = self.speculation.allot(wants) if self.options.draft_cost_model else [room for _, room in wants]
-        asks = []
-        for slot, allotted in zip(drafting, allot):
-            asks.append((slot.drafts, [*slot.held, slot.pending], min(allotted, budget)))
-            budget -= asks[-1][2]
-        return {slot: (drafts, q) for slot, (drafts, q) in zip(drafting, self.speculation.draft_many(asks)) if drafts}
-
-    def _room(self, slot: _Slot) -> int:
-        """Drafts a decoding slot may make: within draft_max, max_tokens (the model's own token follows them) and
-        the sequence's context (len(held) is the pending token's position)."""
-        return max(0, min(self.options.draft_max, slot.req.params.max_tokens - slot.n_out - 1,
-                          self.options.n_ctx - 2 - len(slot.held)))
-
-    def _verified(self, slot: _Slot, index: int, row: int, drafts: list[int], q, argmax, now: float) -> None:
-        """Emit what a step verified for a drafting slot (its rows from batch `index` and output `row` on): the
-        drafts kept and the model's next token; the rejected drafts leave the KV (its own and the draft model's)."""
-        if argmax is not None and slot.sampler.argmax_only:
-            def choose(j: int) -> int:
-                return int(argmax[row + j])
-        else:
-            def choose(j: int) -> int | None:
-                return slot.sampler.sample(self.ctx.ptr, index + j)
-        tokens = slot.drafts.verify(self.ctx, index, drafts, q, choose)
-        for j, token in enumerate(tokens):
-            if j:
-                if slot.req is None:  # finished on the token before
-                    return
-                slot.held.append(slot.pending)  # a kept draft: the step put it in the KV
-                slot.pending = None
-            self._sampled(slot, token, now, index + j)
-        if slot.req is None:
-            return
-        keep = len(slot.held)
-        if not self.ctx.remove(slot.seq, keep):
-            slot.req._fail(ModelLoadError(f"could not drop rejected drafts from sequence {slot.seq}"))
-            self._release(slot, keep=False)
-            return
-        slot.drafts.rollback(keep)
-
     def _sampled(self, slot: _Slot, token: int | None, now: float, index: int) -> None:
         req, model = slot.req, self.model
         if slot.n_out == 0:
@@ -473,8 +424,7 @@ class Engine(SlotReuse):
         """Context shift: the older half of what follows the kept positions leaves the KV, the rest moves down.
         Past the kept positions the KV no longer equals a fresh prefill's, so no later request reuses it; the
         stream drafts no more (a draft model's sequence would need the same shift)."""
-        discard = (len(slot.held) - slot.keep) // 2
-        self.ctx.shift(slot.seq, slot.keep, discard)
+        discard = self.ctx.shift(slot.seq, slot.keep, len(slot.held))
         del slot.held[slot.keep:slot.keep + discard]
         slot.exact = min(slot.exact, slot.keep)
         if slot.drafts is not None:

@@ -116,7 +116,7 @@ class Server:
         self.metrics = metrics or Metrics()
         self._embedder = None
         self._embed_lock = threading.Lock()
-        if options.context_shift and not self.engine.can_shift:
+        if options.context_shift and not self.engine.ctx.can_shift:
             self.close()
             raise UsageError(f"{self.llama.path.name}: this model's KV cache cannot shift positions "
                              "(--context-shift)")

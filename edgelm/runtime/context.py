@@ -135,15 +135,21 @@ class Context:
         self._exact[seq] = min(self._exact.get(seq, 0), start if ok else 0)
         return ok
 
+    @property
+    def can_shift(self) -> bool:
+        """Whether positions can move (RoPE caches can; recurrent states and some attention kinds cannot)."""
+        return bool(lib.llama_memory_can_shift(self.memory))
+
     def check_can_shift(self) -> None:
-        """UsageError unless positions can move (RoPE caches can; recurrent states and some attention kinds cannot)."""
-        if not lib.llama_memory_can_shift(self.memory):
+        if not self.can_shift:
             raise UsageError(f"{self.model.path.name}: this model's KV cache cannot shift positions")
 
-    def shift(self, seq: int, keep: int, discard: int) -> None:
-        """Context shift: drop positions [keep, keep + discard) of `seq` and move the later ones down by `discard`
-        (llama.cpp re-rotates their keys), so a generation at the context's end can go on."""
+    def shift(self, seq: int, keep: int, end: int) -> int:
+        """Context shift of `seq`, which holds positions 0..end-1: the older half of [keep, end) leaves and the later
+        positions move down (llama.cpp re-rotates their keys), so a generation at the context's end can go on.
+        Returns the positions dropped."""
         self.check_can_shift()
+        discard = (end - keep) // 2
         if not lib.llama_memory_seq_rm(self.memory, seq, keep, keep + discard):
             raise UsageError("llama.cpp could not drop the shifted-out positions")
         lib.llama_memory_seq_add(self.memory, seq, keep + discard, -1, -discard)
@@ -151,6 +157,7 @@ class Context:
         if held is not None:
             del held[keep:keep + discard]
         self._exact[seq] = min(self._exact.get(seq, 0), keep)  # later positions no longer equal a fresh prefill
+        return discard
 
     def seq_tokens(self, seq: int = 0) -> list[int]:
         """The tokens sequence `seq` holds at positions 0.. (a copy)."""

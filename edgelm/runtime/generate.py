@@ -157,9 +157,7 @@ def generate_tokens(
                 logprobs.append(reader.read(ctx.ptr, -1, token))
             yield token
             if pos >= ctx.n_ctx and keep is not None and pos - keep >= 2:
-                discard = (pos - keep) // 2
-                ctx.shift(seq, keep, discard)
-                pos -= discard
+                pos -= ctx.shift(seq, keep, pos)
             if pos >= ctx.n_ctx or i + 1 == params.max_tokens:  # no step whose logits nobody reads
                 timings.gen_s = time.perf_counter() - t_first
                 return "length"
