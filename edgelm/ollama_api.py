@@ -12,7 +12,6 @@ it says "shift": false.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -24,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from ._version import __version__
-from .errors import ChatTemplateError, ContextOverflowError, UsageError
+from .errors import ChatTemplateError, UsageError
 from .gguf_reader import GGUFFile
 from .gguf_summary import describe
 from .openai_api import APIError
@@ -45,6 +44,7 @@ OPTIONS = {  # Ollama option -> SamplingParams field
 }
 SERVER_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock",
                   "numa", "low_vram", "f16_kv", "vocab_only", "penalize_newline", "tfs_z"}
+FIT_OPTIONS = {"num_keep"}  # read by Fit
 FOREVER = 253402300799.0  # 9999-12-31T23:59:59Z: expires_at of a model that stays loaded
 MESSAGE_KEYS = {"role", "content", "images", "tool_calls", "tool_name", "thinking"}
 
@@ -62,7 +62,7 @@ def sampling(body: dict, max_tokens_cap: int, defaults: dict | None = None) -> S
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "options must be an object")
-    unknown = sorted(set(options) - set(OPTIONS) - SERVER_OPTIONS - {"num_keep"})  # num_keep: Fit
+    unknown = sorted(set(options) - set(OPTIONS) - SERVER_OPTIONS - FIT_OPTIONS)
     if unknown:
         raise APIError(400, f"unknown option(s): {', '.join(unknown)}")
     kwargs = {**(defaults or {}), **{OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None}}
@@ -90,10 +90,12 @@ class Fit:
 
     truncate: bool
     shift: bool
-    keep: int | None  # None: the server's --keep
+    keep: int  # prompt tokens a shift keeps: num_keep, else the server's --keep
+    n_ctx: int  # the context of each request
+    bos: int
 
     @classmethod
-    def of(cls, body: dict, can_shift: bool) -> "Fit":
+    def of(cls, body: dict, server) -> "Fit":
         flags = {}
         for name in ("truncate", "shift"):
             flags[name] = body.get(name)
@@ -106,21 +108,19 @@ class Fit:
             except UsageError as e:
                 raise APIError(400, f"num_keep: {e}") from None
         # a model whose cache cannot shift finishes at the context's end unless the request insists
-        return cls(flags["truncate"] is not False, can_shift if flags["shift"] is None else flags["shift"], keep)
+        shift = server.engine.ctx.can_shift if flags["shift"] is None else flags["shift"]
+        return cls(flags["truncate"] is not False, shift, server.options.keep if keep is None else keep,
+                   server.options.n_ctx, server.llama.bos)
 
-    def head(self, tokens: list[int], server) -> int:
-        return shift_keep(tokens, server.options.keep if self.keep is None else self.keep, server.llama.bos)
-
-    def room(self, server, params: SamplingParams) -> int:
+    def room(self, params: SamplingParams) -> int:
         """Prompt tokens a request may bring: the context less room for its reply (half of it at most)."""
-        n_ctx = server.options.n_ctx
-        return n_ctx - 1 - min(params.max_tokens, n_ctx // 2)
+        return self.n_ctx - 1 - min(params.max_tokens, self.n_ctx // 2)
 
-    def tokens(self, tokens: list[int], server, params: SamplingParams) -> list[int]:
+    def tokens(self, tokens: list[int], params: SamplingParams) -> list[int]:
         """`tokens`, or where they overflow the context and truncation is on, their kept head and recent end."""
-        if len(tokens) < server.options.n_ctx or not self.truncate:
+        if len(tokens) < self.n_ctx or not self.truncate:
             return tokens  # what fits, or what the engine refuses with a 400
-        return truncated(tokens, self.room(server, params), self.head(tokens, server))
+        return truncated(tokens, self.room(params), shift_keep(tokens, self.keep, self.bos))
 
 
 def chat_messages(messages) -> list[dict]:
@@ -261,7 +261,7 @@ def add_routes(app: FastAPI, models) -> None:
         if not isinstance(context, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
             raise APIError(400, "context must be a list of token ids")
         params = sampling(body, server.options.max_tokens_cap, server.defaults)
-        fit = Fit.of(body, server.engine.can_shift)
+        fit = Fit.of(body, server)
         if not prompt and not context:  # Ollama's way to load a model: answer at once
             return {"model": model, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
         try:
@@ -275,7 +275,7 @@ def add_routes(app: FastAPI, models) -> None:
                 tokens = context + chat_tokens(llama, server.preamble(turns), server.template)
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
-        tokens = fit.tokens(tokens, server, params)
+        tokens = fit.tokens(tokens, params)
         req = submit(server, tokens, params, fit)
 
         def last(text: str = "") -> dict:
@@ -305,7 +305,7 @@ def add_routes(app: FastAPI, models) -> None:
         llama = server.llama
         model = body.get("model") or server.model_id
         params = sampling(body, server.options.max_tokens_cap, server.defaults)
-        fit = Fit.of(body, server.engine.can_shift)
+        fit = Fit.of(body, server)
         think = body.get("think")
         if think not in (None, True, False):  # levels ("high", ...) are for models edgelm does not run
             raise APIError(400, f"think must be true or false, not {think!r}")
@@ -317,11 +317,11 @@ def add_routes(app: FastAPI, models) -> None:
                 return chat_tokens(llama, messages, server.template, tools=tools,
                                    extra=None if think is None else {"enable_thinking": think})  # Qwen3's switch
             tokens = render(messages)
-            if fit.truncate and len(tokens) >= server.options.n_ctx:  # the oldest turns go first, as in Ollama
-                tokens = render(fit_messages(messages, lambda m: len(render(m)), fit.room(server, params)))
+            if fit.truncate and len(tokens) >= fit.n_ctx:  # the oldest turns go first, as in Ollama
+                tokens = render(fit_messages(messages, lambda m: len(render(m)), fit.room(params)))
         except (UsageError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
-        tokens = fit.tokens(tokens, server, params)
+        tokens = fit.tokens(tokens, params)
         req = submit(server, tokens, params, fit)
         opened = prompt_opens_thinking(llama, tokens)
 
@@ -356,12 +356,6 @@ def add_routes(app: FastAPI, models) -> None:
         thinking, text, calls = split_reply(req.completion().text, tools, opened)
         return final(model, req, t0, {"message": message(text, calls, thinking)})
 
-    async def embed_texts(server, texts: list[str], truncate: bool = False):
-        try:
-            return await asyncio.wrap_future(server.engine.call(lambda: server.embed(texts, truncate)))
-        except ContextOverflowError as e:
-            raise APIError(400, str(e)) from None
-
     @app.post("/api/embed")
     async def embed(request: Request):
         body = await read_body(request)
@@ -371,7 +365,7 @@ def add_routes(app: FastAPI, models) -> None:
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
             raise APIError(400, "input must be a non-empty string or list of non-empty strings")
         server = await model_for(request, body)
-        vectors = await embed_texts(server, texts, Fit.of(body, False).truncate)  # a text too long: its start
+        vectors = await server.embed(texts, Fit.of(body, server).truncate)  # a text too long: its start
         return {"model": body.get("model") or server.model_id, "embeddings": [v.tolist() for v in vectors],
                 "total_duration": ns(time.perf_counter() - t0), "load_duration": 0,
                 "prompt_eval_count": sum(len(server.llama.tokenize(t)) for t in texts)}
@@ -383,4 +377,4 @@ def add_routes(app: FastAPI, models) -> None:
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "prompt must be a non-empty string")
         server = await model_for(request, body)
-        return {"embedding": (await embed_texts(server, [prompt]))[0].tolist()}
+        return {"embedding": (await server.embed([prompt]))[0].tolist()}

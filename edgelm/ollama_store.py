@@ -35,29 +35,13 @@ def _name(body: dict, field: str = "model") -> str:
     return name
 
 
-def _record(name: str) -> str:
-    try:
-        return modelfile.check_name(name)
-    except EdgelmError as e:
-        raise APIError(400, str(e)) from None
-
-
 def source(models, name: str) -> tuple[str, Any]:
     """(the model reference, its named-model record or None) that `name` stands for on this server."""
     profile = modelfile.find(name)
     if profile is not None:
         return profile.model, profile
-    if models.routed:
-        entry = models.find(name)  # 404 unless the catalog has it (or it is a cached Hub model)
-        return entry.ref, entry.profile
-    server = models.server
-    if name in (server.model_id, f"{server.model_id}:latest"):
-        return str(server.llama.path), server.options.profile
-    if hub.is_hub_ref(name):
-        path = hub.cached(name)
-        if path is not None:
-            return str(path), None
-    raise APIError(404, f"model {name!r} not found", type="not_found_error", code="model_not_found")
+    entry = models.find(name)  # 404 unless the server has it (or it is a cached Hub model)
+    return entry.ref, entry.profile
 
 
 def settings(body: dict) -> str:
@@ -103,24 +87,16 @@ def from_modelfile(text: Any) -> tuple[str, str]:
 def add_routes(app: FastAPI, models) -> None:
     """The routes on the server's app (`models`: edgelm.router's One or Router)."""
 
-    def ndjson(lines, stream: bool):
-        """Statuses as NDJSON lines (Ollama's default), or only the last one; a failure mid-stream is an
-        {"error": ...} line, as Ollama sends it."""
-        if stream:
-            async def body():
-                try:
-                    async for obj in lines:
-                        yield json.dumps(obj) + "\n"
-                except APIError as e:
-                    yield json.dumps({"error": str(e)}) + "\n"
-            return StreamingResponse(body(), media_type="application/x-ndjson")
-
-        async def last():
-            out = None
-            async for out in lines:
-                pass
-            return out
-        return last()
+    def ndjson(lines) -> StreamingResponse:
+        """Statuses as NDJSON lines, Ollama's default; a failure mid-stream is an {"error": ...} line, as Ollama
+        sends it."""
+        async def body():
+            try:
+                async for obj in lines:
+                    yield json.dumps(obj) + "\n"
+            except APIError as e:
+                yield json.dumps({"error": str(e)}) + "\n"
+        return StreamingResponse(body(), media_type="application/x-ndjson")
 
     @app.post("/api/pull")
     async def pull(request: Request):
@@ -129,10 +105,7 @@ def add_routes(app: FastAPI, models) -> None:
         if not hub.is_hub_ref(name):
             raise APIError(400, f"{name!r}: edgelm pulls from the Hugging Face Hub: name a model as "
                                 "hf.co/owner/repo:Q4_K_M or hf://owner/repo/file.gguf")
-        try:
-            hub.parse_ref(name)
-        except EdgelmError as e:
-            raise APIError(400, str(e)) from None
+        hub.parse_ref(name)  # a bad reference: a 400 before anything starts
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -165,13 +138,15 @@ def add_routes(app: FastAPI, models) -> None:
             yield {"status": "success"}
 
         if body.get("stream", True):
-            return ndjson(lines(), True)
-        return await ndjson(lines(), False)
+            return ndjson(lines())
+        async for last in lines():  # every status but the last goes unsent
+            pass
+        return last
 
     @app.post("/api/create")
     async def create(request: Request):
         body = await read_body(request)
-        name = _record(_name(body))
+        name = modelfile.check_name(_name(body))
         unknown = sorted(set(body) - CREATE_FIELDS - {"name"})
         if unknown:
             raise APIError(400, f"unknown field(s): {', '.join(unknown)}")
@@ -202,13 +177,13 @@ def add_routes(app: FastAPI, models) -> None:
             for status in ("reading model metadata", "writing manifest", "success"):
                 yield {"status": status}
         if body.get("stream", True):
-            return ndjson(lines(), True)
+            return ndjson(lines())
         return {"status": "success"}
 
     @app.post("/api/copy")
     async def copy(request: Request):
         body = await read_body(request)
-        src, dst = _name(body, "source"), _record(_name(body, "destination"))
+        src, dst = _name(body, "source"), modelfile.check_name(_name(body, "destination"))
         ref, profile = source(models, src)
         made = (replace(profile, name=dst, created=time.time()) if profile is not None
                 else modelfile.Profile(name=dst, model=ref, created=time.time()))
@@ -227,10 +202,7 @@ def add_routes(app: FastAPI, models) -> None:
         if modelfile.NAME.fullmatch(name) and modelfile.remove(name) is not None:
             return Response(status_code=200)
         if hub.is_hub_ref(name):
-            try:
-                await asyncio.to_thread(hub.remove, name)
-            except EdgelmError as e:
-                raise APIError(404 if isinstance(e, FileNotFoundError) else 400, str(e)) from None
+            await asyncio.to_thread(hub.remove, name)  # not cached: ModelNotFoundError, a 404
             return Response(status_code=200)
         raise APIError(404, f"model {name!r} not found: only named models and Hub models can be deleted here "
                             "(files in --models-dir are the server owner's)", type="not_found_error")

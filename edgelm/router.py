@@ -175,15 +175,7 @@ class Router:
         for key in (name, name.removesuffix(":latest"), f"{name}:latest"):
             if key in catalog:
                 return catalog[key]
-        if hub.is_hub_ref(name):  # a Hub model by the name it was pulled by (hf.co/owner/repo:Q4_K_M)
-            try:
-                path = hub.cached(name)
-            except UsageError as e:
-                raise APIError(400, str(e), param="model") from None
-            if path is not None:
-                return Entry(name, str(path))
-        raise APIError(404, f"model {name!r} not found (GET /v1/models lists the models this server has)",
-                       type="not_found_error", code="model_not_found", param="model")
+        return cached_hub_entry(name)
 
     def options_for(self, entry: Entry):
         """The server's options for one model: the command line's, under a named model's own settings where the
@@ -336,6 +328,13 @@ class One:
     def servers(self) -> dict[str, Any]:
         return {self.server.model_id: self.server}
 
+    def find(self, name: Any) -> Entry:
+        """The served model by its name, or a model in the Hub cache; APIError 404 for anything else."""
+        server = self.server
+        if name in (server.model_id, f"{server.model_id}:latest"):
+            return Entry(server.model_id, str(server.llama.path), server.options.profile)
+        return cached_hub_entry(name)
+
     def listing(self) -> dict:
         server = self.server
         return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
@@ -343,6 +342,19 @@ class One:
 
     def close(self) -> None:
         self.server.close()
+
+
+def cached_hub_entry(name: Any) -> Entry:
+    """A Hub model in the cache by the name it was pulled by (hf.co/owner/repo:Q4_K_M); APIError 404 if none."""
+    if hub.is_hub_ref(name):
+        try:
+            path = hub.cached(name)
+        except UsageError as e:
+            raise APIError(400, str(e), param="model") from None
+        if path is not None:
+            return Entry(name, str(path))
+    raise APIError(404, f"model {name!r} not found (GET /v1/models lists the models this server has)",
+                   type="not_found_error", code="model_not_found", param="model")
 
 
 def with_profile(options, profile, n_ctx: int | None = None, n_threads: int | None = None):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -115,7 +114,6 @@ class Server:
                                                    disk_bytes=options.prompt_cache_bytes)
         self.metrics = metrics or Metrics()
         self._embedder = None
-        self._embed_lock = threading.Lock()
         if options.context_shift and not self.engine.ctx.can_shift:
             self.close()
             raise UsageError(f"{self.llama.path.name}: this model's KV cache cannot shift positions "
@@ -130,13 +128,19 @@ class Server:
             if model is not None:
                 model.close()
 
-    def embed(self, texts: list[str], truncate: bool = False):
+    async def embed(self, texts: list[str], truncate: bool = False):
+        """Embeddings of `texts`, computed on the engine's thread between its steps; a text longer than the context
+        is a 400, or with `truncate` embedded by its first tokens."""
         from .runtime.embed import Embedder
 
-        with self._embed_lock:
+        def run():  # on the engine's thread, one call at a time
             if self._embedder is None:
                 self._embedder = Embedder(self.llama, n_ctx=self.options.n_ctx, n_threads=self.options.n_threads)
             return self._embedder.embed(texts, truncate=truncate)
+        try:
+            return await asyncio.wrap_future(self.engine.call(run))
+        except ContextOverflowError as e:
+            raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
 
     # ------------------------------------------------------------ request -> engine
 
@@ -305,10 +309,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
             raise APIError(400, "input must be a non-empty string or list of non-empty strings", param="input")
         server = await models.get(request, body.get("model"))
-        try:
-            vectors = await asyncio.wrap_future(server.engine.call(lambda: server.embed(texts)))
-        except ContextOverflowError as e:
-            raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
+        vectors = await server.embed(texts)
         n_tokens = sum(len(server.llama.tokenize(t)) for t in texts)
         return {"object": "list", "model": server.model_id,
                 "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],

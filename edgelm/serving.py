@@ -121,7 +121,9 @@ OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
 KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props"}  # besides /v1/ and /api/: what an API key guards
 KEYED |= {"/models", "/models/load", "/models/unload"}  # router mode's (llama-server's)
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED,
-          *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version"))}
+          "/models", "/models/load", "/models/unload",
+          *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version", "pull",
+                                 "create", "copy", "delete"))}
 
 
 def _check_key(headers: dict[str, str], key: str) -> None:
