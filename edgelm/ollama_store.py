@@ -24,7 +24,7 @@ from .errors import EdgelmError
 from .openai_api import APIError
 from .serving import read_body
 
-CREATE_FIELDS = {"model", "from", "system", "template", "license", "parameters", "messages", "stream", "modelfile",
+CREATE_FIELDS = {"model", "name", "from", "system", "template", "license", "parameters", "messages", "stream", "modelfile",
                  "quantize", "files", "adapters"}
 
 
@@ -147,7 +147,7 @@ def add_routes(app: FastAPI, models) -> None:
     async def create(request: Request):
         body = await read_body(request)
         name = modelfile.check_name(_name(body))
-        unknown = sorted(set(body) - CREATE_FIELDS - {"name"})
+        unknown = sorted(set(body) - CREATE_FIELDS)
         if unknown:
             raise APIError(400, f"unknown field(s): {', '.join(unknown)}")
         for field, why in (("quantize", "quantize with `edgelm convert --quant` (or llama-quantize)"),
