@@ -38,6 +38,10 @@ class InsufficientMemoryError(EdgelmError):
     """A model and context that would not fit in the memory available (checked before llama.cpp allocates)."""
 
 
+class InsufficientStorageError(EdgelmError):
+    """A file that would not fit on the disk (an upload, a conversion), refused before it is written."""
+
+
 class ContextOverflowError(EdgelmError):
     """A prompt longer than the context window."""
 

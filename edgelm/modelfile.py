@@ -109,6 +109,10 @@ def find(ref) -> Profile | None:
     same name, in the working folder, wins)."""
     if not isinstance(ref, str) or not NAME.fullmatch(ref) or os.path.exists(ref):
         return None
+    return _read(ref)
+
+
+def _read(ref: str) -> Profile | None:
     path = _path(ref)
     if not path.is_file():
         return None
@@ -127,11 +131,36 @@ def profiles() -> list[Profile]:
 
 
 def remove(name: str) -> Path | None:
+    """Delete NAME's record, and the blobs (blobs.py) it used that no other record uses; its path, or None."""
     path = _path(name)
     if not path.is_file():
         return None
+    old = _previous(name)
     path.unlink()
+    _prune(old)
     return path
+
+
+def _previous(name: str) -> Profile | None:
+    """NAME's record before it goes or is replaced (None if broken: a broken record can still be removed)."""
+    try:
+        return _read(name)
+    except UsageError:
+        return None
+
+
+def _prune(old: Profile | None) -> None:
+    """Remove the blobs `old` (a record just deleted or replaced) used and no record uses now."""
+    from . import blobs
+
+    if old is not None:
+        blobs.prune([old.model, *old.adapters], used_files())
+
+
+def used_files() -> set[str]:
+    """The model and adapter files the records name (broken records name none)."""
+    records = [_previous(p.stem.replace("@", ":")) for p in home().glob("*@*.json")] if home().is_dir() else []
+    return {f for p in records if p is not None for f in (p.model, *p.adapters)}
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -186,9 +215,10 @@ def _parameter(fields: dict, key: str, raw: str) -> None:
                          f"(known: {', '.join(sorted([*SAMPLING, *LOAD]))})")
 
 
-def build(name: str, text: str, base_dir: Path, parameters: dict | None = None) -> Profile:
+def build(name: str, text: str, base_dir: Path, parameters: dict | None = None, model: str | None = None) -> Profile:
     """A Profile from Modelfile `text` whose relative paths start at `base_dir`, and `parameters` (PARAMETER
-    values by name, as Ollama's /api/create sends them, lists for stop); everything checked."""
+    values by name, as Ollama's /api/create sends them, lists for stop); everything checked. `model` stands for
+    FROM in a text without one (a model still being made: it is not checked)."""
     from .gguf_reader import read_gguf
     from .runtime.chat import ChatTemplate
     from .runtime.sampling import SamplingParams
@@ -238,7 +268,9 @@ def build(name: str, text: str, base_dir: Path, parameters: dict | None = None) 
                                  f"not {one!r}")
             _parameter(fields, key, one if key == "stop" else str(one))
     if "model" not in fields:
-        raise UsageError("Modelfile: no FROM line")
+        if model is None:
+            raise UsageError("Modelfile: no FROM line")
+        fields["model"] = model
     if base is not None:  # FROM another name: its settings, then this Modelfile's on top
         fields = {**asdict(base), **{k: v for k, v in fields.items() if v not in ([], {}, None)},
                   "adapters": [*base.adapters, *fields["adapters"]], "load": {**base.load, **fields["load"]},
@@ -276,6 +308,8 @@ def create(name: str, modelfile: str | Path) -> Profile:
 def save(profile: Profile) -> Profile:
     """Write a named model's record (replacing an older record of the name), atomically."""
     target = _path(profile.name)
+    old = _previous(profile.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, json.dumps(asdict(profile), ensure_ascii=False, indent=1).encode("utf-8"))
+    _prune(old)
     return profile

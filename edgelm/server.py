@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cache.prompt import DEFAULT_DISK_BYTES, PromptCache
 from .engine import Engine, EngineOptions, QueueFullError, RequestCancelled
-from .errors import (ChatTemplateError, ContextOverflowError, DownloadError, EdgelmError, ModelLoadError,
-                     ModelNotFoundError, UsageError)
+from .errors import (ChatTemplateError, ContextOverflowError, DownloadError, EdgelmError, InsufficientStorageError,
+                     ModelLoadError, ModelNotFoundError, UsageError)
 from .metrics import Metrics, prometheus_text
 from .router import One, Router, RouterOptions
 from .router import add_routes as add_router_routes
@@ -239,6 +239,8 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
             return error(request, APIError(404, str(exc), type="not_found_error", code="model_not_found"))
         if isinstance(exc, DownloadError):  # the Hub, not the request
             return error(request, APIError(502, str(exc), type="server_error"))
+        if isinstance(exc, InsufficientStorageError):
+            return error(request, APIError(507, str(exc), type="server_error"))
         return error(request, APIError(400, str(exc)))
 
     app.add_middleware(Guard, options=options, metrics=metrics)

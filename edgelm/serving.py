@@ -102,7 +102,8 @@ class Guard:
             if key is not None and (path.startswith(("/v1/", OLLAMA)) or path in KEYED):
                 _check_key(headers, key)
             size = headers.get("content-length")
-            if scope["method"] == "POST" and size is not None and (not size.isdecimal() or int(size) > MAX_BODY_BYTES):
+            limited = scope["method"] == "POST" and not path.startswith(BLOBS)  # a blob is a model's size
+            if limited and size is not None and (not size.isdecimal() or int(size) > MAX_BODY_BYTES):
                 raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
         except APIError as e:
             await e.response(ollama=path.startswith(OLLAMA))(scope, receive, send_status)
@@ -114,10 +115,11 @@ class Guard:
                 for release in releases:
                     release()
         finally:
-            self.metrics.request(path if path in ROUTES else "other", status[0])
+            self.metrics.request(path if path in ROUTES else BLOBS if path.startswith(BLOBS) else "other", status[0])
 
 
 OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
+BLOBS = "/api/blobs/"  # Ollama's uploads (ollama_store.py): counted under one name
 KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props"}  # besides /v1/ and /api/: what an API key guards
 KEYED |= {"/models", "/models/load", "/models/unload"}  # router mode's (llama-server's)
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED,

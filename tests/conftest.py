@@ -45,6 +45,25 @@ def reweight_gguf(path: Path) -> None:
         f.write(bytes([byte ^ 0x01]))
 
 
+def write_peft_adapter(out: Path) -> Path:
+    """A PEFT-layout LoRA adapter of rank 4 for the tiny model (q_proj and down_proj of its 4 layers), written
+    with numpy."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for i in range(4):
+        for module, (n_out, n_in) in {"self_attn.q_proj": (128, 128), "mlp.down_proj": (128, 384)}.items():
+            key = f"base_model.model.model.layers.{i}.{module}"
+            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((4, n_in)).astype(np.float32) * 0.1
+            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((n_out, 4)).astype(np.float32) * 0.1
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return MODELS / "tiny"

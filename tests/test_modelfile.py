@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
 import edgelm
+from conftest import write_peft_adapter
 from edgelm import modelfile
 from edgelm.errors import ModelNotFoundError, TemplateSecurityError, UsageError
 
@@ -37,23 +37,11 @@ LICENSE """MIT
 def folder(tmp_path_factory, tiny_gguf):
     """A folder with the tiny model, a LoRA adapter for it (a PEFT-layout adapter written with numpy) and a
     Modelfile naming both."""
-    from safetensors.numpy import save_file
-
     from edgelm.converters.lora import convert_lora
 
     d = tmp_path_factory.mktemp("named")
     (d / "tiny.gguf").write_bytes(tiny_gguf["f32"].read_bytes())
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for i in range(4):
-        for module, (n_out, n_in) in {"self_attn.q_proj": (128, 128), "mlp.down_proj": (128, 384)}.items():
-            key = f"base_model.model.model.layers.{i}.{module}"
-            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((4, n_in)).astype(np.float32) * 0.1
-            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((n_out, 4)).astype(np.float32) * 0.1
-    (d / "peft").mkdir()
-    save_file(tensors, str(d / "peft" / "adapter_model.safetensors"))
-    (d / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
-    convert_lora(d / "peft", TINY, d / "adapter.gguf")
+    convert_lora(write_peft_adapter(d / "peft"), TINY, d / "adapter.gguf")
     (d / "Modelfile").write_text(MODELFILE.format(system=SYSTEM))
     return d
 

@@ -71,7 +71,7 @@ def test_what_the_api_may_not_do(server):
     bad = [("/api/create", {"model": "x", "from": str(default_model_path())}, 404, "not found"),
            ("/api/create", {"model": "x", "modelfile": "FROM ./model.gguf"}, 404, "not found"),
            ("/api/create", {"model": "x", "modelfile": "FROM edgelm-small-q8_0\nADAPTER /tmp/a.gguf"}, 400, "ADAPTER"),
-           ("/api/create", {"model": "x", "from": "edgelm-small-q8_0", "quantize": "q4_K_M"}, 400, "quantize"),
+           ("/api/create", {"model": "x", "from": "edgelm-small-q8_0", "quantize": "q4_K_M"}, 400, "quantized already"),
            ("/api/create", {"model": "x", "from": "edgelm-small-q8_0", "template": "{{ .Prompt }}"}, 400, "Go"),
            ("/api/create", {"model": "Bad Name", "from": "edgelm-small-q8_0"}, 400, "model name"),
            ("/api/create", {"model": "x", "from": "edgelm-small-q8_0", "parameters": {"nope": 1}}, 400, "nope"),

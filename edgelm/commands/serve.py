@@ -90,6 +90,9 @@ def main(argv: list[str]) -> int:
         profile = find(args.model)  # a name made by `edgelm create`: its model and settings, under the flags
         if profile is not None:
             options = with_profile(options, profile, n_ctx=args.ctx, n_threads=args.threads)
+    from edgelm import blobs, modelfile
+
+    blobs.prune_unused(modelfile.used_files())  # uploads no create used, as Ollama prunes at its start
     app = create_app(options, router)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"edgelm: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",
