@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import blobs
-from .errors import UsageError
+from .errors import ModelNotFoundError, UsageError
 from .gguf_reader import read_gguf
 
 FLOAT_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type values a quantization may start from
@@ -63,9 +63,15 @@ def model(files: dict, quantize: str | None, status: Status, name: str | None = 
     if not is_checkpoint(files):
         raise UsageError("files: a GGUF file, or a safetensors checkpoint's files (config.json, *.safetensors, "
                          "tokenizer.json)")
+    with blobs.staged(files) as folder:
+        return converted(folder, quantize, status, name)
+
+
+def converted(folder: Path, quantize: str | None, status: Status, name: str | None = None) -> Path:
+    """A blob of the safetensors checkpoint in `folder` converted to F16 GGUF, and quantized if asked."""
     from edgelm.converters import convert
 
-    with blobs.staged(files) as folder, blobs.making() as out:
+    with blobs.making() as out:
         status("converting model")
         if quantize:  # converted to F16 and quantized in one call: the bytes `edgelm convert --quant` writes
             status(f"quantizing F16 model to {quantize.upper()}")
@@ -116,9 +122,53 @@ def adapters(files: dict, base_files: dict | None, status: Status) -> list[Path]
         raise UsageError("adapters: a PEFT adapter converts against its base checkpoint: create from the base "
                          "model's safetensors files, or upload a GGUF adapter (`edgelm convert ADAPTER_DIR --base "
                          "HF_DIR` writes one)")
+    with blobs.staged(files) as peft, blobs.staged(base_files) as base:
+        return [converted_adapter(peft, base, status)]
+
+
+def converted_adapter(peft: Path, base: Path, status: Status) -> Path:
+    """A blob of the PEFT adapter in folder `peft` converted to a GGUF LoRA against checkpoint folder `base`."""
     from edgelm.converters.lora import convert_lora
 
     status("converting adapter")
-    with blobs.staged(files) as peft, blobs.staged(base_files) as base, blobs.making() as out:
+    with blobs.making() as out:
         convert_lora(peft, base, out, name="adapter")
-        return [blobs.add(out)]
+        return blobs.add(out)
+
+
+def local_file(ref: str) -> Path:
+    """The file of a model reference (a GGUF path, or a Hub reference that must be cached)."""
+    from . import hub
+
+    if not hub.is_hub_ref(ref):
+        return Path(ref)
+    path = hub.cached(ref)
+    if path is None:
+        raise ModelNotFoundError(f"{ref} is not downloaded: pull it first")
+    return path
+
+
+def materialized(profile, quantize: str | None, status: Status):
+    """`profile` (modelfile.Profile, as `edgelm create` builds it from a Modelfile) with a checkpoint folder in
+    FROM converted, its model quantized if asked, and PEFT adapter folders in ADAPTER converted against the
+    checkpoint, each into a blob."""
+    from dataclasses import replace
+
+    checkpoint = Path(profile.model) if Path(profile.model).is_dir() else None
+    if checkpoint is not None:
+        model = converted(checkpoint, quantize, status, profile.name.split(":")[0])
+    elif quantize:
+        model = quantized(local_file(profile.model), quantize, status)
+    else:
+        model = profile.model
+    adapters = []
+    for adapter in profile.adapters:
+        if not Path(adapter).is_dir():
+            adapters.append(adapter)
+        elif checkpoint is None:
+            raise UsageError(f"ADAPTER {adapter}: a PEFT adapter converts against its base checkpoint: give the "
+                             "base model's folder in FROM, or a GGUF adapter (`edgelm convert ADAPTER_DIR --base "
+                             "HF_DIR` writes one)")
+        else:
+            adapters.append(str(converted_adapter(Path(adapter), checkpoint, status)))
+    return replace(profile, model=str(model), adapters=tuple(adapters))

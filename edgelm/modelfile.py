@@ -10,8 +10,11 @@ A Modelfile names a base model and what to run it with:
     TEMPLATE \"\"\"...\"\"\"          # a Jinja chat template (Ollama's Go templates are refused, with the reason)
     LICENSE \"\"\"...\"\"\"
 
-`create` checks it all and writes NAME's record, a JSON file in $EDGELM_HOME/models (default ~/.edgelm/models),
-atomically; the Modelfile and the files it names are not copied, so they must stay where they are.
+FROM may also name a safetensors checkpoint's folder and ADAPTER a PEFT adapter's folder: `create` converts them
+(and quantizes the model with `-q TYPE`) into $EDGELM_HOME/blobs (blob_models.py), where they go when the last
+record using them is removed or replaced. `create` checks it all and writes NAME's record, a JSON file in
+$EDGELM_HOME/models (default ~/.edgelm/models), atomically; GGUF files the Modelfile names are not copied, so they
+must stay where they are.
 """
 from __future__ import annotations
 
@@ -234,6 +237,11 @@ def build(name: str, text: str, base_dir: Path, parameters: dict | None = None, 
             fields["model"] = base.model if base else _model_ref(arg, base_dir, read_gguf)
         elif word == "ADAPTER":
             path = (base_dir / Path(arg).expanduser()).resolve()
+            if path.is_dir():  # a PEFT adapter's folder: `create` converts it against FROM's checkpoint
+                if not (path / "adapter_config.json").is_file():
+                    raise UsageError(f"Modelfile: ADAPTER {arg}: a folder without adapter_config.json")
+                fields["adapters"].append(str(path))
+                continue
             if not path.is_file():
                 raise ModelNotFoundError(f"Modelfile: ADAPTER {arg}: no such file")
             if read_gguf(path, keep_arrays=False).get("general.type") != "adapter":
@@ -288,21 +296,31 @@ def _model_ref(arg: str, base_dir: Path, read_gguf) -> str:
     if is_hub_ref(arg):
         return normalize(arg)
     path = (base_dir / Path(arg).expanduser()).resolve()
+    if path.is_dir():  # a safetensors checkpoint's folder: `create` converts it
+        if not (path / "config.json").is_file():
+            raise UsageError(f"Modelfile: FROM {arg}: a folder without config.json (a checkpoint's is expected)")
+        return str(path)
     if not path.is_file():
-        raise ModelNotFoundError(f"Modelfile: FROM {arg}: no such GGUF file or named model")
+        raise ModelNotFoundError(f"Modelfile: FROM {arg}: no such GGUF file, checkpoint folder or named model")
     if read_gguf(path, keep_arrays=False).get("general.type") == "adapter":
         raise UsageError(f"Modelfile: FROM {arg} is a LoRA adapter; give the base model in FROM and it in ADAPTER")
     return str(path)
 
 
-def create(name: str, modelfile: str | Path) -> Profile:
-    """Check the Modelfile and record NAME (replacing an older record of it)."""
+def create(name: str, modelfile: str | Path, quantize: str | None = None, status=lambda text: None) -> Profile:
+    """Check the Modelfile and record NAME (replacing an older record of it). A checkpoint folder in FROM is
+    converted and a PEFT folder in ADAPTER converted against it, the model quantized to `quantize` if given,
+    each into a blob of $EDGELM_HOME/blobs (blob_models.py); `status(text)` hears each step."""
+    from .blob_models import materialized, quant_type
+
     path = Path(modelfile).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: cannot read the Modelfile: {e}") from None
-    return save(build(name, text, path.resolve().parent))
+    if quantize is not None:
+        quant_type(quantize)  # a bad type fails before any conversion
+    return save(materialized(build(name, text, path.resolve().parent), quantize, status))
 
 
 def save(profile: Profile) -> Profile:

@@ -88,16 +88,6 @@ def from_modelfile(text: Any) -> tuple[str, str]:
     return froms[0], "\n".join(rest) + "\n"
 
 
-def local_file(ref: str) -> Path:
-    """The file of a model reference (a GGUF path, or a Hub reference that must be cached)."""
-    if not hub.is_hub_ref(ref):
-        return Path(ref)
-    path = hub.cached(ref)
-    if path is None:
-        raise ModelNotFoundError(f"{ref} is not downloaded: pull it first")
-    return path
-
-
 async def progress(work, status_of):
     """What `work(emit)`, run in a worker thread, emits, as it emits it; its EdgelmError ends the lines as an
     APIError with the status `status_of(error)`."""
@@ -221,14 +211,15 @@ def add_routes(app: FastAPI, models) -> None:
             # a GGUF quantized already: a 400 now, rather than an error line in the stream
             ggufs = [blobs.path(d) for n, d in (files or {}).items() if n.lower().endswith(".gguf")]
             if files is None or len(ggufs) == 1:  # (more GGUFs, or none, are refused by blob_models.model)
-                await asyncio.to_thread(blob_models.quantizable, ggufs[0] if files else local_file(checked.model))
+                source_file = ggufs[0] if files else blob_models.local_file(checked.model)
+                await asyncio.to_thread(blob_models.quantizable, source_file)
 
         def make(emit) -> None:
             status = lambda text: emit({"status": text})  # noqa: E731
             if files is not None:
                 made = blob_models.model(files, quantize, status, name.split(":")[0])
             elif quantize is not None:
-                made = blob_models.quantized(local_file(checked.model), quantize, status)
+                made = blob_models.quantized(blob_models.local_file(checked.model), quantize, status)
             else:
                 made = None
             base_files = files if files is not None and blob_models.is_checkpoint(files) else None

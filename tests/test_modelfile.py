@@ -185,3 +185,36 @@ def test_batch_a_named_model(folder, home, tmp_path):
                  key=lambda rec: rec["index"])
     with edgelm.load("helper", n_threads=2) as m:
         assert [rec["text"] for rec in got] == [m.chat([{"role": "user", "content": q}]).text for q in questions]
+
+
+def test_cli_create_converts_a_checkpoint_and_its_adapter(folder, home, tmp_path):
+    """FROM a safetensors checkpoint's folder and ADAPTER a PEFT adapter's, with `-q`, as `ollama create -q`:
+    converted and quantized into $EDGELM_HOME/blobs, the bytes `edgelm convert` writes; the blobs go with the
+    model."""
+    import os
+
+    from edgelm.converters import convert
+    from edgelm.converters.lora import convert_lora
+    from edgelm.runtime.model import default_model_path
+
+    (tmp_path / "Modelfile").write_text(f"FROM {TINY}\nADAPTER {folder / 'peft'}\nPARAMETER temperature 0\n")
+    env = {**os.environ, "EDGELM_HOME": str(home)}
+    r = cli("create", "tuned", "-f", str(tmp_path / "Modelfile"), "-q", "q4_K_M", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[:3] == ["converting model", "quantizing F16 model to Q4_K_M", "converting adapter"]
+    made = modelfile.find("tuned")
+    model = convert(TINY, tmp_path / "tuned.gguf", quant="q4_k_m", name="tuned").path
+    adapter = convert_lora(folder / "peft", TINY, tmp_path / "adapter.gguf", name="adapter").path
+    assert Path(made.model).parent == home / "blobs" and Path(made.model).read_bytes() == model.read_bytes()
+    assert [Path(a).read_bytes() for a in made.adapters] == [adapter.read_bytes()]
+    with edgelm.load("tuned", n_threads=2) as m, edgelm.load(model, n_threads=2, lora=[adapter]) as ref:
+        assert m.generate("Once", max_tokens=8).text == ref.generate("Once", max_tokens=8, temperature=0).text
+    assert cli("rm", "tuned", env=env).returncode == 0
+    assert not list((home / "blobs").iterdir())
+    for text, flags, match in ((f"FROM {folder / 'tiny.gguf'}\nADAPTER {folder / 'peft'}\n", (), "PEFT"),
+                               (f"FROM {default_model_path()}\n", ("-q", "q4_0"), "quantized already"),
+                               (f"FROM {TINY}\n", ("-q", "q9_z"), "quantize"),
+                               (f"FROM {tmp_path}\n", (), "config.json")):
+        (tmp_path / "Modelfile").write_text(text)
+        r = cli("create", "bad", "-f", str(tmp_path / "Modelfile"), *flags, env=env)
+        assert r.returncode != 0 and match in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)
