@@ -119,9 +119,10 @@ def choose_file(files: list[str], quant: str | None, ref: str, source: str = "th
 
 # ------------------------------------------------------------ fetching
 
-def fetch(ref: str, on_part=None) -> Path:
+def fetch(ref: str, on_part=None, on_bytes=None) -> Path:
     """The local path of a Hub reference, downloading it (and its split parts) into the cache if needed;
-    `on_part(filename, path)` hears of each part once it is in the cache."""
+    `on_part(filename, path)` hears of each part once it is in the cache, `on_bytes(filename, completed, total)`
+    of each chunk that arrives (total: None if the Hub did not say)."""
     hub_ref = parse_ref(ref)
     filename = hub_ref.filename
     if filename is None:
@@ -129,7 +130,7 @@ def fetch(ref: str, on_part=None) -> Path:
         filename = choose_file(files, hub_ref.quant, ref, source)
     paths = []
     for part in shards(filename):
-        paths.append(_download(hub_ref, part))
+        paths.append(_download(hub_ref, part, on_bytes))
         if on_part is not None:
             on_part(part, paths[-1])
     return paths[0]  # llama.cpp finds the other parts next to the first
@@ -151,11 +152,37 @@ def cached(ref: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _download(ref: HubRef, filename: str) -> Path:
+class _Progress:
+    """What huggingface_hub's download loop asks of its `tqdm_class`: a context manager whose update(n) counts
+    the bytes of each chunk; each count goes to `report(filename, completed, total)`."""
+
+    report = staticmethod(lambda filename, completed, total: None)
+    filename = ""
+
+    def __init__(self, total: int | None = None, initial: int = 0, **_):
+        self.total, self.n = total, initial or 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.report(self.filename, self.n, self.total)
+
+    def close(self) -> None:
+        pass
+
+
+def _download(ref: HubRef, filename: str, on_bytes=None) -> Path:
     from huggingface_hub import hf_hub_download
 
+    progress = None if on_bytes is None else type("Progress", (_Progress,), {
+        "report": staticmethod(on_bytes), "filename": filename})
     try:
-        return Path(hf_hub_download(ref.repo_id, filename, revision=ref.revision))
+        return Path(hf_hub_download(ref.repo_id, filename, revision=ref.revision, tqdm_class=progress))
     except Exception as e:  # huggingface_hub and its HTTP client raise many types: each becomes one edgelm error
         raise _edgelm_error(e, ref, filename) from e
 

@@ -141,10 +141,13 @@ def add_routes(app: FastAPI, models) -> None:
         def fetch(emit) -> None:
             from .commands.pull import pull as pull_checked  # downloads, then checks the GGUF
 
-            def on_part(filename: str, path: Path) -> None:
-                size = path.stat().st_size
-                emit({"status": f"pulling {filename}", "digest": filename, "total": size, "completed": size})
-            pull_checked(name, on_part)
+            def on_bytes(filename: str, completed: int, total: int | None) -> None:  # Ollama's progress lines
+                emit({"status": f"pulling {filename}", "digest": filename, "total": total or completed,
+                      "completed": completed})
+
+            def on_part(filename: str, path: Path) -> None:  # downloaded now, or found in the cache
+                on_bytes(filename, *(path.stat().st_size,) * 2)
+            pull_checked(name, on_part, on_bytes)
 
         async def lines():
             yield {"status": "pulling manifest"}

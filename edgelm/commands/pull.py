@@ -7,10 +7,10 @@ from edgelm import hub
 from edgelm.gguf_reader import read_gguf
 
 
-def pull(ref: str, on_part=None) -> tuple[str, int]:
+def pull(ref: str, on_part=None, on_bytes=None) -> tuple[str, int]:
     """(the cached path, its size in bytes) of `ref`, downloaded if needed and checked as a GGUF file;
-    `on_part(filename, path)` hears of each part of it in the cache (hub.fetch)."""
-    path = hub.fetch(ref, on_part)
+    `on_part(filename, path)` hears of each part of it in the cache, `on_bytes` of each chunk (hub.fetch)."""
+    path = hub.fetch(ref, on_part, on_bytes)
     read_gguf(path, keep_arrays=False)  # a file that would not load is an error now, not at `edgelm run`
     return str(path), sum(p.stat().st_size for p in (path.parent / name for name in hub.shards(path.name)))
 
