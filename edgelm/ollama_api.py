@@ -26,7 +26,7 @@ from ._version import __version__
 from .errors import ChatTemplateError, UsageError
 from .gguf_reader import GGUFFile
 from .gguf_summary import describe
-from .openai_api import APIError
+from .openai_api import APIError, chat_logprobs, requested_logprobs
 from .router import requested_keep_alive
 from .runtime.chat import chat_tokens, fit_messages
 from .runtime.generate import check_keep, shift_keep, truncated
@@ -57,6 +57,14 @@ def ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
+def logprobs_field(llama, params: SamplingParams, items) -> dict:
+    """{"logprobs": [{token, logprob, bytes, top_logprobs}, ...]} for `items` (TokenLogprobs) where the request
+    asked for them, else nothing: Ollama's shape, which is OpenAI chat's content list."""
+    if params.logprobs is None:
+        return {}
+    return {"logprobs": chat_logprobs(llama, list(items or []))["content"]}
+
+
 def sampling(body: dict, max_tokens_cap: int, defaults: dict | None = None) -> SamplingParams:
     """SamplingParams from a request's options and format; num_predict < 0 (Ollama: no limit) is the server's cap."""
     options = body.get("options") or {}
@@ -71,6 +79,7 @@ def sampling(body: dict, max_tokens_cap: int, defaults: dict | None = None) -> S
             kwargs["max_tokens"] = max_tokens_cap
     else:
         kwargs.setdefault("max_tokens", max_tokens_cap)
+    kwargs["logprobs"] = requested_logprobs(body, chat=True)  # Ollama's fields are chat's: logprobs, top_logprobs
     fmt = body.get("format")
     if fmt == "json":
         kwargs["json_schema"] = {"type": "object"}
@@ -278,21 +287,23 @@ def add_routes(app: FastAPI, models) -> None:
         tokens = fit.tokens(tokens, params)
         req = submit(server, tokens, params, fit)
 
-        def last(text: str = "") -> dict:
-            return final(model, req, t0, {"response": text, "context": tokens + req.completion().tokens})
+        def last(text: str, logprobs) -> dict:
+            return final(model, req, t0, {"response": text, "context": tokens + req.completion().tokens,
+                                          **logprobs_field(llama, params, logprobs)})
 
         if body.get("stream", True):
             async def lines():
                 async for _, chunk in follow(server, request, [req]):
                     if chunk.finish_reason is not None:
                         if chunk.finish_reason != "cancelled":
-                            yield last(chunk.text)
-                    elif chunk.text:
-                        yield {"model": model, "created_at": now(), "response": chunk.text, "done": False}
+                            yield last(chunk.text, chunk.logprobs)
+                    elif chunk.text or (params.logprobs is not None and chunk.logprobs):
+                        yield {"model": model, "created_at": now(), "response": chunk.text,
+                               **logprobs_field(llama, params, chunk.logprobs), "done": False}
             return ndjson(lines())
         if not await wait_for(request, [req]):
             raise APIError(499, "client disconnected")
-        return last(req.completion().text)
+        return last(req.completion().text, req.completion().logprobs)
 
     @app.post("/api/chat")
     async def chat(request: Request):
@@ -336,9 +347,10 @@ def add_routes(app: FastAPI, models) -> None:
 
         if body.get("stream", True):
             async def lines():
-                reply = ReplyStream(tools, opened)
+                reply, pending = ReplyStream(tools, opened), []  # logprobs of tokens whose text is held back
                 async for _, chunk in follow(server, request, [req]):
                     thinking, text = reply.feed(chunk.text)
+                    pending += chunk.logprobs or []
                     calls = None
                     if chunk.finish_reason is not None:
                         more, rest, calls = reply.finish()
@@ -347,14 +359,16 @@ def add_routes(app: FastAPI, models) -> None:
                         return
                     if text or thinking or calls:
                         yield {"model": model, "created_at": now(), "message": message(text, calls, thinking),
-                               "done": False}
+                               **logprobs_field(llama, params, pending), "done": False}
+                        pending = []
                     if chunk.finish_reason is not None:
-                        yield final(model, req, t0, {"message": message("")})
+                        yield final(model, req, t0, {"message": message(""), **logprobs_field(llama, params, pending)})
             return ndjson(lines())
         if not await wait_for(request, [req]):
             raise APIError(499, "client disconnected")
         thinking, text, calls = split_reply(req.completion().text, tools, opened)
-        return final(model, req, t0, {"message": message(text, calls, thinking)})
+        return final(model, req, t0, {"message": message(text, calls, thinking),
+                                      **logprobs_field(llama, params, req.completion().logprobs)})
 
     @app.post("/api/embed")
     async def embed(request: Request):

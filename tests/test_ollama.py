@@ -56,6 +56,28 @@ def test_generate_applies_the_template_and_streams(client, model):
     assert client.generate(model="m", prompt="").done_reason == "load"
 
 
+def test_logprobs_in_generate_and_chat(client, model):
+    """Ollama's logprobs (its clients' logprobs / top_logprobs): the model's own, per token, streamed with each
+    line's text."""
+    ref = model.generate(PROMPT, temperature=0, max_tokens=12, logprobs=3)
+    out = client.generate(model="m", prompt=PROMPT, options=GREEDY, raw=True, logprobs=True, top_logprobs=3)
+    assert out.response == ref.text and [lp.token for lp in out.logprobs] == [model.detokenize([t]) for t in ref.tokens]
+    assert [lp.logprob for lp in out.logprobs] == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-3)
+    assert all(len(lp.top_logprobs) == 3 and lp.top_logprobs[0].logprob == lp.logprob for lp in out.logprobs)
+    parts = list(client.generate(model="m", prompt=PROMPT, options=GREEDY, raw=True, logprobs=True, stream=True))
+    streamed = [lp for p in parts for lp in p.logprobs or []]
+    assert [(lp.token, lp.logprob) for lp in streamed] == [(lp.token, lp.logprob) for lp in out.logprobs]
+    assert all(lp.top_logprobs == [] for lp in streamed)
+    assert client.generate(model="m", prompt=PROMPT, options=GREEDY).logprobs is None  # only when asked
+
+    messages = [{"role": "user", "content": "Say hello."}]
+    whole = client.chat(model="m", messages=messages, options=GREEDY, logprobs=True, top_logprobs=2)
+    assert "".join(lp.token for lp in whole.logprobs) == whole.message.content
+    chunks = list(client.chat(model="m", messages=messages, options=GREEDY, logprobs=True, top_logprobs=2,
+                              stream=True))
+    assert [lp.logprob for c in chunks for lp in c.logprobs or []] == [lp.logprob for lp in whole.logprobs]
+
+
 def test_chat(client, model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
     ref = model.chat(messages, temperature=0, max_tokens=12)
@@ -99,6 +121,8 @@ def test_embed_matches_the_python_api(client, model):
     (lambda c: c.generate(model="m", prompt="x", options={"mirostat": 3}), "mirostat"),  # applied, so checked
     (lambda c: c.chat(model="m", messages=[{"role": "user", "content": "x", "images": ["aGk="]}]), "images"),
     (lambda c: c.chat(model="m", messages=[{"role": "robot", "content": "x"}]), "role"),
+    (lambda c: c.generate(model="m", prompt="x", logprobs=True, top_logprobs=21), "top_logprobs"),
+    (lambda c: c.chat(model="m", messages=[{"role": "user", "content": "x"}], top_logprobs=2), "top_logprobs"),
 ])
 def test_bad_requests_are_400_with_ollamas_error_body(client, call, match):
     with pytest.raises(ollama.ResponseError, match=match) as e:
