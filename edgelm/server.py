@@ -41,6 +41,7 @@ from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, 
 from .llama_server_api import add_routes as add_llama_server_routes
 from .ollama_api import add_routes
 from .ollama_store import add_routes as add_store_routes
+from .responses_api import add_routes as add_responses_routes
 from .runtime.sampling import SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 from .runtime.reasoning import prompt_opens_thinking
@@ -250,6 +251,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
     add_routes(app, models)  # Ollama's API beside OpenAI's
     add_store_routes(app, models)  # and its model management: /api/pull, /api/create, /api/copy, /api/delete
     add_llama_server_routes(app, models)  # llama-server's own: /tokenize, /detokenize, /props, /lora-adapters
+    add_responses_routes(app, models)  # OpenAI's Responses API: /v1/responses
 
     @app.get("/")
     async def root():

@@ -120,9 +120,11 @@ class Guard:
 
 OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
 BLOBS = "/api/blobs/"  # Ollama's uploads (ollama_store.py): counted under one name
-KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props"}  # besides /v1/ and /api/: what an API key guards
+KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props", "/responses"}  # besides /v1/ and /api/: what an
+# API key guards
 KEYED |= {"/models", "/models/load", "/models/unload"}  # router mode's (llama-server's)
-ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *KEYED,
+ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+          "/v1/responses", *KEYED,
           "/models", "/models/load", "/models/unload",
           *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version", "pull",
                                  "create", "copy", "delete"))}
