@@ -28,9 +28,16 @@ SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
     "dry_penalty_last_n": "dry_penalty_last_n", "dry_sequence_breakers": "dry_sequence_breakers",
     "top_n_sigma": "top_n_sigma", "dynatemp_range": "dynatemp_range", "dynatemp_exponent": "dynatemp_exponent",
 }
+# the sampling fields the other APIs' routes (responses_api.py, anthropic_api.py) take beside their own, as
+# llama-server takes them: top_k, min_p, seed, grammar, ...; each has its own name for the token limit
+EXTRA_SAMPLING = set(SAMPLING_FIELDS) - {"max_tokens", "max_completion_tokens"}
 IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "response_format",
                   "logprobs", "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls", "tools", "tool_choice",
                   "chat_template_kwargs"}
+
+
+ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
 class APIError(Exception):
@@ -39,10 +46,16 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.type, self.code, self.param, self.headers = status, type, code, param, headers or {}
 
-    def response(self, ollama: bool = False) -> JSONResponse:
-        """OpenAI's error body, or Ollama's {"error": message} for its routes (ollama_api.py)."""
-        body = {"error": str(self)} if ollama else {
-            "error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+    def response(self, path: str = "") -> JSONResponse:
+        """The error body of the API `path` belongs to: Ollama's {"error": message} for its routes
+        (ollama_api.py), Anthropic's for /v1/messages (anthropic_api.py), else OpenAI's."""
+        if path.startswith("/api/"):
+            body = {"error": str(self)}
+        elif path.startswith("/v1/messages"):
+            kind = ANTHROPIC_ERRORS.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+            body = {"type": "error", "error": {"type": kind, "message": str(self)}}
+        else:
+            body = {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 

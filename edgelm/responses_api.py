@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from .errors import UsageError
-from .openai_api import SAMPLING_FIELDS, APIError
+from .openai_api import EXTRA_SAMPLING, APIError
 from .runtime.reasoning import prompt_opens_thinking
 from .runtime.tools import ReplyStream, forcing_call, split_reply, tool_setup
 from .serving import follow, read_body, wait_for
@@ -31,7 +31,6 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
 UNSUPPORTED = {"previous_response_id": "edgelm stores no responses: send the whole conversation in input",
                "background": "responses run in the foreground", "top_logprobs": "use /v1/chat/completions for logprobs",
                "max_tool_calls": "tools run in the client"}
-EXTRA = set(SAMPLING_FIELDS) - {"max_tokens", "max_completion_tokens"}  # llama-server's sampling fields, as there
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
 
@@ -41,13 +40,13 @@ def _new_id(prefix: str) -> str:
 
 def chat_fields(body: dict) -> dict:
     """The chat completion fields (for sampling_params) that a Responses request's stand for."""
-    unknown = sorted(set(body) - FIELDS - EXTRA)
+    unknown = sorted(set(body) - FIELDS - EXTRA_SAMPLING)
     if unknown:
         raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
     for field, why in UNSUPPORTED.items():
         if body.get(field) not in (None, False):
             raise APIError(400, f"{field} is not supported: {why}", param=field)
-    out = {k: v for k, v in body.items() if k in EXTRA and v is not None}
+    out = {k: v for k, v in body.items() if k in EXTRA_SAMPLING and v is not None}
     if body.get("max_output_tokens") is not None:
         out["max_tokens"] = body["max_output_tokens"]
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None

@@ -38,6 +38,7 @@ from .runtime.memory import ensure_fits
 from .runtime.model import LlamaModel, LoadOptions, resolve_model
 from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason,
                          sampling_params)
+from .anthropic_api import add_routes as add_anthropic_routes
 from .llama_server_api import add_routes as add_llama_server_routes
 from .ollama_api import add_routes
 from .ollama_store import add_routes as add_store_routes
@@ -46,7 +47,7 @@ from .runtime.sampling import SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 from .runtime.reasoning import prompt_opens_thinking
 from .runtime.tools import ReplyStream, ToolCall, forcing_call, split_reply, tool_setup
-from .serving import OLLAMA, Guard, follow, read_body, wait_for
+from .serving import Guard, follow, read_body, wait_for
 
 
 
@@ -215,7 +216,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
     app.state.models = models
 
     def error(request: Request, exc: APIError):
-        return exc.response(ollama=request.url.path.startswith(OLLAMA))
+        return exc.response(request.url.path)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -252,6 +253,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
     add_store_routes(app, models)  # and its model management: /api/pull, /api/create, /api/copy, /api/delete
     add_llama_server_routes(app, models)  # llama-server's own: /tokenize, /detokenize, /props, /lora-adapters
     add_responses_routes(app, models)  # OpenAI's Responses API: /v1/responses
+    add_anthropic_routes(app, models)  # Anthropic's Messages API: /v1/messages
 
     @app.get("/")
     async def root():

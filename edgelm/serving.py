@@ -106,7 +106,7 @@ class Guard:
             if limited and size is not None and (not size.isdecimal() or int(size) > MAX_BODY_BYTES):
                 raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
         except APIError as e:
-            await e.response(ollama=path.startswith(OLLAMA))(scope, receive, send_status)
+            await e.response(path)(scope, receive, send_status)
         else:
             releases = scope[RELEASE] = []  # router mode: the leases a handler took on its model
             try:
@@ -124,7 +124,7 @@ KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props", "/responses"}  
 # API key guards
 KEYED |= {"/models", "/models/load", "/models/unload"}  # router mode's (llama-server's)
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
-          "/v1/responses", *KEYED,
+          "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", *KEYED,
           "/models", "/models/load", "/models/unload",
           *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version", "pull",
                                  "create", "copy", "delete"))}
