@@ -153,8 +153,10 @@ def cached(ref: str) -> Path | None:
 
 
 class _Progress:
-    """What huggingface_hub's download loop asks of its `tqdm_class`: a context manager whose update(n) counts
-    the bytes of each chunk; each count goes to `report(filename, completed, total)`."""
+    """What huggingface_hub's download loops (HTTP and Xet) ask of their `tqdm_class`: a context manager whose
+    update(n) counts the file's bytes, each count going to `report(filename, completed, total)`. Having
+    update_transfer makes the Xet loop use this one bar, not a second one for network bytes; the display calls
+    (set_postfix_str, refresh, ...) do nothing."""
 
     report = staticmethod(lambda filename, completed, total: None)
     filename = ""
@@ -172,8 +174,11 @@ class _Progress:
         self.n += n
         self.report(self.filename, self.n, self.total)
 
-    def close(self) -> None:
+    def update_transfer(self, n: int = 1) -> None:
         pass
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 def _download(ref: HubRef, filename: str, on_bytes=None) -> Path:
