@@ -85,9 +85,9 @@ def test_tool_use_and_its_result(client, openai_client):
                                                        "input": use.input}]},
               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C, sunny"}]}]
     reply = client.messages.create(model="x", messages=follow, tools=tools, max_tokens=8, extra_body=GREEDY)
-    messages = [*ask, {"role": "assistant", "content": "", "tool_calls": [{"id": use.id, "type": "function", "function": {
-        "name": use.name, "arguments": json.dumps(use.input)}}]}, {"role": "tool", "tool_call_id": use.id,
-                                                                    "content": "18 C, sunny"}]
+    call = {"id": use.id, "type": "function", "function": {"name": use.name, "arguments": json.dumps(use.input)}}
+    messages = [*ask, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": use.id, "content": "18 C, sunny"}]
     again = openai_client.chat.completions.create(model="x", messages=messages, tools=chat_tools, max_tokens=8,
                                                   extra_body=GREEDY)
     assert "".join(b.text for b in reply.content if b.type == "text") == (again.choices[0].message.content or "")

@@ -104,7 +104,8 @@ def test_create_from_uploaded_files(server, home, tmp_path, tiny_dir, tiny_gguf)
     with_lora = local(base, lora)
     assert served(client, "tiny-lora") == with_lora != local(base)
     # the same two as GGUF files: the same blobs, shared by both models
-    assert client.create("tiny-lora2", files=upload(client, [base]), adapters=upload(client, [lora])).status == "success"
+    made = client.create("tiny-lora2", files=upload(client, [base]), adapters=upload(client, [lora]))
+    assert made.status == "success"
     assert served(client, "tiny-lora2") == with_lora
     shown = client.show("tiny-lora2").modelfile
     used = [store / f"sha256-{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in (base, lora)]
