@@ -166,7 +166,8 @@ def add_routes(app: FastAPI, models) -> None:
         (req,) = server.submit(tokens, params)
         reply = Reply(server, body.get("model") or server.model_id, params.stop)
         if body.get("stream"):
-            return StreamingResponse(reply.events(request, req, tools, opened), media_type="text/event-stream",
+            return StreamingResponse(reply.events(request, req, tools, opened, len(tokens)),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         if not await wait_for(request, [req]):
             raise APIError(499, "client disconnected")
@@ -211,11 +212,11 @@ class Reply:
     def event(kind: str, **fields) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False)}\n\n"
 
-    async def events(self, request, req, tools, opened):
+    async def events(self, request, req, tools, opened, n_prompt: int):
         """Anthropic's event stream of `req`: thinking and text blocks as their deltas come, tool_use blocks once
-        the reply has ended."""
+        the reply has ended. message_start counts the whole prompt; message_delta says how much of it was cached."""
         start = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-                 "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+                 "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": n_prompt, "output_tokens": 0}}
         yield self.event("message_start", message=start)
         stream, index, current = ReplyStream(tools, opened), -1, None  # the block being written: "thinking"/"text"
 

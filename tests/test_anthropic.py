@@ -47,8 +47,10 @@ def test_a_message_is_the_chat_reply(client, openai_client):
     assert client.messages.count_tokens(model="x", system="Be brief.", messages=kw["messages"]).input_tokens == \
         ref.usage.prompt_tokens
     with client.messages.stream(**kw) as stream:
-        deltas = list(stream.text_stream)
+        events = list(stream)
         final = stream.get_final_message()
+    assert events[0].type == "message_start" and events[0].message.usage.input_tokens == ref.usage.prompt_tokens
+    deltas = [e.delta.text for e in events if e.type == "content_block_delta"]
     assert "".join(deltas) == final.content[0].text == out.content[0].text and final.stop_reason == out.stop_reason
     assert final.usage.output_tokens == out.usage.output_tokens
 
