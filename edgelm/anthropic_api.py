@@ -20,8 +20,8 @@ from fastapi.responses import StreamingResponse
 from .errors import UsageError
 from .openai_api import EXTRA_SAMPLING, APIError
 from .runtime.reasoning import prompt_opens_thinking
-from .runtime.tools import ReplyStream, forcing_call, split_reply, tool_setup
-from .serving import follow, read_body, wait_for
+from .runtime.tools import forcing_call, split_reply, tool_setup
+from .serving import read_body, reply_parts, wait_for
 
 FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "tools", "tool_choice", "metadata",
           "thinking", "output_config", "service_tier", "cache_control", "container", "diagnostics", "inference_geo",
@@ -218,7 +218,7 @@ class Reply:
         start = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                  "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": n_prompt, "output_tokens": 0}}
         yield self.event("message_start", message=start)
-        stream, index, current = ReplyStream(tools, opened), -1, None  # the block being written: "thinking"/"text"
+        index, current = -1, None  # the block being written: "thinking" or "text"
 
         def block(kind: str, delta: str):
             nonlocal index, current
@@ -234,14 +234,7 @@ class Reply:
             field = "thinking" if kind == "thinking" else "text"
             yield self.event("content_block_delta", index=index, delta={"type": f"{field}_delta", field: delta})
 
-        async for _, chunk in follow(self.server, request, [req]):
-            thinking, text = stream.feed(chunk.text)
-            calls = []
-            if chunk.finish_reason is not None:
-                more, rest, calls = stream.finish()
-                thinking, text = thinking + more, text + rest
-            if chunk.finish_reason == "cancelled":
-                return
+        async for chunk, thinking, text, calls in reply_parts(self.server, request, req, tools, opened):
             for line in [*block("thinking", thinking), *block("text", text)]:
                 yield line
             if chunk.finish_reason is None:

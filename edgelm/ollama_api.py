@@ -32,8 +32,8 @@ from .runtime.chat import chat_tokens, fit_messages
 from .runtime.generate import check_keep, shift_keep, truncated
 from .runtime.sampling import SamplingParams
 from .runtime.reasoning import prompt_opens_thinking
-from .runtime.tools import ReplyStream, split_reply, tool_setup
-from .serving import follow, read_body, wait_for
+from .runtime.tools import split_reply, tool_setup
+from .serving import follow, read_body, reply_parts, wait_for
 
 OPTIONS = {  # Ollama option -> SamplingParams field
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "typical_p": "typical_p",
@@ -347,16 +347,9 @@ def add_routes(app: FastAPI, models) -> None:
 
         if body.get("stream", True):
             async def lines():
-                reply, pending = ReplyStream(tools, opened), []  # logprobs of tokens whose text is held back
-                async for _, chunk in follow(server, request, [req]):
-                    thinking, text = reply.feed(chunk.text)
+                pending = []  # logprobs of tokens whose text is held back
+                async for chunk, thinking, text, calls in reply_parts(server, request, req, tools, opened):
                     pending += chunk.logprobs or []
-                    calls = None
-                    if chunk.finish_reason is not None:
-                        more, rest, calls = reply.finish()
-                        thinking, text = thinking + more, text + rest
-                    if chunk.finish_reason == "cancelled":
-                        return
                     if text or thinking or calls:
                         yield {"model": model, "created_at": now(), "message": message(text, calls, thinking),
                                **logprobs_field(llama, params, pending), "done": False}

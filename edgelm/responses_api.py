@@ -21,8 +21,8 @@ from fastapi.responses import StreamingResponse
 from .errors import UsageError
 from .openai_api import EXTRA_SAMPLING, APIError
 from .runtime.reasoning import prompt_opens_thinking
-from .runtime.tools import ReplyStream, forcing_call, split_reply, tool_setup
-from .serving import follow, read_body, wait_for
+from .runtime.tools import forcing_call, split_reply, tool_setup
+from .serving import read_body, reply_parts, wait_for
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools",
           "tool_choice", "text", "store", "metadata", "user", "parallel_tool_calls", "reasoning", "truncation",
@@ -213,7 +213,7 @@ class Reply:
         (thoughts as response.reasoning_text.delta), its calls once the reply has ended."""
         yield self.event("response.created", response=self.response())
         yield self.event("response.in_progress", response=self.response())
-        stream, open_items = ReplyStream(tools, opened), {}  # kind -> (index, item) of the items being written
+        open_items = {}  # kind -> (index, item, texts) of the items being written
 
         def opening(kind: str):
             if kind in open_items:
@@ -240,14 +240,7 @@ class Reply:
             return [*events, self.event(name, item_id=item["id"], output_index=index, content_index=0, delta=text,
                                         **extra)]
 
-        async for _, chunk in follow(server, request, [req]):
-            thinking, text = stream.feed(chunk.text)
-            calls = []
-            if chunk.finish_reason is not None:
-                more, rest, calls = stream.finish()
-                thinking, text = thinking + more, text + rest
-            if chunk.finish_reason == "cancelled":
-                return
+        async for chunk, thinking, text, calls in reply_parts(server, request, req, tools, opened):
             for line in [*delta("reasoning", thinking), *delta("message", text)]:
                 yield line
             if chunk.finish_reason is None:

@@ -13,6 +13,7 @@ from fastapi import Request
 from .request import POLL_S
 from .openai_api import APIError
 from .router import RELEASE
+from .runtime.tools import ReplyStream
 
 MAX_BODY_BYTES = 4 << 20
 DISCONNECT_EVERY = 10  # ticks between checks for a client that went away
@@ -57,6 +58,22 @@ async def follow(server, request: Request, reqs: list):
             await asyncio.sleep(POLL_S - loop.time() % POLL_S)  # every stream wakes on the same tick
     finally:
         cancel_unfinished(reqs)
+
+
+async def reply_parts(server, request: Request, req, tools: list[dict] | None, opened: bool):
+    """(chunk, thinking, text, calls) of one chat request as it streams: its text split into thinking and
+    content (text that may be a tool call held back), and its calls with the last chunk; nothing more once it is
+    cancelled. What Ollama's, the Responses and the Messages streams share."""
+    reply = ReplyStream(tools, opened)
+    async for _, chunk in follow(server, request, [req]):
+        thinking, text = reply.feed(chunk.text)
+        calls = []
+        if chunk.finish_reason is not None:
+            more, rest, calls = reply.finish()
+            thinking, text = thinking + more, text + rest
+        if chunk.finish_reason == "cancelled":
+            return
+        yield chunk, thinking, text, calls
 
 
 async def wait_for(request: Request, reqs: list) -> bool:

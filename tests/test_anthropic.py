@@ -8,17 +8,9 @@ import json
 import anthropic
 import httpx
 import pytest
-from test_server import KEY, ServerProcess
+from test_server import KEY, server  # noqa: F401 (fixture: a server with an API key)
 
 GREEDY = {"temperature": 0}  # not one of the SDK's arguments now; llama-server's field, which edgelm takes too
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = ServerProcess("--parallel", "2", "--ctx", "1024", "--api-key", KEY)
-    yield s
-    err = s.stop()
-    assert "Traceback" not in err, err[-3000:]
 
 
 @pytest.fixture(scope="module")

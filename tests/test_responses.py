@@ -5,22 +5,8 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
-from test_server import KEY, ServerProcess
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = ServerProcess("--parallel", "2", "--ctx", "1024", "--api-key", KEY)
-    yield s
-    err = s.stop()
-    assert "Traceback" not in err, err[-3000:]
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+from test_server import KEY, client, server  # noqa: F401 (fixtures: a server with an API key, its OpenAI client)
 
 
 def chat(client, messages, **kw):
