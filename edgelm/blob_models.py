@@ -12,7 +12,6 @@ Each result is a blob of its own; `status(text)` hears each step as Ollama's cre
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +28,7 @@ def check(files) -> dict[str, str]:
     if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
         raise UsageError("files and adapters must map file names to blob digests (sha256:...)")
     for name, digest in files.items():
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", name):
-            raise UsageError(f"file name {name!r}: a plain file name (letters, digits, '.', '_', '-') is expected")
+        blobs.check_file_name(name)
         blobs.existing(digest)  # never uploaded: a 404 before any work starts
     return files
 

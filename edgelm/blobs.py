@@ -22,6 +22,7 @@ from .errors import InsufficientStorageError, ModelNotFoundError, UsageError
 from .fsutil import TMP_SUFFIX, fsync_dir, public_mode
 
 DIGEST = re.compile(r"sha256[:-]([0-9a-f]{64})")
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # an uploaded file's name in a request
 RESERVE = 1 << 30  # bytes an upload leaves free on the disk
 STALE_S = 24 * 3600  # a temporary file this old was left by a server that stopped mid-upload
 CHECK_EVERY = 256 << 20  # bytes between free-space checks of an upload of unknown size
@@ -48,6 +49,13 @@ def existing(digest: str) -> Path:
     if not blob.is_file():
         raise ModelNotFoundError(f"blob {digest} not found: upload it first (POST /api/blobs/{digest})")
     return blob
+
+
+def check_file_name(name) -> str:
+    """`name` if it is a plain file name (so it stays inside the folder it is put in), else UsageError."""
+    if not isinstance(name, str) or not FILE_NAME.fullmatch(name):
+        raise UsageError(f"file name {name!r}: a plain file name (letters, digits, '.', '_', '-') is expected")
+    return name
 
 
 def digest_of(file: str | os.PathLike) -> str:
@@ -137,11 +145,9 @@ def add(file: Path) -> Path:
 
 @contextlib.contextmanager
 def staged(files: dict[str, str]) -> Iterator[Path]:
-    """A temporary folder holding each blob under its file name (`files`: name -> digest, the names plain file
-    names, as blob_models.check makes sure), as a checkpoint's folder would."""
-    blobs = {name: existing(digest) for name, digest in files.items()}
-    if any(Path(name).name != name or name.startswith(".") for name in blobs):
-        raise UsageError(f"file names must be plain file names: {', '.join(blobs)}")
+    """A temporary folder holding each blob under its file name (`files`: name -> digest), as a checkpoint's
+    folder would."""
+    blobs = {check_file_name(name): existing(digest) for name, digest in files.items()}
     with tempfile.TemporaryDirectory(dir=folder(), prefix=".staged-") as d:
         for name, blob in blobs.items():
             os.symlink(blob, Path(d) / name)
