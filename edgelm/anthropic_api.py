@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from .errors import UsageError
-from .openai_api import EXTRA_SAMPLING, APIError
+from .openai_api import EXTRA_SAMPLING, APIError, stopping_word
 from .runtime.reasoning import prompt_opens_thinking
 from .runtime.tools import forcing_call, split_reply, tool_setup
 from .serving import read_body, reply_parts, wait_for
@@ -191,11 +191,10 @@ class Reply:
             return "tool_use", None
         if req.finish_reason == "length":
             return "max_tokens", None
-        if req.finish_reason == "stop" and self.stops:  # the reply's own tokens go on with the stop string
-            tail = self.server.llama.detokenize(req.completion().tokens)[len(req.completion().text):]
-            for stop in self.stops:
-                if tail.startswith(stop):
-                    return "stop_sequence", stop
+        if req.finish_reason == "stop":
+            stop = stopping_word(self.server.llama, req.completion(), self.stops)
+            if stop is not None:
+                return "stop_sequence", stop
         return "end_turn", None
 
     def usage(self, req) -> dict:

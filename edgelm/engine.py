@@ -80,6 +80,7 @@ class _Slot:
 
     def start(self, req: Request, model: LlamaModel, n_ctx: int, reuse: int) -> None:
         self.req = req
+        req.slot = self.seq
         self.sampler = SamplerChain(req.params, model, n_ctx)
         self.sampler.accept_prompt(req.tokens)
         self.logprobs = LogprobReader(model.n_vocab, req.params.logprobs) if req.params.logprobs is not None else None

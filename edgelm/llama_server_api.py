@@ -2,12 +2,11 @@
 shapes, so that tools written for llama-server (editors, web UIs, scripts) work unchanged."""
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from fastapi import FastAPI, Request
 
 from ._version import __version__
 from .errors import UsageError
+from .llama_native import settings
 from .openai_api import APIError, piece
 from .runtime.sampling import SamplingParams
 from .serving import read_body
@@ -24,8 +23,8 @@ def add_routes(app: FastAPI, models) -> None:
                 "chat_template": server.template.text, "modalities": {"vision": False, "audio": False},
                 "build_info": f"edgelm {__version__}",
                 "default_generation_settings": {"n_ctx": o.n_ctx, "model": server.model_id,
-                                                "params": {"n_predict": o.default_max_tokens,
-                                                           **asdict(SamplingParams())}}}
+                                                "params": settings(SamplingParams(), server,
+                                                                   n_predict=o.default_max_tokens)}}
 
     @app.get("/lora-adapters")
     async def lora_adapters(request: Request):  # llama-server's listing: the adapters every request runs with

@@ -27,6 +27,7 @@ SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
     "dry_multiplier": "dry_multiplier", "dry_base": "dry_base", "dry_allowed_length": "dry_allowed_length",
     "dry_penalty_last_n": "dry_penalty_last_n", "dry_sequence_breakers": "dry_sequence_breakers",
     "top_n_sigma": "top_n_sigma", "dynatemp_range": "dynatemp_range", "dynatemp_exponent": "dynatemp_exponent",
+    "samplers": "samplers",
 }
 # the sampling fields the other APIs' routes (responses_api.py, anthropic_api.py) take beside their own, as
 # llama-server takes them: top_k, min_p, seed, grammar, ...; each has its own name for the token limit
@@ -150,6 +151,15 @@ def completion_logprobs(llama: LlamaModel, logprobs: list[TokenLogprob], n_top: 
     top = [{token_text(llama, t)[0]: v for t, v in lp.top} for lp in logprobs] if n_top else None
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top,
             "text_offset": offsets}
+
+
+def stopping_word(llama: LlamaModel, completion, stops) -> str | None:
+    """The stop string that ended `completion` (finish reason "stop"), None when it ended otherwise: the text
+    leaves the stop string out, while its tokens go on with it."""
+    if completion.finish_reason != "stop" or not stops:
+        return None
+    tail = llama.detokenize(completion.tokens)[len(completion.text):]
+    return next((stop for stop in stops if tail.startswith(stop)), None)
 
 
 def finish_reason(reason: str | None) -> str | None:

@@ -41,6 +41,7 @@ class Request:
         self.keep = keep  # context shift: prompt positions kept (Engine.submit), None: none
         self.timings = Timings(prompt_tokens=len(tokens))
         self.finish_reason: str | None = None
+        self.slot: int | None = None  # the engine's slot serving it, once admitted
         self._buffer: deque = deque()  # chunks (or an exception) not yet taken by the consumer
         self._done = threading.Event()
         self._parts: list[str] = []

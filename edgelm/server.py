@@ -39,6 +39,7 @@ from .runtime.model import LlamaModel, LoadOptions, resolve_model
 from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason,
                          sampling_params)
 from .anthropic_api import add_routes as add_anthropic_routes
+from .llama_native import add_routes as add_native_routes
 from .llama_server_api import add_routes as add_llama_server_routes
 from .ollama_api import add_routes
 from .ollama_store import add_routes as add_store_routes
@@ -83,6 +84,7 @@ class ServerOptions:
     draft_threshold: float = THRESHOLD
     context_shift: bool = False  # OpenAI's routes: generate past the context's end (Ollama's shift by default)
     keep: int = 0  # prompt tokens a context shift keeps (-1: all; BOS always)
+    spm_infill: bool = False  # /infill lays out suffix before prefix (llama-server's --spm-infill)
 
 
 class Server:
@@ -130,15 +132,15 @@ class Server:
             if model is not None:
                 model.close()
 
-    async def embed(self, texts: list[str], truncate: bool = False):
-        """Embeddings of `texts`, computed on the engine's thread between its steps; a text longer than the context
-        is a 400, or with `truncate` embedded by its first tokens."""
+    async def embed(self, texts: list[str], truncate: bool = False, normalize: bool = True):
+        """Embeddings of `texts` (unit length unless not `normalize`), computed on the engine's thread between its
+        steps; a text longer than the context is a 400, or with `truncate` embedded by its first tokens."""
         from .runtime.embed import Embedder
 
         def run():  # on the engine's thread, one call at a time
             if self._embedder is None:
                 self._embedder = Embedder(self.llama, n_ctx=self.options.n_ctx, n_threads=self.options.n_threads)
-            return self._embedder.embed(texts, truncate=truncate)
+            return self._embedder.embed(texts, truncate=truncate, normalize=normalize)
         try:
             return await asyncio.wrap_future(self.engine.call(run))
         except ContextOverflowError as e:
@@ -252,6 +254,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
     add_routes(app, models)  # Ollama's API beside OpenAI's
     add_store_routes(app, models)  # and its model management: /api/pull, /api/create, /api/copy, /api/delete
     add_llama_server_routes(app, models)  # llama-server's own: /tokenize, /detokenize, /props, /lora-adapters
+    add_native_routes(app, models)  # and its generation API: /completion, /infill, /embedding, /apply-template
     add_responses_routes(app, models)  # OpenAI's Responses API: /v1/responses
     add_anthropic_routes(app, models)  # Anthropic's Messages API: /v1/messages
 
@@ -260,6 +263,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         return PlainTextResponse("edgelm is running")
 
     @app.get("/health")
+    @app.get("/v1/health")
     async def health():
         return {"status": "ok"}
 
@@ -287,6 +291,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         return await _generate(server, request, body, tokens, params, chat=False)
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")  # llama-server's alias
     async def chat_completions(request: Request):
         body = await read_body(request)
         if "messages" not in body:

@@ -116,7 +116,7 @@ class Guard:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             key = self.options.api_key
-            if key is not None and (path.startswith(("/v1/", OLLAMA)) or path in KEYED):
+            if key is not None and (path.startswith(("/v1/", OLLAMA)) or path in KEYED) and path not in PUBLIC:
                 _check_key(headers, key)
             size = headers.get("content-length")
             limited = scope["method"] == "POST" and not path.startswith(BLOBS)  # a blob is a model's size
@@ -135,12 +135,14 @@ class Guard:
             self.metrics.request(path if path in ROUTES else BLOBS if path.startswith(BLOBS) else "other", status[0])
 
 
+PUBLIC = {"/health", "/v1/health"}  # what an API key never guards
 OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
 BLOBS = "/api/blobs/"  # Ollama's uploads (ollama_store.py): counted under one name
-KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props", "/responses"}  # besides /v1/ and /api/: what an
+KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props", "/responses", "/chat/completions", "/completion",
+         "/completions", "/infill", "/embedding", "/embeddings", "/apply-template"}  # besides /v1/ and /api/: what an
 # API key guards
 KEYED |= {"/models", "/models/load", "/models/unload"}  # router mode's (llama-server's)
-ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+ROUTES = {*PUBLIC, "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
           "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", *KEYED,
           "/models", "/models/load", "/models/unload",
           *(OLLAMA + r for r in ("generate", "chat", "embed", "embeddings", "tags", "ps", "show", "version", "pull",

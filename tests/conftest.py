@@ -98,6 +98,25 @@ def tiny_model(tiny_gguf):
 RAND_VOCAB = 16  # BOS, EOS, PAD, "a".."l", "ab"
 
 
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+
+
+def fim_checkpoint(out: Path) -> Path:
+    """The tiny reference model with Qwen2.5-Coder's six fill-in-the-middle tokens added after its vocabulary (new
+    embedding rows, ids 8192-8197): llama.cpp finds them by their texts, so /infill works on its GGUF."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(MODELS / "tiny")
+    model.resize_token_embeddings(model.config.vocab_size + len(FIM_TOKENS))
+    model.save_pretrained(out, safe_serialization=True)
+    tj = json.loads((MODELS / "tiny" / "tokenizer.json").read_text())
+    first = len(tj["model"]["vocab"])
+    tj["added_tokens"] += [{"id": first + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for i, t in enumerate(FIM_TOKENS)]
+    (out / "tokenizer.json").write_text(json.dumps(tj))
+    shutil.copy(MODELS / "tiny" / "tokenizer_config.json", out / "tokenizer_config.json")
+    return out
+
+
 def random_byte_checkpoint(out: Path, n_layer: int, seed: int, arch: str = "llama") -> Path:
     """A random Llama (Llama 3 RoPE scaling with arch "llama3", or Qwen2) over a 16-token byte-level vocabulary,
     tied embeddings; initializer_range 0.5 makes next-token distributions peaked but not one-hot, and its early

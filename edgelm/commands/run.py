@@ -97,6 +97,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-nsigma", type=float, help="keep tokens within N standard deviations of the top logit")
     g.add_argument("--dynatemp-range", type=float, help="dynamic temperature: temp +- this, by entropy (0 = off)")
     g.add_argument("--dynatemp-exp", type=float, help="dynamic temperature's exponent (default 1.0)")
+    g.add_argument("--samplers", metavar="LIST",
+                   help="the samplers to run, in order, ';'-separated (llama.cpp's names: penalties;dry;top_n_sigma;"
+                        "top_k;typ_p;top_p;min_p;xtc;temperature, and infill); those left out are off")
     g.add_argument("--grammar", metavar="GBNF", help="constrain output to a GBNF grammar given as text")
     g.add_argument("--grammar-file", metavar="FILE", help="the same, read from a file")
     g.add_argument("-j", "--json-schema", metavar="SCHEMA",
@@ -289,7 +292,7 @@ def sampling_from_args(args) -> dict:
              "dry_sequence_breakers": None if args.dry_sequence_breaker is None else
              () if args.dry_sequence_breaker == ["none"] else tuple(args.dry_sequence_breaker),
              "top_n_sigma": args.top_nsigma, "dynatemp_range": args.dynatemp_range,
-             "dynatemp_exponent": args.dynatemp_exp}
+             "dynatemp_exponent": args.dynatemp_exp, "samplers": args.samplers}
     return {k: v for k, v in pairs.items() if v is not None}
 
 

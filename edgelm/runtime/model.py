@@ -207,6 +207,14 @@ class LlamaModel:
             eog = self._eog[token] = bool(lib.llama_vocab_is_eog(self.vocab, token))
         return eog
 
+    def fim_tokens(self) -> dict[str, int | None]:
+        """The fill-in-the-middle tokens (prefix, suffix, middle, pad, repo, file_sep) the vocabulary has, by the
+        GGUF's keys or, without them, by their usual texts (llama.cpp's own search); None where it has none."""
+        getters = {"prefix": lib.llama_vocab_fim_pre, "suffix": lib.llama_vocab_fim_suf,
+                   "middle": lib.llama_vocab_fim_mid, "pad": lib.llama_vocab_fim_pad, "repo": lib.llama_vocab_fim_rep,
+                   "file_sep": lib.llama_vocab_fim_sep}
+        return {name: (t if 0 <= (t := get(self.vocab)) < self.n_vocab else None) for name, get in getters.items()}
+
     def check_tokens(self, tokens: list[int]) -> None:
         """llama.cpp indexes its tables with token ids unchecked: reject out-of-range ids here."""
         for t in tokens:

@@ -2,7 +2,8 @@
 
 The order is llama.cpp's default common sampler: logit bias -> penalties -> DRY -> top-n-sigma -> top-k -> typical
 -> top-p -> min-p -> XTC -> temperature (or dynamic temperature) -> dist; with mirostat, logit bias -> penalties ->
-DRY -> temperature -> mirostat (greedy: logit bias -> penalties -> DRY -> argmax). A grammar is checked the way llama.cpp's
+DRY -> temperature -> mirostat (greedy: logit bias -> penalties -> DRY -> argmax). `samplers` (llama.cpp's
+--samplers, llama-server's field) names the ones to run and their order instead, "infill" among them. A grammar is checked the way llama.cpp's
 common_sampler_sample does it: sample without it, and only when the grammar rejects that token, mask the whole
 vocabulary with the grammar and sample again. Masking costs a pass over every token, so this saves it on most steps.
 """
@@ -26,6 +27,11 @@ from .logprobs import MAX_TOP_LOGPROBS
 INT32_MAX = 2**31 - 1
 GREEDY_BELOW = 1e-4  # smaller temperatures are greedy: dividing logits by them can overflow float32
 MAX_BIAS = 1e4  # |finite logit bias|; -inf bans a token
+# llama.cpp's sampler names (--samplers, llama-server's `samplers`): the history samplers edgelm applies first, then
+# the truncation samplers and temperature in the order given
+HISTORY_SAMPLERS = ("penalties", "dry")
+CHAIN_SAMPLERS = ("top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature", "infill")
+SAMPLER_NAMES = HISTORY_SAMPLERS + CHAIN_SAMPLERS
 MIROSTAT_M = 100  # Mirostat 1.0's tokens for estimating the distribution's shape (the paper's and llama.cpp's)
 MAX_BREAKERS, MAX_BREAKER_BYTES = 32, 40  # DRY sequence breakers (llama.cpp cuts longer ones silently)
 TYPICAL_FLOOR = 80.0  # typical_p: drop logits this far below the best, whose exp underflows to 0 (NaN entropy)
@@ -67,6 +73,10 @@ class SamplingParams:
     top_n_sigma: float = -1.0  # keep tokens within n standard deviations of the top logit; <= 0: off
     dynatemp_range: float = 0.0  # dynamic temperature: temperature +- range, by the distribution's entropy
     dynatemp_exponent: float = 1.0
+    # the samplers to run, in order (SAMPLER_NAMES; "infill" merges the probabilities of tokens that share a prefix
+    # and prefers end of text when it is likely, for code infilling); None: every sampler set above, in llama.cpp's
+    # default order. A sampler left out is off whatever its value; without "temperature" the draw is at 1
+    samplers: tuple[str, ...] | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":
@@ -74,7 +84,9 @@ class SamplingParams:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise UsageError(f"unknown sampling field(s): {', '.join(unknown)}")
-        for key in ("stop", "dry_sequence_breakers"):  # one string, or a list of them
+        if isinstance(kwargs.get("samplers"), str):  # llama-cli's form: "top_k;top_p;temperature"
+            kwargs["samplers"] = tuple(kwargs["samplers"].split(";"))
+        for key in ("stop", "dry_sequence_breakers", "samplers"):  # one string, or a list of them
             if isinstance(kwargs.get(key), str):
                 kwargs[key] = (kwargs[key],)
             elif isinstance(kwargs.get(key), (list, tuple)):
@@ -118,6 +130,7 @@ class SamplingParams:
         _number("dynatemp_exponent", self.dynatemp_exponent, 0.0, 100.0)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise UsageError("stop must be non-empty strings")
+        self._validate_samplers()
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
         if not isinstance(self.ignore_eos, bool):
@@ -129,6 +142,26 @@ class SamplingParams:
             check_gbnf(self.grammar)
         if self.json_schema is not None:
             schema_to_gbnf(self.json_schema)
+
+    def _validate_samplers(self) -> None:
+        names = self.samplers
+        if names is None:
+            return
+        if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"samplers must be a list of sampler names, not {names!r}")
+        bad = next((n for n in names if n not in SAMPLER_NAMES), None)
+        if bad is not None:
+            raise UsageError(f"samplers: unknown sampler {bad!r} (known: {', '.join(SAMPLER_NAMES)})")
+        chain = [i for i, n in enumerate(names) if n in CHAIN_SAMPLERS]
+        if chain and any(i > chain[0] for i, n in enumerate(names) if n in HISTORY_SAMPLERS):
+            raise UsageError("samplers: penalties and dry must come before the other samplers "
+                             "(edgelm applies them first, as llama.cpp's default order does)")
+        if len(set(names)) != len(names):
+            raise UsageError(f"samplers: each sampler at most once, not {names!r}")
+
+    def uses(self, sampler: str) -> bool:
+        """Whether `sampler` (SAMPLER_NAMES) may run: named in `samplers`, or every one without it."""
+        return self.samplers is None or sampler in self.samplers
 
     def _validate_logit_bias(self) -> None:
         if not isinstance(self.logit_bias, Mapping):
@@ -143,7 +176,13 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
+        """An argmax over the (biased, penalized) logits: a temperature near 0 that runs, with no infill sampler
+        before it to merge tokens."""
+        return self.temperature < GREEDY_BELOW and self.uses("temperature") and not self.uses_infill
+
+    @property
+    def uses_infill(self) -> bool:
+        return self.samplers is not None and "infill" in self.samplers
 
     @property
     def gbnf(self) -> str | None:
@@ -154,11 +193,12 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return self.uses("penalties") and (
+            self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
 
     @property
     def dry(self) -> bool:
-        return self.dry_multiplier > 0.0 and self.dry_penalty_last_n != 0
+        return self.uses("dry") and self.dry_multiplier > 0.0 and self.dry_penalty_last_n != 0
 
     @property
     def stateful(self) -> bool:
@@ -228,27 +268,36 @@ def logit_bias_sampler(p: SamplingParams, n_vocab: int):
     return lib.llama_sampler_init_logit_bias(n_vocab, len(items), array)
 
 
-def add_truncation_and_temperature(add, p: SamplingParams) -> None:
-    """Top-n-sigma, top-k, typical, top-p, min-p, XTC and temperature in llama.cpp's default order, through
-    `add(sampler)`; with mirostat, temperature alone (mirostat truncates)."""
-    if p.mirostat == 0:
-        if p.top_n_sigma > 0:
-            add(lib.llama_sampler_init_top_n_sigma(float(p.top_n_sigma)))
-        if p.top_k > 0:
-            add(lib.llama_sampler_init_top_k(int(p.top_k)))
-        if p.typical_p < 1.0:
-            add(lib.llama_sampler_init_typical(float(p.typical_p), 1))
-        if p.top_p < 1.0:
-            add(lib.llama_sampler_init_top_p(float(p.top_p), 1))
-        if p.min_p > 0.0:
-            add(lib.llama_sampler_init_min_p(float(p.min_p), 1))
-        if p.xtc_probability > 0.0:
-            add(lib.llama_sampler_init_xtc(float(p.xtc_probability), float(p.xtc_threshold), 1, _seed(p)))
-    if p.dynatemp_range > 0.0:
-        add(lib.llama_sampler_init_temp_ext(float(p.temperature), float(p.dynatemp_range),
-                                            float(p.dynatemp_exponent)))
+def add_truncation_and_temperature(add, p: SamplingParams, vocab=None) -> None:
+    """Top-n-sigma, top-k, typical, top-p, min-p, XTC and temperature in llama.cpp's default order, or those of
+    p.samplers in its order (the infill sampler needs the model's `vocab`), through `add(sampler)`; with mirostat,
+    temperature alone (mirostat truncates). Samplers whose value turns them off are left out."""
+    if p.mirostat != 0:
+        order = ("temperature",) if p.uses("temperature") else ()
     else:
-        add(lib.llama_sampler_init_temp(float(p.temperature)))
+        order = CHAIN_SAMPLERS[:-1] if p.samplers is None else [n for n in p.samplers if n in CHAIN_SAMPLERS]
+    for name in order:
+        if name == "top_n_sigma" and p.top_n_sigma > 0:
+            add(lib.llama_sampler_init_top_n_sigma(float(p.top_n_sigma)))
+        elif name == "top_k" and p.top_k > 0:
+            add(lib.llama_sampler_init_top_k(int(p.top_k)))
+        elif name == "typ_p" and p.typical_p < 1.0:
+            add(lib.llama_sampler_init_typical(float(p.typical_p), 1))
+        elif name == "top_p" and p.top_p < 1.0:
+            add(lib.llama_sampler_init_top_p(float(p.top_p), 1))
+        elif name == "min_p" and p.min_p > 0.0:
+            add(lib.llama_sampler_init_min_p(float(p.min_p), 1))
+        elif name == "xtc" and p.xtc_probability > 0.0:
+            add(lib.llama_sampler_init_xtc(float(p.xtc_probability), float(p.xtc_threshold), 1, _seed(p)))
+        elif name == "infill":
+            if vocab is None:
+                raise UsageError("the infill sampler needs the model's vocabulary")
+            add(lib.llama_sampler_init_infill(vocab))
+        elif name == "temperature" and p.dynatemp_range > 0.0:
+            add(lib.llama_sampler_init_temp_ext(float(p.temperature), float(p.dynatemp_range),
+                                                float(p.dynatemp_exponent)))
+        elif name == "temperature":
+            add(lib.llama_sampler_init_temp(float(p.temperature)))
 
 
 def _seed(p: SamplingParams) -> int:
@@ -301,7 +350,7 @@ class SamplerChain:
         self._candidates = Candidates(model.n_vocab)
         # nothing to do in Python between the logits and the chain: let llama.cpp fill the candidates itself
         self._plain = self._bias is None and not self._history and self._grammar is None and (
-            params.greedy or params.typical_p >= 1.0)
+            params.greedy or params.typical_p >= 1.0 or not params.uses("typ_p"))
         # plain greedy is an argmax over the logits row: numpy reads it in place, where llama_sampler_sample
         # would first copy the whole vocabulary into candidates (0.3 ms a token at 152k tokens, 0.01 ms this way)
         self._argmax_row = ctypes.c_float * model.n_vocab if self._plain and params.greedy else None
@@ -335,7 +384,7 @@ class SamplerChain:
         if p.greedy:  # truncation never removes the top token (typical_p could: greedy ignores it)
             add(lib.llama_sampler_init_greedy())
             return
-        add_truncation_and_temperature(add, p)
+        add_truncation_and_temperature(add, p, model.vocab)
         if p.mirostat == 1:
             add(lib.llama_sampler_init_mirostat(n_vocab, _seed(p), float(p.mirostat_tau), float(p.mirostat_eta),
                                                 MIROSTAT_M))
@@ -401,7 +450,7 @@ class SamplerChain:
             self._grammar.apply(c.ref)
         for sampler, _ in self._history:
             lib.llama_sampler_apply(sampler, c.ref)
-        typical = self.params.typical_p < 1.0 and not self.params.greedy
+        typical = self.params.typical_p < 1.0 and not self.params.greedy and self.params.uses("typ_p")
         if c.prune(TYPICAL_FLOOR if typical else None) == 0:
             return None  # everything banned, or a grammar dead end
         lib.llama_sampler_apply(self._tail, c.ref)

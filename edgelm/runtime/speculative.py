@@ -99,7 +99,7 @@ class Distribution:
 def speculative_mode(params: SamplingParams) -> str:
     """"greedy" and "sample" draft; "plain" (grammars, penalties, DRY, mirostat, XTC: state that a rejected draft
     would have advanced) decodes one verified token per round with the ordinary sampler chain."""
-    if params.gbnf is not None or params.stateful:
+    if params.gbnf is not None or params.stateful or params.uses_infill:  # infill: not a filter of the row
         return "plain"
     if params.greedy:
         return "plain" if params.logit_bias else "greedy"
