@@ -1,0 +1,143 @@
+"""llama-server's native API on edgelm vs llama-server itself, side by side on one GGUF: the same requests to
+/completion, /infill and /apply-template on both servers, and what each answers compared field by field.
+
+The model is the tiny reference model with six FIM tokens added (tests/conftest.py fim_checkpoint), converted by
+edgelm to f32, so /infill's whole layout (repo and file-separator tokens, prefix and suffix cut to a batch of 64)
+is in play. Both servers run greedy on one slot with the same context and batch; what must match: the prompt
+each builds (tokens_evaluated, and its text), the generated tokens, content, stop_type and stopping_word.
+
+    .venv/bin/python benchmarks/native_api_crosscheck.py      # needs llama-server: scripts/build_llama_tools.sh
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH, DOCS, log, machine, markdown_table, python, today, tool, write_doc  # noqa: E402
+from serve_bench import free_port, launched  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import fim_checkpoint  # noqa: E402
+
+CTX, BATCH = 256, 64
+FIELDS = ("tokens_evaluated", "prompt", "tokens", "content", "stop_type", "stopping_word", "tokens_predicted")
+PREFIX = "def total(values):\n" + "".join(f"    x{i} = values[{i}]\n" for i in range(12))
+SUFFIX = "    return result\n" * 6
+EXTRA = [{"filename": "util.py", "text": "def helper():\n    pass\n"}, {"text": "import os\n"}]
+GREEDY = {"temperature": 0, "return_tokens": True, "n_predict": 24}
+
+CASES = [  # (route, what, body)
+    ("/infill", "prefix and suffix only", {"input_prefix": "def add(a, b):\n    ", "input_suffix": "\n"}),
+    ("/infill", "long prefix and suffix (cut to the batch)", {"input_prefix": PREFIX, "input_suffix": SUFFIX}),
+    ("/infill", "with input_extra files and a prompt", {"input_prefix": PREFIX, "input_suffix": SUFFIX,
+                                                        "input_extra": EXTRA, "prompt": "    "}),
+    ("/infill", "empty prefix and suffix, extra files only", {"input_prefix": "", "input_suffix": "",
+                                                             "input_extra": EXTRA}),
+    ("/infill", "n_predict 4 (the extra files' room)", {"input_prefix": PREFIX, "input_suffix": SUFFIX,
+                                                        "input_extra": EXTRA * 20, "n_predict": 4}),
+    ("/completion", "a text", {"prompt": "def fibonacci(n):"}),
+    ("/completion", "token ids and texts mixed", {"prompt": [0, "def", " fib<|im_end|>", 13]}),
+    ("/completion", "a stop word", {"prompt": "def fibonacci(n):", "stop": ["import"], "ignore_eos": True}),
+    ("/completion", "n_indent 8", {"prompt": "class A:\n    def f(self):\n        return 1\n\n    def g(self):\n"
+                                             "        ", "n_indent": 8, "ignore_eos": True, "n_predict": 64}),
+    ("/completion", "logit_bias banning a text's tokens", {"prompt": "def fibonacci(n):", "ignore_eos": True,
+                                                           "logit_bias": [["import", False]]}),
+    ("/completion", "samplers [top_k, temperature], top_k 1", {"prompt": "import", "samplers": ["top_k", "temperature"],
+                                                              "top_k": 1, "temperature": 0.7, "seed": 5}),
+]
+TEMPLATES = [[{"role": "user", "content": "hi"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]]
+
+
+def fim_model() -> Path:
+    from edgelm.converters import convert
+
+    out = BENCH / "native" / "fim.gguf"
+    if not out.is_file():
+        (BENCH / "native").mkdir(parents=True, exist_ok=True)
+        convert(fim_checkpoint(BENCH / "native" / "ckpt"), out, outtype="f32")
+    return out
+
+
+def answers(base: str) -> list[dict]:
+    with httpx.Client(timeout=120) as client:
+        out = [client.post(base + route, json={**GREEDY, **body}).json() for route, _, body in CASES]
+        out += [client.post(base + "/apply-template", json={"messages": m}).json() for m in TEMPLATES]
+    return out
+
+
+def measure(model: Path) -> dict:
+    servers = {
+        "edgelm": [sys.executable, "-m", "edgelm", "serve", model, "--parallel", "1", "--ctx", CTX, "--batch", BATCH,
+                   "--threads", "2"],
+        "llama-server": [tool("llama-server"), "-m", model, "-np", "1", "-c", CTX, "-b", BATCH, "-ub", BATCH,
+                         "-t", "2", "--jinja"],
+    }
+    replies = {}
+    for name, argv in servers.items():
+        port = free_port()
+        with launched(name, [*argv, "--host", "127.0.0.1", "--port", port], port, "/health",
+                      BENCH / "native" / f"{name}.log"):
+            log(f"{name}: {len(CASES)} requests")
+            replies[name] = answers(f"http://127.0.0.1:{port}")
+    return replies
+
+
+def compare(replies: dict) -> list[list]:
+    rows = []
+    ours, theirs = replies["edgelm"], replies["llama-server"]
+    for (route, what, _), a, b in zip(CASES, ours, theirs):
+        differ = [f for f in FIELDS if a.get(f) != b.get(f)]
+        rows.append([f"`{route}`", what, a.get("tokens_evaluated"), len(a.get("tokens", [])), a.get("stop_type"),
+                     "all equal" if not differ else "differ: " + ", ".join(differ)])
+    for messages, a, b in zip(TEMPLATES, ours[len(CASES):], theirs[len(CASES):]):
+        rows.append(["`/apply-template`", f"{len(messages)} messages", "", "", "",
+                     "all equal" if a == b else f"differ: {a} vs {b}"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DOCS / "llama-native.md")
+    args = p.parse_args(argv)
+    model = fim_model()
+    replies = measure(model)
+    (BENCH / "native" / "replies.json").write_text(json.dumps(replies, indent=1))
+    rows = compare(replies)
+    equal = sum(r[-1] == "all equal" for r in rows)
+    log(f"{equal} of {len(rows)} requests answered alike")
+    text = f"""# llama-server's native API: edgelm vs llama-server
+
+`edgelm serve` answers llama-server's own routes (`/completion`, `/completions`, `/infill`, `/embedding`,
+`/embeddings`, `/apply-template`, beside `/tokenize`, `/detokenize`, `/props`) in llama-server's shapes, so
+editors and scripts written for llama-server run unchanged: llama.vim and llama.vscode post to `/infill` with
+`input_extra` files, `samplers: ["top_k", "top_p", "infill"]`, `n_indent` and `t_max_predict_ms`.
+
+Measured {today()} by `benchmarks/native_api_crosscheck.py`: the same greedy requests to both servers on one GGUF
+(the tiny reference model with Qwen2.5-Coder's six FIM tokens added, f32; one slot, context {CTX}, batch {BATCH},
+so /infill cuts the prefix to its last 48 tokens and the suffix to its first 16 less the prompt's). Compared:
+{", ".join(f"`{f}`" for f in FIELDS)}; for `/apply-template`, the whole reply.
+{machine()}; {python()}.
+
+**{equal} of {len(rows)} requests answered alike.**
+
+{markdown_table(["route", "request", "prompt tokens", "tokens", "stop_type", "edgelm vs llama-server"], rows)}
+
+What edgelm does not take: `post_sampling_probs`, `return_progress`, per-request `lora` scales other than the
+server's own, `min_keep` above 1 (each a 400 that names the field). `cache_prompt`, `t_max_prompt_ms`,
+`n_cache_reuse` and `id_slot` are accepted: edgelm reuses a shared prefix's KV exactly whatever they say, and
+picks the slot itself.
+"""
+    write_doc(args.out, text)
+    return 0 if equal == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
