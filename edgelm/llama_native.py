@@ -346,11 +346,7 @@ def fim_prompt(server, body: dict, ask: Ask) -> list[int]:
     suffix's first tokens, FIM middle (suffix before prefix with --spm-infill); prefix and suffix take 3/4 and 1/4
     of a batch, the extra files what the context has left."""
     llama = server.llama
-    fim = llama.fim_tokens()
-    missing = [name for name in ("prefix", "suffix", "middle") if fim[name] is None]
-    if missing:
-        raise APIError(400, "Infill is not supported by this model: no FIM " + ", ".join(missing) + " token",
-                       type="not_supported_error")
+    fim = fim_tokens(server, "Infill is not supported by this model")
     for name in ("input_prefix", "input_suffix"):
         if not isinstance(body.get(name), str):
             raise APIError(400, f"{name} is required, a string", param=name)
@@ -379,10 +375,40 @@ def fim_prompt(server, body: dict, ask: Ask) -> list[int]:
     suffix = suffix[:max(0, min(len(suffix), n_batch // 4 - (2 + len(middle))))]
     n_predict = body.get("n_predict", -1) if isinstance(body.get("n_predict", -1), int) else -1
     n_extra = min(max(0, n_ctx - n_batch - 2 * n_predict), len(head))
-    pre, suf = [fim["prefix"], *prefix, *middle], [fim["suffix"], *suffix]
+    return fim_layout(server, fim, [*prefix, *middle], suffix, head[len(head) - n_extra:])
+
+
+def fim_ready(llama) -> bool:
+    """Whether the model can fill in the middle: it has FIM prefix, suffix and middle tokens (Ollama's "insert")."""
+    fim = llama.fim_tokens()
+    return all(fim[name] is not None for name in ("prefix", "suffix", "middle"))
+
+
+def fim_tokens(server, refusal: str) -> dict[str, int | None]:
+    """The model's FIM tokens (LlamaModel.fim_tokens); a 400 starting with `refusal` when it lacks the three that
+    an insertion needs."""
+    fim = server.llama.fim_tokens()
+    missing = [name for name in ("prefix", "suffix", "middle") if fim[name] is None]
+    if missing:  # fim_ready() says no
+        raise APIError(400, f"{refusal}: no FIM {', '.join(missing)} token", type="not_supported_error")
+    return fim
+
+
+def fim_layout(server, fim: dict, prefix: list[int], suffix: list[int], head: list[int] = ()) -> list[int]:
+    """BOS (where the model adds one), `head`, then FIM prefix + prefix, FIM suffix + suffix (the other way round
+    with --spm-infill), FIM middle: the model then writes what goes between."""
+    pre, suf = [fim["prefix"], *prefix], [fim["suffix"], *suffix]
     first, last = (suf, pre) if server.options.spm_infill else (pre, suf)
-    bos = [llama.bos] if llama.add_bos else []
-    return bos + head[len(head) - n_extra:] + first + last + [fim["middle"]]
+    bos = [server.llama.bos] if server.llama.add_bos else []
+    return bos + list(head) + first + last + [fim["middle"]]
+
+
+def insertion(server, prompt: str, suffix: str, refusal: str) -> list[int]:
+    """Ollama's and OpenAI's `suffix`: the tokens that ask the model for what goes between `prompt` and
+    `suffix`."""
+    fim = fim_tokens(server, refusal)
+    tok = lambda text: server.llama.tokenize(text, add_special=False)  # noqa: E731
+    return fim_layout(server, fim, tok(prompt), tok(suffix))
 
 
 # ---------------------------------------------------------------------------- replies

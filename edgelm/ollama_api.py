@@ -26,6 +26,7 @@ from ._version import __version__
 from .errors import ChatTemplateError, UsageError
 from .gguf_reader import GGUFFile
 from .gguf_summary import describe
+from .llama_native import fim_ready, insertion
 from .openai_api import APIError, chat_logprobs, requested_logprobs
 from .router import requested_keep_alive
 from .runtime.chat import chat_tokens, fit_messages
@@ -249,7 +250,7 @@ def add_routes(app: FastAPI, models) -> None:
         return {**named, "modelfile": profile.modelfile() if profile else "",
                 "parameters": profile.parameters() if profile else "", "template": server.template.text,
                 "details": details(llama.gguf), "model_info": info,
-                "capabilities": ["completion", "tools", "embedding"],
+                "capabilities": ["completion", "tools", "embedding"] + (["insert"] if fim_ready(llama) else []),
                 "modified_at": modified(llama.path)}
 
     @app.post("/api/generate")
@@ -263,8 +264,9 @@ def add_routes(app: FastAPI, models) -> None:
         llama = server.llama
         model = body.get("model") or server.model_id
         prompt, system, context = body.get("prompt", ""), body.get("system"), body.get("context") or []
-        if not isinstance(prompt, str) or not isinstance(system, (str, type(None))):
-            raise APIError(400, "prompt and system must be strings")
+        suffix = body.get("suffix") or ""
+        if not all(isinstance(v, str) for v in (prompt, system or "", suffix)):
+            raise APIError(400, "prompt, suffix and system must be strings")
         if body.get("images"):
             raise APIError(400, "images are not supported (no vision model is loaded)")
         if not isinstance(context, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
@@ -275,7 +277,9 @@ def add_routes(app: FastAPI, models) -> None:
             return {"model": model, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
         try:
             llama.check_tokens(context)
-            if body.get("raw") or not (llama.chat_template or server.options.chat_template):  # no template: the text
+            if suffix and not body.get("raw"):  # fill in the middle, as a FIM template would lay it out
+                tokens = insertion(server, prompt, suffix, f"{model} does not support insert")
+            elif body.get("raw") or not (llama.chat_template or server.options.chat_template):  # no template: the text
                 text = f"{system}\n\n{prompt}" if system and not body.get("raw") else prompt
                 tokens = context + llama.tokenize(text, add_special=not context)
             else:

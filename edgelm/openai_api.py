@@ -67,8 +67,8 @@ def sampling_params(body: dict, chat: bool, default_max_tokens: int, defaults: d
     if unknown:
         raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
     choices(body)
-    if body.get("echo") or body.get("best_of", 1) != 1 or body.get("suffix"):
-        field = next(f for f in ("echo", "best_of", "suffix") if body.get(f) not in (None, False, 1))
+    if body.get("echo") or body.get("best_of", 1) != 1:
+        field = next(f for f in ("echo", "best_of") if body.get(f) not in (None, False, 1))
         raise APIError(400, f"{field} is not supported", param=field)
     kwargs = {**(defaults or {}),
               **{SAMPLING_FIELDS[k]: v for k, v in body.items() if k in SAMPLING_FIELDS and v is not None}}

@@ -246,3 +246,28 @@ def test_infill_lays_out_the_fim_prompt(fim_server):
     assert vim["tokens_evaluated"] == len(want) and vim["stop"] is True
     for bad in ({"input_suffix": ""}, {**body, "input_extra": [{"filename": "x"}]}, {**body, "prompt": 3}):
         post(server, "/infill", bad, status=400)
+
+
+def test_suffix_asks_ollama_and_openai_to_insert(fim_server, server):
+    """Ollama's /api/generate `suffix` (what Continue sends for code completion) and OpenAI's /v1/completions
+    `suffix`: BOS, FIM prefix, the prompt, FIM suffix, the suffix, FIM middle, as a FIM template lays it out."""
+    fim, first = fim_server
+    pre, suf, mid = first, first + 1, first + 2
+
+    def tok(text: str) -> list[int]:
+        return post(fim, "/tokenize", {"content": text})["tokens"]
+
+    prompt, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    want = post(fim, "/completion", {"prompt": [0, pre, *tok(prompt), suf, *tok(suffix), mid], "n_predict": 12,
+                                     "temperature": 0})
+    out = post(fim, "/api/generate", {"model": "x", "prompt": prompt, "suffix": suffix, "stream": False,
+                                      "options": {"temperature": 0, "num_predict": 12}})
+    assert out["response"] == want["content"] and out["prompt_eval_count"] == want["tokens_evaluated"]
+    out = post(fim, "/v1/completions", {"model": "x", "prompt": prompt, "suffix": suffix, "max_tokens": 12,
+                                        "temperature": 0})
+    assert out["choices"][0]["text"] == want["content"]
+    assert "insert" in post(fim, "/api/show", {"model": "x"})["capabilities"]
+    assert "insert" not in post(server, "/api/show", {"model": "x"})["capabilities"]
+    error = post(server, "/api/generate", {"model": "x", "prompt": "a", "suffix": "b", "stream": False}, status=400)
+    assert error["error"].endswith("does not support insert: no FIM prefix, suffix, middle token")
+    post(server, "/v1/completions", {"model": "x", "prompt": "a", "suffix": "b"}, status=400)
