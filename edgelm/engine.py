@@ -75,12 +75,14 @@ class _Slot:
         self.held: list[int] = []  # tokens in this sequence's KV, by position
         self.exact = 0  # leading positions evaluated canonically (see runtime.generate)
         self.req: Request | None = None
+        self.last: Request | None = None  # the request it serves or served last (llama-server's /slots)
         # (slot, its request, positions): a slot prefilling this request's prompt prefix, waited for, then copied
         self.donor: tuple[_Slot, Request, int] | None = None
 
     def start(self, req: Request, model: LlamaModel, n_ctx: int, reuse: int) -> None:
         self.req = req
         req.slot = self.seq
+        self.last = req
         self.sampler = SamplerChain(req.params, model, n_ctx)
         self.sampler.accept_prompt(req.tokens)
         self.logprobs = LogprobReader(model.n_vocab, req.params.logprobs) if req.params.logprobs is not None else None
@@ -203,6 +205,10 @@ class Engine(SlotReuse, SlotDrafting):
     @property
     def active(self) -> int:
         return sum(s.req is not None for s in self._slots)
+
+    def slot_states(self) -> list[tuple[int, Request | None, bool]]:
+        """(slot, the request it serves or served last, whether it is serving it now), read from any thread."""
+        return [(s.seq, s.last, s.req is not None) for s in self._slots]
 
     def close(self) -> None:
         with self._cv:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 
 from ._version import __version__
-from .errors import UsageError
+from .errors import EdgelmError, UsageError
 from .llama_native import settings
 from .openai_api import APIError, piece
+from .runtime.generate import Completion
 from .runtime.sampling import SamplingParams
 from .serving import read_body
 
@@ -25,6 +26,16 @@ def add_routes(app: FastAPI, models) -> None:
                 "default_generation_settings": {"n_ctx": o.n_ctx, "model": server.model_id,
                                                 "params": settings(SamplingParams(), server,
                                                                    n_predict=o.default_max_tokens)}}
+
+    @app.get("/slots")
+    async def slots(request: Request):
+        """llama-server's slot states: each slot's request (current, or last), its settings, prompt and progress;
+        ?fail_on_no_slot=1 answers 503 when every slot is busy (for load balancers)."""
+        server = await models.get(request, request.query_params.get("model"))
+        states = server.engine.slot_states()
+        if request.query_params.get("fail_on_no_slot") == "1" and all(busy for _, _, busy in states):
+            raise APIError(503, "no slot available", type="unavailable_error", headers={"Retry-After": "1"})
+        return [slot_state(server, seq, req, busy) for seq, req, busy in states]
 
     @app.get("/lora-adapters")
     async def lora_adapters(request: Request):  # llama-server's listing: the adapters every request runs with
@@ -63,3 +74,23 @@ def add_routes(app: FastAPI, models) -> None:
         except UsageError as e:
             raise APIError(400, str(e), param="tokens") from None
         return {"content": server.llama.detokenize(tokens, special=True)}
+
+
+def slot_state(server, seq: int, req, busy: bool) -> dict:
+    """One slot in llama-server's /slots shape."""
+    state = {"id": seq, "n_ctx": server.options.n_ctx, "is_processing": busy,
+             "speculative": server.options.lookup or server.options.draft is not None}
+    if req is None:
+        return state
+    try:
+        done = req.completion()
+    except EdgelmError:  # it failed: nothing generated to show
+        done = Completion("", [], "error")
+    t = req.timings
+    cap = req.params.max_tokens
+    return {**state, "id_task": req.id, "n_prompt_tokens": len(req.tokens),
+            "n_prompt_tokens_processed": t.prompt_tokens - t.cached_tokens, "n_prompt_tokens_cache": t.cached_tokens,
+            "params": settings(req.params, server, n_predict=cap),
+            "next_token": [{"has_next_token": busy, "has_new_line": "\n" in done.text,
+                            "n_remain": cap - len(done.tokens), "n_decoded": len(done.tokens)}],
+            "prompt": server.llama.detokenize(req.tokens, special=True), "generated": done.text}

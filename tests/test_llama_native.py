@@ -191,9 +191,30 @@ def test_bad_requests_are_400(server, body, param):
     assert out["error"]["param"] in (param, None) and out["error"]["message"]
 
 
+def test_slots(server):
+    """llama-server's /slots: each slot's last request, and a 503 with ?fail_on_no_slot=1 while all are busy."""
+    out = post(server, "/completion", {"prompt": "def slots_test():", "n_predict": 6, "temperature": 0})
+    slots = httpx.get(server.base + "/slots", headers=H).json()
+    assert [s["id"] for s in slots] == [0, 1] and not any(s["is_processing"] for s in slots)
+    mine = next(s for s in slots if s.get("id_task") is not None and s["prompt"].endswith("def slots_test():"))
+    assert mine["id"] == out["id_slot"] and mine["generated"] == out["content"]
+    assert mine["next_token"][0]["n_decoded"] == out["tokens_predicted"] and mine["params"]["n_predict"] == 6
+    assert httpx.get(server.base + "/slots?fail_on_no_slot=1", headers=H).status_code == 200
+    body = {"prompt": "Once upon a time", "n_predict": 2000, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=120, headers=H) as c, c.stream("POST", server.base + "/completion", json=body) as a, \
+            c.stream("POST", server.base + "/completion", json=body) as b:
+        lines = [r.iter_lines() for r in (a, b)]  # kept: a dropped iterator closes its connection
+        for it in lines:
+            next(it)  # both are generating
+        busy = httpx.get(server.base + "/slots?fail_on_no_slot=1", headers=H)
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+        assert all(s["is_processing"] for s in httpx.get(server.base + "/slots", headers=H).json())
+
+
 def test_the_native_routes_need_the_key(server):
     for path in ("/completion", "/completions", "/infill", "/embedding", "/apply-template", "/chat/completions"):
         assert httpx.post(server.base + path, json={}).status_code == 401
+    assert httpx.get(server.base + "/slots").status_code == 401
     assert httpx.get(server.base + "/v1/health").json() == {"status": "ok"}  # public, as /health
     assert post(server, "/infill", {"input_prefix": "a", "input_suffix": "b"}, status=400)["error"]["message"].startswith(
         "Infill is not supported by this model")
