@@ -342,9 +342,11 @@ def prompt_list(server, prompt) -> list[list[int]]:
 
 def fim_prompt(server, body: dict, ask: Ask) -> list[int]:
     """/infill's prompt as llama-server lays it out: the extra files (with the model's repo and file-separator
-    tokens, or between snippet markers), then FIM prefix, the prefix's last tokens, `prompt`, FIM suffix, the
-    suffix's first tokens, FIM middle (suffix before prefix with --spm-infill); prefix and suffix take 3/4 and 1/4
-    of a batch, the extra files what the context has left."""
+    tokens, or between snippet markers), BOS, then FIM prefix, the prefix's last tokens, `prompt`, FIM suffix, the
+    suffix's first tokens, FIM middle (suffix before prefix with --spm-infill). Prefix and suffix take 3/4 and 1/4
+    of a batch; the extra files' last tokens take the context less a batch (llama-server's share), but never more
+    than leaves room for the FIM part and n_predict tokens (where llama-server would send the prompt past the
+    context and answer 400)."""
     llama = server.llama
     fim = fim_tokens(server, "Infill is not supported by this model")
     for name in ("input_prefix", "input_suffix"):
@@ -373,9 +375,11 @@ def fim_prompt(server, body: dict, ask: Ask) -> list[int]:
     prefix, suffix = tok(body["input_prefix"]), tok(body["input_suffix"])
     prefix = prefix[len(prefix) - min(len(prefix), 3 * (n_batch // 4)):]
     suffix = suffix[:max(0, min(len(suffix), n_batch // 4 - (2 + len(middle))))]
-    n_predict = body.get("n_predict", -1) if isinstance(body.get("n_predict", -1), int) else -1
-    n_extra = min(max(0, n_ctx - n_batch - 2 * n_predict), len(head))
-    return fim_layout(server, fim, [*prefix, *middle], suffix, head[len(head) - n_extra:])
+    fim_part = fim_layout(server, fim, [*prefix, *middle], suffix)
+    share = n_ctx - n_batch + 2  # llama-server's: n_ctx - n_batch - 2 * its server's n_predict, -1 by default
+    room = n_ctx - len(fim_part) - max(ask.params.max_tokens, 1)
+    n_extra = max(0, min(len(head), share, room))
+    return head[len(head) - n_extra:] + fim_part
 
 
 def fim_ready(llama) -> bool:
@@ -394,13 +398,13 @@ def fim_tokens(server, refusal: str) -> dict[str, int | None]:
     return fim
 
 
-def fim_layout(server, fim: dict, prefix: list[int], suffix: list[int], head: list[int] = ()) -> list[int]:
-    """BOS (where the model adds one), `head`, then FIM prefix + prefix, FIM suffix + suffix (the other way round
-    with --spm-infill), FIM middle: the model then writes what goes between."""
+def fim_layout(server, fim: dict, prefix: list[int], suffix: list[int]) -> list[int]:
+    """BOS (where the model adds one), FIM prefix + prefix, FIM suffix + suffix (the other way round with
+    --spm-infill), FIM middle: the model then writes what goes between."""
     pre, suf = [fim["prefix"], *prefix], [fim["suffix"], *suffix]
     first, last = (suf, pre) if server.options.spm_infill else (pre, suf)
     bos = [server.llama.bos] if server.llama.add_bos else []
-    return bos + list(head) + first + last + [fim["middle"]]
+    return bos + first + last + [fim["middle"]]
 
 
 def insertion(server, prompt: str, suffix: str, refusal: str) -> list[int]:

@@ -247,14 +247,15 @@ def test_infill_lays_out_the_fim_prompt(fim_server):
     extra = [{"filename": "util.py", "text": "def helper():\n    pass\n"}, {"text": "import os\n"}]
     body = {"input_prefix": prefix, "input_suffix": suffix, "input_extra": extra, "prompt": "    ",
             "n_predict": 8, "temperature": 0, "return_tokens": True}
-    # the layout, built here: 64-token batches give the prefix its last 48 tokens and the suffix its first
-    # 16 - 2 - len(prompt) tokens; the extra files fit (256 - 64 - 16 tokens)
+    # the layout, built here: the extra files, BOS, then FIM; 64-token batches give the prefix its last 48 tokens
+    # and the suffix its first 16 - 2 - len(prompt) tokens; the extra files fit
     head = [repo, *tok("myproject\n")]
     for chunk in extra:
         head += [sep, *tok(chunk.get("filename", "tmp") + "\n"), *tok(chunk["text"])]
     head += [sep, *tok("filename\n")]
     middle = tok("    ")
-    want = [0, *head, pre, *tok(prefix)[-48:], *middle, suf, *tok(suffix)[:16 - 2 - len(middle)], mid]
+    fim = [0, pre, *tok(prefix)[-48:], *middle, suf, *tok(suffix)[:16 - 2 - len(middle)], mid]
+    want = [*head, *fim]
     assert len(tok(prefix)) > 48 and len(tok(suffix)) > 16
     out = post(server, "/infill", body)
     assert out["tokens_evaluated"] == len(want)
@@ -265,6 +266,10 @@ def test_infill_lays_out_the_fim_prompt(fim_server):
     vim = post(server, "/infill", {**body, "samplers": ["top_k", "top_p", "infill"], "top_k": 40, "top_p": 0.99,
                                    "t_max_prompt_ms": 500, "t_max_predict_ms": 500, "cache_prompt": True, "seed": 1})
     assert vim["tokens_evaluated"] == len(want) and vim["stop"] is True
+    # many extra files: their last tokens, as many as leave the reply its n_predict tokens in the context (256)
+    many = post(server, "/infill", {**body, "input_extra": extra * 30, "n_predict": 4})
+    assert many["tokens_evaluated"] == 256 - 4
+    assert many["prompt"].endswith(post(server, "/detokenize", {"tokens": fim})["content"])
     for bad in ({"input_suffix": ""}, {**body, "input_extra": [{"filename": "x"}]}, {**body, "prompt": 3}):
         post(server, "/infill", bad, status=400)
 
