@@ -69,6 +69,8 @@ def add_routes(app: FastAPI, models) -> None:
             if not await wait_for(request, reqs):
                 raise APIError(499, "client disconnected", type="cancelled")
             for out, req in zip(outs, reqs):
+                if req.timings.completion_tokens:  # follow() counts the streams' own
+                    server.metrics.observe_ttft(req.timings.ttft_s)
                 for chunk in req.drain():
                     out.feed(chunk)
         replies = [ask.pick(out.final()) for out in outs]
@@ -187,7 +189,8 @@ class Ask:
         if params.max_tokens > cap:
             raise APIError(400, f"n_predict {params.max_tokens} is above the server's cap {cap}", param="n_predict")
         n_keep = integer(body, "n_keep", 0, -1, None)
-        ask = cls(params, stream=flag(body, "stream"), n_probs=n_probs, n_cmpl=integer(body, "n_cmpl", 1, 1, MAX_CHOICES),
+        ask = cls(params, stream=flag(body, "stream"), n_probs=n_probs,
+                  n_cmpl=integer(body, "n_cmpl", 1, 1, MAX_CHOICES),
                   keep=n_keep if server.options.context_shift else None, n_indent=integer(body, "n_indent", 0, 0, None),
                   t_max_predict_ms=integer(body, "t_max_predict_ms", 0, 0, None),
                   return_tokens=flag(body, "return_tokens"), timings_per_token=flag(body, "timings_per_token"),
@@ -324,7 +327,10 @@ def prompt_list(server, prompt) -> list[list[int]]:
         return None
 
     one = single(prompt)
-    prompts = [one] if one is not None else [single(p) for p in prompt] if isinstance(prompt, list) and prompt else [None]
+    if one is not None:
+        prompts = [one]
+    else:
+        prompts = [single(p) for p in prompt] if isinstance(prompt, list) and prompt else [None]
     if any(p is None for p in prompts):
         raise APIError(400, "prompt must be a string, a list of token ids (texts may be mixed in), or a list of "
                        "those", param="prompt")
@@ -366,8 +372,11 @@ def fim_prompt(server, body: dict, ask: Ask) -> list[int]:
 
     head = [fim["repo"], *tok(FIM_PROJECT)] if fim["repo"] is not None else []
     for chunk in extra:
-        sep = [fim["file_sep"], *tok(chunk.get("filename", "tmp") + "\n")] if fim["file_sep"] is not None else tok(SNIPPET)
-        head += sep + tok(chunk["text"])
+        if fim["file_sep"] is not None:
+            head += [fim["file_sep"], *tok(chunk.get("filename", "tmp") + "\n")]
+        else:
+            head += tok(SNIPPET)
+        head += tok(chunk["text"])
     if fim["file_sep"] is not None:
         head += [fim["file_sep"], *tok(FIM_FILE)]
     n_batch, n_ctx = server.options.n_batch, server.options.n_ctx
@@ -448,7 +457,8 @@ class Output:
         self.done = chunk.finish_reason is not None or cut is not None
         self.cut = cut is not None and chunk.finish_reason is None
         part = {"index": self.index, "content": self.text[start:], "tokens": chunk.tokens, "stop": False,
-                "id_slot": self.slot, "tokens_predicted": len(self.tokens), "tokens_evaluated": self.req.timings.prompt_tokens}
+                "id_slot": self.slot, "tokens_predicted": len(self.tokens),
+                "tokens_evaluated": self.req.timings.prompt_tokens}
         if self.ask.timings_per_token:
             part["timings"] = self.timings()
         if chunk.logprobs and self.ask.n_probs:

@@ -3,10 +3,10 @@
 Endpoints: /v1/chat/completions, /v1/completions (streaming as Server-Sent Events in OpenAI's chunk
 format, or not), /v1/embeddings, /v1/models, /tokenize, /detokenize, /props and /lora-adapters (llama-server's),
 llama-server's native /completion, /infill, /embedding, /apply-template (llama_native.py), OpenAI's Responses and
-Anthropic's Messages APIs, Ollama's API, /health (always public), /metrics (Prometheus text). One model, or in router mode (router.py) any of a catalog,
-chosen by each request's "model" and loaded on demand (/models, /models/load, /models/unload as llama-server's).
-Errors are OpenAI-style bodies: bad input is a 400, a missing or wrong API key a 401, a full queue
-a 503 with Retry-After. A client that disconnects cancels its sequence within one decode step.
+Anthropic's Messages APIs, Ollama's API, /health (always public), /metrics (Prometheus text). One model, or in router
+mode (router.py) any of a catalog, chosen by each request's "model" and loaded on demand (/models, /models/load,
+/models/unload as llama-server's). Errors are OpenAI-style bodies: bad input is a 400, a missing or wrong API key a
+401, a full queue a 503 with Retry-After. A client that disconnects cancels its sequence within one decode step.
 """
 from __future__ import annotations
 

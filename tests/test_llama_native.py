@@ -181,10 +181,12 @@ def test_embedding_and_apply_template(server, client, reference):
     ({"prompt": PROMPT, "bogus": 1}, "bogus"), ({"prompt": PROMPT, "n_predict": -2}, "n_predict"),
     ({"prompt": PROMPT, "n_probs": 21}, "n_probs"), ({"prompt": PROMPT, "id_slot": 9}, "id_slot"),
     ({"prompt": PROMPT, "post_sampling_probs": True}, "post_sampling_probs"),
-    ({"prompt": PROMPT, "lora": [{"id": 0, "scale": 0.5}]}, "lora"), ({"prompt": PROMPT, "logit_bias": 3}, "logit_bias"),
+    ({"prompt": PROMPT, "lora": [{"id": 0, "scale": 0.5}]}, "lora"),
+    ({"prompt": PROMPT, "logit_bias": 3}, "logit_bias"),
     ({"prompt": {"x": 1}}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [10**9]}, "prompt"), ({}, "prompt"),
     ({"prompt": PROMPT, "n_predict": 5000}, "n_predict"), ({"prompt": PROMPT, "n_indent": -1}, "n_indent"),
-    ({"prompt": PROMPT, "stream": "yes"}, "stream"), ({"prompt": PROMPT, "response_fields": "content"}, "response_fields"),
+    ({"prompt": PROMPT, "stream": "yes"}, "stream"),
+    ({"prompt": PROMPT, "response_fields": "content"}, "response_fields"),
 ])
 def test_bad_requests_are_400(server, body, param):
     out = post(server, "/completion", body, status=400)
@@ -216,8 +218,8 @@ def test_the_native_routes_need_the_key(server):
         assert httpx.post(server.base + path, json={}).status_code == 401
     assert httpx.get(server.base + "/slots").status_code == 401
     assert httpx.get(server.base + "/v1/health").json() == {"status": "ok"}  # public, as /health
-    assert post(server, "/infill", {"input_prefix": "a", "input_suffix": "b"}, status=400)["error"]["message"].startswith(
-        "Infill is not supported by this model")
+    refused = post(server, "/infill", {"input_prefix": "a", "input_suffix": "b"}, status=400)
+    assert refused["error"]["message"].startswith("Infill is not supported by this model")
 
 
 # ---------------------------------------------------------------------------- /infill on a model with FIM tokens

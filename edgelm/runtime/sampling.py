@@ -3,9 +3,10 @@
 The order is llama.cpp's default common sampler: logit bias -> penalties -> DRY -> top-n-sigma -> top-k -> typical
 -> top-p -> min-p -> XTC -> temperature (or dynamic temperature) -> dist; with mirostat, logit bias -> penalties ->
 DRY -> temperature -> mirostat (greedy: logit bias -> penalties -> DRY -> argmax). `samplers` (llama.cpp's
---samplers, llama-server's field) names the ones to run and their order instead, "infill" among them. A grammar is checked the way llama.cpp's
-common_sampler_sample does it: sample without it, and only when the grammar rejects that token, mask the whole
-vocabulary with the grammar and sample again. Masking costs a pass over every token, so this saves it on most steps.
+--samplers, llama-server's field) names the ones to run and their order instead, "infill" among them. A grammar is
+checked the way llama.cpp's common_sampler_sample does it: sample without it, and only when the grammar rejects that
+token, mask the whole vocabulary with the grammar and sample again. Masking costs a pass over every token, so this
+saves it on most steps.
 """
 from __future__ import annotations
 
