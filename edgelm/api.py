@@ -5,6 +5,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from typing import Iterator
 
 from .cache.prompt import DEFAULT_DISK_BYTES, DEFAULT_RAM_BYTES, PromptCache
@@ -189,6 +190,19 @@ class Model:
         params, truncate = self._params(sampling)
         tokens = self._prompt_tokens(prompt, params, truncate)
         return self._stream(tokens, params)
+
+    def infill(self, prefix: str, suffix: str, *, middle: str = "", extra: Iterable[Mapping] = (),
+               **sampling) -> Completion:
+        """What goes between `prefix` and `suffix`, from a model trained with fill-in-the-middle tokens (code models:
+        Qwen2.5-Coder, CodeLlama, StarCoder, ...): the prompt llama-server's /infill builds (runtime/infill.py), with
+        `extra` files ({"filename", "text"}) as context before it and `middle` as the reply's start. UsageError for
+        a model without FIM tokens."""
+        from .runtime.infill import infill_tokens
+
+        params, _ = self._params(sampling)
+        tokens = infill_tokens(self.llama, prefix, suffix, middle=middle, extra=extra, n_ctx=self.ctx.n_ctx,
+                               n_batch=self.ctx.n_batch, n_predict=params.max_tokens)
+        return self._complete(tokens, params)
 
     def generate_batch(self, prompts: list[str | list[int]], *, n_parallel: int = 4, **sampling) -> list[Completion]:
         """Complete every prompt, decoding up to `n_parallel` of them together (continuous batching);

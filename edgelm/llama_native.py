@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from .errors import ChatTemplateError, UsageError
 from .openai_api import MAX_CHOICES, SAMPLING_FIELDS, APIError, stopping_word, token_text
 from .runtime.chat import template_kwargs
+from .runtime.infill import infill_tokens, insertion
 from .runtime.sampling import SamplingParams
 from .runtime.tools import tool_setup
 from .serving import follow, read_body, wait_for
@@ -35,7 +36,6 @@ COMPLETION_FIELDS = {"prompt", "model", "stream", "n_predict", "max_tokens", "n_
 INFILL_FIELDS = COMPLETION_FIELDS | {"input_prefix", "input_suffix", "input_extra"}
 # llama-server's names for SamplingParams fields, in its generation_settings
 SETTINGS_NAMES = {v: k for k, v in SAMPLING_FIELDS.items() if k not in ("max_tokens", "max_completion_tokens")}
-FIM_PROJECT, FIM_FILE, SNIPPET = "myproject\n", "filename\n", "\n\n--- snippet ---\n\n"  # llama-server's texts
 
 
 def add_routes(app: FastAPI, models) -> None:
@@ -347,14 +347,7 @@ def prompt_list(server, prompt) -> list[list[int]]:
 
 
 def fim_prompt(server, body: dict, ask: Ask) -> list[int]:
-    """/infill's prompt as llama-server lays it out: the extra files (with the model's repo and file-separator
-    tokens, or between snippet markers), BOS, then FIM prefix, the prefix's last tokens, `prompt`, FIM suffix, the
-    suffix's first tokens, FIM middle (suffix before prefix with --spm-infill). Prefix and suffix take 3/4 and 1/4
-    of a batch; the extra files' last tokens take the context less a batch (llama-server's share), but never more
-    than leaves room for the FIM part and n_predict tokens (where llama-server would send the prompt past the
-    context and answer 400)."""
-    llama = server.llama
-    fim = fim_tokens(server, "Infill is not supported by this model")
+    """/infill's prompt (runtime/infill.py), its fields checked; a 400 for a model without FIM tokens."""
     for name in ("input_prefix", "input_suffix"):
         if not isinstance(body.get(name), str):
             raise APIError(400, f"{name} is required, a string", param=name)
@@ -366,62 +359,21 @@ def fim_prompt(server, body: dict, ask: Ask) -> list[int]:
             for c in extra):
         raise APIError(400, 'input_extra must be a list of {"filename": string, "text": string}',
                        param="input_extra")
-
-    def tok(text: str, special: bool = False) -> list[int]:
-        return llama.tokenize(text, add_special=False, parse_special=special)
-
-    head = [fim["repo"], *tok(FIM_PROJECT)] if fim["repo"] is not None else []
-    for chunk in extra:
-        if fim["file_sep"] is not None:
-            head += [fim["file_sep"], *tok(chunk.get("filename", "tmp") + "\n")]
-        else:
-            head += tok(SNIPPET)
-        head += tok(chunk["text"])
-    if fim["file_sep"] is not None:
-        head += [fim["file_sep"], *tok(FIM_FILE)]
-    n_batch, n_ctx = server.options.n_batch, server.options.n_ctx
-    middle = tok(prompt, special=True)
-    prefix, suffix = tok(body["input_prefix"]), tok(body["input_suffix"])
-    prefix = prefix[len(prefix) - min(len(prefix), 3 * (n_batch // 4)):]
-    suffix = suffix[:max(0, min(len(suffix), n_batch // 4 - (2 + len(middle))))]
-    fim_part = fim_layout(server, fim, [*prefix, *middle], suffix)
-    share = n_ctx - n_batch + 2  # llama-server's: n_ctx - n_batch - 2 * its server's n_predict, -1 by default
-    room = n_ctx - len(fim_part) - max(ask.params.max_tokens, 1)
-    n_extra = max(0, min(len(head), share, room))
-    return head[len(head) - n_extra:] + fim_part
+    o = server.options
+    try:
+        return infill_tokens(server.llama, body["input_prefix"], body["input_suffix"], middle=prompt, extra=extra,
+                             n_ctx=o.n_ctx, n_batch=o.n_batch, n_predict=ask.params.max_tokens, spm=o.spm_infill,
+                             refusal="Infill is not supported by this model")
+    except UsageError as e:
+        raise APIError(400, str(e), type="not_supported_error") from None
 
 
-def fim_ready(llama) -> bool:
-    """Whether the model can fill in the middle: it has FIM prefix, suffix and middle tokens (Ollama's "insert")."""
-    fim = llama.fim_tokens()
-    return all(fim[name] is not None for name in ("prefix", "suffix", "middle"))
-
-
-def fim_tokens(server, refusal: str) -> dict[str, int | None]:
-    """The model's FIM tokens (LlamaModel.fim_tokens); a 400 starting with `refusal` when it lacks the three that
-    an insertion needs."""
-    fim = server.llama.fim_tokens()
-    missing = [name for name in ("prefix", "suffix", "middle") if fim[name] is None]
-    if missing:  # fim_ready() says no
-        raise APIError(400, f"{refusal}: no FIM {', '.join(missing)} token", type="not_supported_error")
-    return fim
-
-
-def fim_layout(server, fim: dict, prefix: list[int], suffix: list[int]) -> list[int]:
-    """BOS (where the model adds one), FIM prefix + prefix, FIM suffix + suffix (the other way round with
-    --spm-infill), FIM middle: the model then writes what goes between."""
-    pre, suf = [fim["prefix"], *prefix], [fim["suffix"], *suffix]
-    first, last = (suf, pre) if server.options.spm_infill else (pre, suf)
-    bos = [server.llama.bos] if server.llama.add_bos else []
-    return bos + first + last + [fim["middle"]]
-
-
-def insertion(server, prompt: str, suffix: str, refusal: str) -> list[int]:
-    """Ollama's and OpenAI's `suffix`: the tokens that ask the model for what goes between `prompt` and
-    `suffix`."""
-    fim = fim_tokens(server, refusal)
-    tok = lambda text: server.llama.tokenize(text, add_special=False)  # noqa: E731
-    return fim_layout(server, fim, tok(prompt), tok(suffix))
+def insert(server, prompt: str, suffix: str, refusal: str) -> list[int]:
+    """Ollama's and OpenAI's `suffix` (runtime/infill.py's insertion); a 400 for a model without FIM tokens."""
+    try:
+        return insertion(server.llama, prompt, suffix, refusal, spm=server.options.spm_infill)
+    except UsageError as e:
+        raise APIError(400, str(e), type="not_supported_error") from None
 
 
 # ---------------------------------------------------------------------------- replies

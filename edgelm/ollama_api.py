@@ -26,11 +26,12 @@ from ._version import __version__
 from .errors import ChatTemplateError, UsageError
 from .gguf_reader import GGUFFile
 from .gguf_summary import describe
-from .llama_native import fim_ready, insertion
+from .llama_native import insert
 from .openai_api import APIError, chat_logprobs, requested_logprobs
 from .router import requested_keep_alive
 from .runtime.chat import chat_tokens, fit_messages
 from .runtime.generate import check_keep, shift_keep, truncated
+from .runtime.infill import can_infill
 from .runtime.sampling import SamplingParams
 from .runtime.reasoning import prompt_opens_thinking
 from .runtime.tools import split_reply, tool_setup
@@ -250,7 +251,7 @@ def add_routes(app: FastAPI, models) -> None:
         return {**named, "modelfile": profile.modelfile() if profile else "",
                 "parameters": profile.parameters() if profile else "", "template": server.template.text,
                 "details": details(llama.gguf), "model_info": info,
-                "capabilities": ["completion", "tools", "embedding"] + (["insert"] if fim_ready(llama) else []),
+                "capabilities": ["completion", "tools", "embedding"] + (["insert"] if can_infill(llama) else []),
                 "modified_at": modified(llama.path)}
 
     @app.post("/api/generate")
@@ -278,7 +279,7 @@ def add_routes(app: FastAPI, models) -> None:
         try:
             llama.check_tokens(context)
             if suffix and not body.get("raw"):  # fill in the middle, as a FIM template would lay it out
-                tokens = insertion(server, prompt, suffix, f"{model} does not support insert")
+                tokens = insert(server, prompt, suffix, f"{model} does not support insert")
             elif body.get("raw") or not (llama.chat_template or server.options.chat_template):  # no template: the text
                 text = f"{system}\n\n{prompt}" if system and not body.get("raw") else prompt
                 tokens = context + llama.tokenize(text, add_special=not context)

@@ -41,7 +41,7 @@ from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, 
                          sampling_params)
 from .anthropic_api import add_routes as add_anthropic_routes
 from .llama_native import add_routes as add_native_routes
-from .llama_native import insertion
+from .llama_native import insert
 from .llama_server_api import add_routes as add_llama_server_routes
 from .ollama_api import add_routes
 from .ollama_store import add_routes as add_store_routes
@@ -293,7 +293,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         if suffix:  # insert: what goes between the prompt and the suffix, by the model's FIM tokens
             if not isinstance(suffix, str) or not isinstance(body["prompt"], str):
                 raise APIError(400, "suffix needs a string prompt and a string suffix", param="suffix")
-            tokens = insertion(server, body["prompt"], suffix, "suffix is not supported by this model")
+            tokens = insert(server, body["prompt"], suffix, "suffix is not supported by this model")
         else:
             tokens = server.prompt_tokens(body["prompt"])
         return await _generate(server, request, body, tokens, params, chat=False)

@@ -218,6 +218,8 @@ def test_the_native_routes_need_the_key(server):
         assert httpx.post(server.base + path, json={}).status_code == 401
     assert httpx.get(server.base + "/slots").status_code == 401
     assert httpx.get(server.base + "/v1/health").json() == {"status": "ok"}  # public, as /health
+    with edgelm.load(n_ctx=256, n_threads=2) as m, pytest.raises(edgelm.EdgelmError, match="no FIM prefix"):
+        m.infill("a", "b")
     refused = post(server, "/infill", {"input_prefix": "a", "input_suffix": "b"}, status=400)
     assert refused["error"]["message"].startswith("Infill is not supported by this model")
 
@@ -233,6 +235,7 @@ def fim_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("fim")
     gguf = convert(fim_checkpoint(d / "ckpt"), d / "fim.gguf", outtype="f32").path
     s = ServerProcess(str(gguf), "--parallel", "1", "--ctx", "256", "--batch", "64", "--api-key", KEY)
+    s.gguf = gguf
     yield s, 8192
     assert "Traceback" not in s.stop()
 
@@ -264,6 +267,9 @@ def test_infill_lays_out_the_fim_prompt(fim_server):
     assert out["prompt"] == post(server, "/detokenize", {"tokens": want})["content"]
     same = post(server, "/completion", {"prompt": want, "n_predict": 8, "temperature": 0, "return_tokens": True})
     assert out["content"] == same["content"] and out["tokens"] == same["tokens"]
+    with edgelm.load(server.gguf, n_ctx=256, n_batch=64, n_threads=2) as m:  # the Python API's infill
+        local = m.infill(prefix, suffix, middle="    ", extra=extra, max_tokens=8, temperature=0)
+    assert (local.text, local.tokens, local.timings.prompt_tokens) == (out["content"], out["tokens"], len(want))
     # llama.vim's request: its samplers, with the infill sampler, and its time limit
     vim = post(server, "/infill", {**body, "samplers": ["top_k", "top_p", "infill"], "top_k": 40, "top_p": 0.99,
                                    "t_max_prompt_ms": 500, "t_max_predict_ms": 500, "cache_prompt": True, "seed": 1})
