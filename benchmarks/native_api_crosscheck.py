@@ -152,8 +152,8 @@ Where llama-server's /infill gives the extra files `n_ctx - n_batch - 2 * n_pred
 prompt past the context and the request gets a 400, edgelm takes that share too but never more than leaves the
 FIM part and the request's `n_predict` tokens room in the context: the "n_predict 4" row.
 
-What edgelm does not take: `post_sampling_probs`, `return_progress`, per-request `lora` scales other than the
-server's own, `min_keep` above 1 (each a 400 that names the field). `cache_prompt`, `t_max_prompt_ms`,
+What edgelm does not take: `post_sampling_probs`, `return_progress`, `min_keep` above 1 (each a 400 that names the
+field). Per-request `lora` scales are taken, as llama-server takes them (tests/test_lora.py). `cache_prompt`, `t_max_prompt_ms`,
 `n_cache_reuse` and `id_slot` are accepted: edgelm reuses a shared prefix's KV exactly whatever they say, and
 picks the slot itself.
 """

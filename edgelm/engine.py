@@ -36,7 +36,8 @@ from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 
-NO_DRAFTS = ((), None)  # what drafted.get() gives a slot without drafts this step
+NO_DRAFTS = ((), None)
+_ALL = object()  # Engine._adapter_turn: every request runs with the model's own LoRA scales  # what drafted.get() gives a slot without drafts this step
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class _Slot:
         self.exact = 0  # leading positions evaluated canonically (see runtime.generate)
         self.req: Request | None = None
         self.last: Request | None = None  # the request it serves or served last (llama-server's /slots)
+        self.adapters: tuple[float, ...] | None = None  # the LoRA scales its KV was computed with (None: the model's)
         # (slot, its request, positions): a slot prefilling this request's prompt prefix, waited for, then copied
         self.donor: tuple[_Slot, Request, int] | None = None
 
@@ -125,7 +127,7 @@ class Engine(SlotReuse, SlotDrafting):
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0, "prompt_tokens": 0,
                       "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_tokens": 0, "last_batch": 0,
                       "shared_prefix_hits": 0, "draft_rounds": 0, "drafted": 0, "draft_accepted": 0,
-                      "context_shifts": 0}
+                      "context_shifts": 0, "lora_switches": 0}
         self.speculation = None
         if options.lookup or draft_model is not None:
             self.speculation = Speculation(model, ctx_options, lookup=options.lookup, draft_model=draft_model,
@@ -136,6 +138,7 @@ class Engine(SlotReuse, SlotDrafting):
         self._slots = [_Slot(i) for i in range(options.n_parallel)]
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
+        self._adapters: tuple[float, ...] | None = None  # the LoRA scales set on the context (None: the model's)
         self._closed = False
         self._paused = False  # submit_many holds admission until all its requests are queued
         self._calls: deque = deque()  # (function, future) to run on the engine's thread between steps
@@ -158,9 +161,12 @@ class Engine(SlotReuse, SlotDrafting):
 
     # ------------------------------------------------------------ client side
 
-    def submit(self, tokens: list[int], params: SamplingParams, keep: int | None = None) -> Request:
+    def submit(self, tokens: list[int], params: SamplingParams, keep: int | None = None,
+               adapters: tuple[float, ...] | None = None) -> Request:
         """Queue a request (tokens already checked against the vocabulary); raises QueueFullError. With `keep`
-        (llama.cpp's --keep: -1 the whole prompt) its generation shifts the context at the end, not stops."""
+        (llama.cpp's --keep: -1 the whole prompt) its generation shifts the context at the end, not stops.
+        `adapters`: the model's LoRA adapters' scales for this request (llama-server's per-request `lora`); requests
+        with other scales decode in steps of their own, and no KV computed under other scales is reused."""
         if not tokens:
             raise UsageError("empty prompt: nothing to condition on")
         if keep is not None:
@@ -172,7 +178,11 @@ class Engine(SlotReuse, SlotDrafting):
                                        f"{self.options.n_ctx} per sequence")
         if params.max_tokens > self.options.max_tokens_cap:
             raise UsageError(f"max_tokens must be at most {self.options.max_tokens_cap}, not {params.max_tokens}")
-        req = Request(list(tokens), params, keep)
+        if adapters is not None:
+            if self.model.lora is None:
+                raise UsageError("LoRA scales for a request, but the model has no LoRA adapters")
+            adapters = self.model.lora.scales(adapters)
+        req = Request(list(tokens), params, keep, adapters)
         with self._cv:
             if self._closed:
                 raise UsageError("the engine is closed")
@@ -184,7 +194,8 @@ class Engine(SlotReuse, SlotDrafting):
             self._cv.notify()
         return req
 
-    def submit_many(self, items: list[tuple[list[int], SamplingParams]], keep: int | None = None) -> list[Request]:
+    def submit_many(self, items: list[tuple[list[int], SamplingParams]], keep: int | None = None,
+                    adapters: tuple[float, ...] | None = None) -> list[Request]:
         """Queue several requests at once, so they start in the same step (a reproducible schedule)."""
         with self._cv:
             if len(self._queue) + len(items) > self.options.max_queue:
@@ -192,7 +203,7 @@ class Engine(SlotReuse, SlotDrafting):
                 raise QueueFullError(f"{len(items)} requests do not fit the queue of {self.options.max_queue}")
             self._paused = True
         try:
-            return [self.submit(tokens, params, keep) for tokens, params in items]
+            return [self.submit(tokens, params, keep, adapters) for tokens, params in items]
         finally:
             with self._cv:
                 self._paused = False
@@ -303,7 +314,7 @@ class Engine(SlotReuse, SlotDrafting):
                 if req.cancelled:
                     self._cancelled_before_start(req)
                     continue
-                slot.start(req, self.model, self.options.n_ctx, self._reuse(slot, req.tokens))
+                slot.start(req, self.model, self.options.n_ctx, self._reuse(slot, req.tokens, req.adapters))
                 if self.speculation is not None:
                     slot.drafts = self.speculation.start(slot.seq, req.params, slot.sampler)
                 self._await_donor(slot)
@@ -326,6 +337,10 @@ class Engine(SlotReuse, SlotDrafting):
         prefilling = sorted((s for s in self._slots if s.evaluating), key=lambda s: s.req.submitted)
         if not decoding and not prefilling:
             return
+        adapters = self._adapter_turn(decoding + prefilling)
+        if adapters is not _ALL:  # requests with other LoRA scales wait for their own step
+            decoding = [s for s in decoding if s.req.adapters == adapters]
+            prefilling = [s for s in prefilling if s.req.adapters == adapters]
         t_step = time.perf_counter()
         b = self.ctx._batch
         # outputs: (slot, batch index, output row) with logits; chunks: (slot, start, end)
@@ -394,6 +409,20 @@ class Engine(SlotReuse, SlotDrafting):
             # a step of decoding rows only, all told (drafts' verification and rollback too; a draft model's time
             # is its own cost): the cost model's data
             self.speculation.observe(n, time.perf_counter() - t_step)
+
+    def _adapter_turn(self, slots: list[_Slot]):
+        """The LoRA scales this step decodes with, set on the context: one set per step, taking turns step by
+        step when requests ask for several (as llama-server never batches requests of other scales together);
+        _ALL when every request has the model's own."""
+        wanted = sorted({s.req.adapters for s in slots}, key=lambda a: (a is not None, a or ()))
+        if wanted == [None] and self._adapters is None:
+            return _ALL
+        turn = wanted[self.stats["steps"] % len(wanted)]
+        if turn != self._adapters:
+            self.model.lora.apply(self.ctx.ptr, turn)
+            self._adapters = turn
+            self.stats["lora_switches"] += 1
+        return turn
 
     def _sampled(self, slot: _Slot, token: int | None, now: float, index: int) -> None:
         req, model = slot.req, self.model
@@ -464,6 +493,6 @@ class Engine(SlotReuse, SlotDrafting):
             keep_n = 0
         del slot.held[keep_n:]
         slot.exact = keep_n
-        if keep_n and self.prompt_cache is not None:
+        if keep_n and self.prompt_cache is not None and slot.adapters is None:  # the cache knows the model's scales
             self.ctx.set_tokens(slot.seq, slot.held, exact=keep_n)
             self.prompt_cache.store(slot.seq)

@@ -20,17 +20,19 @@ if TYPE_CHECKING:
 class SlotReuse:
     """Engine methods over its slots (`_slots`), context (`ctx`), prompt cache, options and stats."""
 
-    def _reuse(self, slot: _Slot, tokens: list[int]) -> int:
-        """Positions of `tokens` the slot's sequence can keep (from its own KV or the prompt cache)."""
+    def _reuse(self, slot: _Slot, tokens: list[int], adapters=None) -> int:
+        """Positions of `tokens` the slot's sequence can keep (from its own KV, another slot's or the prompt
+        cache), computed under the same LoRA scales `adapters`."""
         def usable(shared: int, exact: int) -> int:
             return self._usable(shared, exact, len(tokens))
 
-        n = usable(common_prefix(slot.held, tokens), slot.exact)
+        n = usable(common_prefix(slot.held, tokens), slot.exact) if slot.adapters == adapters else 0
+        slot.adapters = adapters
         # another slot may hold more of it (a shared system prompt): copy that sequence's state over
         # (each sequence has its own KV stream, so attention never scans the other sequences' cells)
         donor, best = None, n
         for other in self._slots:
-            if other is not slot:
+            if other is not slot and other.adapters == adapters:
                 m = usable(common_prefix(other.held, tokens), other.exact)
                 if m > best:
                     donor, best = other, m
@@ -38,7 +40,7 @@ class SlotReuse:
             slot.held, slot.exact, n = tokens[:best], best, best
             self.stats["shared_prefix_hits"] += 1
         cache = self.prompt_cache
-        if cache is not None:
+        if cache is not None and adapters is None:
             shared, entry = cache.lookup(tokens)
             if entry is not None and usable(shared, entry.exact) > n and cache.restore(slot.seq, entry):
                 slot.held, slot.exact = list(entry.tokens), entry.exact
@@ -61,7 +63,7 @@ class SlotReuse:
         tokens = slot.req.tokens
         best, until = None, slot.cursor + self.ctx.canonical_rows  # less than this is not worth a step's wait
         for other in self._slots:
-            if other is not slot and other.evaluating:
+            if other is not slot and other.evaluating and other.req.adapters == slot.req.adapters:
                 shared = common_prefix(other.req.tokens, tokens)
                 m = self._usable(shared, shared, len(tokens))
                 if m > until:

@@ -49,7 +49,8 @@ def add_routes(app: FastAPI, models) -> None:
         reqs = []
         try:
             for tokens in prompts:  # every prompt's choices are queued before any is awaited
-                reqs += server.submit(tokens, ask.params, ask.n_cmpl, shift=ask.keep is not None, keep=ask.keep)
+                reqs += server.submit(tokens, ask.params, ask.n_cmpl, shift=ask.keep is not None, keep=ask.keep,
+                                      adapters=ask.adapters)
         except BaseException:
             for req in reqs:
                 req.cancel()
@@ -147,6 +148,7 @@ class Ask:
     n_probs: int = 0
     n_cmpl: int = 1
     keep: int | None = None  # n_keep when the server shifts its context (--context-shift), else None
+    adapters: tuple[float, ...] | None = None  # per-request LoRA scales (lora_scales), None: the server's
     n_indent: int = 0
     t_max_predict_ms: float = 0.0
     return_tokens: bool = False
@@ -194,7 +196,7 @@ class Ask:
                   keep=n_keep if server.options.context_shift else None, n_indent=integer(body, "n_indent", 0, 0, None),
                   t_max_predict_ms=integer(body, "t_max_predict_ms", 0, 0, None),
                   return_tokens=flag(body, "return_tokens"), timings_per_token=flag(body, "timings_per_token"),
-                  response_fields=fields_list(body))
+                  response_fields=fields_list(body), adapters=lora_scales(body, server))
         ask.settings = settings(params, server, n_predict=n_predict, n_keep=n_keep, stream=ask.stream,
                                 n_probs=n_probs, timings_per_token=ask.timings_per_token)
         return ask
@@ -235,14 +237,27 @@ def unsupported(body: dict, server) -> None:
     slot = body.get("id_slot", -1)
     if isinstance(slot, bool) or not isinstance(slot, int) or not -1 <= slot < server.options.n_parallel:
         raise APIError(400, f"id_slot must be -1 or a slot in [0, {server.options.n_parallel})", param="id_slot")
-    lora = body.get("lora")
-    if lora is not None:
-        specs = server.llama.lora.specs if server.llama.lora else ()
-        given = {a.get("id"): a.get("scale") for a in lora if isinstance(a, dict)} if isinstance(lora, list) else None
-        if given is None or any(given.get(i, 0.0) != spec.scale for i, spec in enumerate(specs)) or (
-                set(given) - set(range(len(specs)))):
-            raise APIError(400, "lora: per-request adapter scales are not supported; the server's adapters "
-                           "(/lora-adapters) apply to every request at their scales", param="lora")
+
+
+def lora_scales(body: dict, server) -> tuple[float, ...] | None:
+    """llama-server's per-request `lora`: [{"id", "scale"}, ...] over the server's --lora adapters (/lora-adapters
+    lists their ids), an adapter left out at scale 0; None without the field."""
+    given = body.get("lora")
+    if given is None:
+        return None
+    specs = server.llama.lora.specs if server.llama.lora else ()
+    if not isinstance(given, list) or not all(isinstance(a, dict) and set(a) <= {"id", "scale"} for a in given):
+        raise APIError(400, 'lora must be a list of {"id": adapter, "scale": number}', param="lora")
+    scales = [0.0] * len(specs)
+    for a in given:
+        i, scale = a.get("id"), a.get("scale", 1.0)
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(specs):
+            raise APIError(400, f"lora: no adapter {i!r} (the server has {len(specs)}: GET /lora-adapters)",
+                           param="lora")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise APIError(400, f"lora: adapter {i}'s scale must be a number, not {scale!r}", param="lora")
+        scales[i] = float(scale)
+    return tuple(scales) if specs else None
 
 
 def integer(body: dict, name: str, default: int, lo: int, hi: int | None) -> int:

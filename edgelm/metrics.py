@@ -41,7 +41,8 @@ COUNTERS = (("requests_total", "requests", "Generation requests accepted by the 
             ("batch_tokens_total", "batch_tokens", "Tokens evaluated over all decode steps."),
             ("draft_tokens_total", "drafted", "Speculative drafts verified (--lookup, --draft)."),
             ("draft_tokens_accepted_total", "draft_accepted", "Speculative drafts kept."),
-            ("context_shifts_total", "context_shifts", "Context shifts of generations at their context's end."))
+            ("context_shifts_total", "context_shifts", "Context shifts of generations at their context's end."),
+            ("lora_switches_total", "lora_switches", "Decode steps that changed the LoRA scales (per-request lora)."))
 
 
 def _engine_series(engine) -> list[tuple[str, str, str, float]]:

@@ -34,7 +34,7 @@ SAMPLING_FIELDS = {  # OpenAI request field -> SamplingParams field
 EXTRA_SAMPLING = set(SAMPLING_FIELDS) - {"max_tokens", "max_completion_tokens"}
 IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "response_format",
                   "logprobs", "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls", "tools", "tool_choice",
-                  "chat_template_kwargs"}
+                  "chat_template_kwargs", "lora"}
 
 
 ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",

@@ -34,11 +34,13 @@ class Request:
 
     _ids = itertools.count(1)
 
-    def __init__(self, tokens: list[int], params: SamplingParams, keep: int | None = None):
+    def __init__(self, tokens: list[int], params: SamplingParams, keep: int | None = None,
+                 adapters: tuple[float, ...] | None = None):
         self.id = next(self._ids)
         self.tokens = tokens
         self.params = params
         self.keep = keep  # context shift: prompt positions kept (Engine.submit), None: none
+        self.adapters = adapters  # the LoRA adapters' scales for this request; None: the model's own
         self.timings = Timings(prompt_tokens=len(tokens))
         self.finish_reason: str | None = None
         self.slot: int | None = None  # the engine's slot serving it, once admitted

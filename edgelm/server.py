@@ -41,7 +41,7 @@ from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, 
                          sampling_params)
 from .anthropic_api import add_routes as add_anthropic_routes
 from .llama_native import add_routes as add_native_routes
-from .llama_native import insert
+from .llama_native import insert, lora_scales
 from .llama_server_api import add_routes as add_llama_server_routes
 from .ollama_api import add_routes
 from .ollama_store import add_routes as add_store_routes
@@ -183,7 +183,7 @@ class Server:
             raise APIError(400, str(e), param="messages") from None
 
     def submit(self, tokens: list[int], params: SamplingParams, n: int = 1, *, shift: bool | None = None,
-               keep: int | None = None) -> list:
+               keep: int | None = None, adapters: tuple[float, ...] | None = None) -> list:
         """One engine request per choice; with a seed, choice i samples with seed + i so the choices differ.
         `shift` and `keep` default to the server's --context-shift and --keep."""
         shift = self.options.context_shift if shift is None else shift
@@ -192,7 +192,7 @@ class Server:
         items = [(tokens, params if seed in (None, params.seed) else replace(params, seed=seed))
                  for seed in seeds]
         try:
-            return self.engine.submit_many(items, keep if shift else None)
+            return self.engine.submit_many(items, keep if shift else None, adapters)
         except QueueFullError as e:
             raise APIError(503, str(e), type="server_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
@@ -336,7 +336,8 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
 
     async def _generate(server: Server, request: Request, body: dict, tokens: list[int], params: SamplingParams, chat: bool,
                         tools: list[dict] | None = None):
-        reqs = server.submit(tokens, params, choices(body))  # one request per choice, started in the same step
+        # one request per choice, started in the same step; llama-server's per-request `lora` scales
+        reqs = server.submit(tokens, params, choices(body), adapters=lora_scales(body, server))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -252,3 +252,49 @@ def httpx_post(url: str, body: dict) -> dict:
     r = httpx.post(url, json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def test_per_request_scales_in_the_server(made):
+    """llama-server's per-request `lora`: each request decodes with its own scales (an adapter left out at 0),
+    alone or beside requests with other scales, and never reuses KV computed under other scales."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_server import ServerProcess
+
+    plain, patterns = str(made["plain"]["gguf"]), str(made["patterns"]["gguf"])
+    loads = {"default": [(plain, 0.5), (patterns, 1.0)], "none": None, "plain": [(plain, 1.0)]}
+    scales = {"default": None, "none": [], "plain": [{"id": 0, "scale": 1.0}]}
+    want = {}
+    for name, lora in loads.items():
+        with edgelm.load(made["base"], n_ctx=512, n_threads=2, lora=lora) as m:
+            want[name] = m.generate(TEXT, max_tokens=12, temperature=0, ignore_eos=True).text
+    assert len(set(want.values())) == 3  # the three settings say different things
+    server = ServerProcess(str(made["base"]), "--parallel", "2", "--ctx", "512", "--lora-scaled", plain, "0.5",
+                           "--lora-scaled", patterns, "1")
+
+    def complete(name: str, route: str = "/completion") -> str:
+        body = {"prompt": TEXT, "n_predict": 12, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        if route == "/v1/completions":
+            del body["n_predict"]
+        if scales[name] is not None:
+            body["lora"] = scales[name]
+        out = httpx_post(server.base + route, body)
+        return out["content"] if route == "/completion" else out["choices"][0]["text"]
+
+    try:
+        for name in ("default", "none", "plain", "default", "plain"):  # the same prompt under other scales in turn
+            assert complete(name) == want[name], name
+        assert complete("plain", "/v1/completions") == want["plain"]
+        order = ["none", "plain", "default", "none", "plain", "default"]  # two slots, three settings at once
+        switches = server.metrics()["edgelm_lora_switches_total"]
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(complete, order))
+        assert got == [want[name] for name in order]
+        assert server.metrics()["edgelm_lora_switches_total"] - switches > len(order)  # they took turns, step by step
+        scales["same"] = [{"id": 1, "scale": 1.0}, {"id": 0, "scale": 0.5}]  # the server's own scales
+        assert complete("same") == want["default"]
+        for bad in ([{"id": 2, "scale": 1}], "x", [{"id": 0, "scale": "big"}], [{"id": 0, "weight": 1}]):
+            r = httpx.post(server.base + "/completion", json={"prompt": TEXT, "lora": bad}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "lora", r.text
+    finally:
+        assert "Traceback" not in server.stop()

@@ -36,8 +36,9 @@ def lora_specs(value, what: str = "lora") -> tuple[LoraSpec, ...]:
     """`lora=` (or `control=`, named by `what`) as the API takes it: a path, a (path, scale) pair, or a list."""
     if value is None:
         return ()
-    if isinstance(value, (str, os.PathLike, LoraSpec)) or (isinstance(value, tuple) and len(value) == 2
-                                                          and not isinstance(value[1], (str, os.PathLike))):
+    if isinstance(value, (str, os.PathLike, LoraSpec)) or (  # one adapter; a tuple of two may be two adapters
+            isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (str, os.PathLike))
+            and not isinstance(value[1], (str, os.PathLike, tuple, list, LoraSpec))):
         value = [value]
     if not isinstance(value, (list, tuple)):
         raise UsageError(f"{what} must be a path, a (path, scale) pair or a list of them, not {type(value).__name__}")
@@ -137,7 +138,19 @@ class LoraAdapters:
         self._scales = (ctypes.c_float * len(specs))(*(s.scale for s in specs))
         self.fingerprint = hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()
 
-    def apply(self, ctx) -> None:
-        """Set the adapters on a new llama_context (llama.cpp then builds every graph with them)."""
-        if lib.llama_set_adapters_lora(ctx, self._ptrs, len(self.specs), self._scales) != 0:
+    def scales(self, given) -> tuple[float, ...] | None:
+        """Per-request scales (one number per adapter, in --lora order) checked; None where they are the
+        adapters' own."""
+        if not isinstance(given, (list, tuple)) or len(given) != len(self.specs) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= 100
+                for v in given):
+            raise UsageError(f"LoRA scales must be {len(self.specs)} finite numbers in [-100, 100], not {given!r}")
+        scales = tuple(float(v) for v in given)
+        return None if scales == tuple(s.scale for s in self.specs) else scales
+
+    def apply(self, ctx, scales: tuple[float, ...] | None = None) -> None:
+        """Set the adapters on a llama_context at their scales, or at `scales` (one per adapter); llama.cpp then
+        builds every graph with them."""
+        given = self._scales if scales is None else (ctypes.c_float * len(self.specs))(*scales)
+        if lib.llama_set_adapters_lora(ctx, self._ptrs, len(self.specs), given) != 0:
             raise ModelLoadError("llama.cpp could not set the LoRA adapters on a context")
