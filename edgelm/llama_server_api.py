@@ -1,12 +1,15 @@
-"""llama-server's own endpoints beside the OpenAI API: /tokenize, /detokenize, /props and /lora-adapters, in its
-shapes, so that tools written for llama-server (editors, web UIs, scripts) work unchanged."""
+"""llama-server's own endpoints beside the OpenAI API: /tokenize, /detokenize, /props, /lora-adapters (GET, and POST
+to set the scales of requests that give none) and /slots, in its shapes, so that tools written for llama-server
+(editors, web UIs, scripts) work unchanged."""
 from __future__ import annotations
+
+import json
 
 from fastapi import FastAPI, Request
 
 from ._version import __version__
 from .errors import EdgelmError, UsageError
-from .llama_native import settings
+from .llama_native import lora_scales, settings
 from .openai_api import APIError, piece
 from .runtime.generate import Completion
 from .runtime.sampling import SamplingParams
@@ -38,10 +41,24 @@ def add_routes(app: FastAPI, models) -> None:
         return [slot_state(server, seq, req, busy) for seq, req, busy in states]
 
     @app.get("/lora-adapters")
-    async def lora_adapters(request: Request):  # llama-server's listing: the adapters every request runs with
+    async def lora_adapters(request: Request):  # llama-server's listing: the adapters requests run with
         server = await models.get(request, request.query_params.get("model"))
-        specs = server.llama.lora.specs if server.llama.lora else ()
-        return [{"id": i, "path": str(spec.path), "scale": spec.scale} for i, spec in enumerate(specs)]
+        return adapter_list(server)
+
+    @app.post("/lora-adapters")
+    async def set_lora_adapters(request: Request):
+        """llama-server's: [{"id", "scale"}, ...] sets the scales of requests that give none (an adapter left out:
+        0); answers the new listing."""
+        raw = await request.body()
+        try:
+            given = json.loads(raw)
+        except (UnicodeDecodeError, ValueError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        server = await models.get(request, request.query_params.get("model"))
+        if server.llama.lora is None:
+            raise APIError(400, "the server has no LoRA adapters (--lora)", param="lora")
+        server.adapters = server.llama.lora.scales(lora_scales({"lora": given}, server))
+        return adapter_list(server)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -74,6 +91,13 @@ def add_routes(app: FastAPI, models) -> None:
         except UsageError as e:
             raise APIError(400, str(e), param="tokens") from None
         return {"content": server.llama.detokenize(tokens, special=True)}
+
+
+def adapter_list(server) -> list[dict]:
+    """/lora-adapters: each --lora adapter with the scale requests that give none run with."""
+    specs = server.llama.lora.specs if server.llama.lora else ()
+    scales = server.adapters or [spec.scale for spec in specs]
+    return [{"id": i, "path": str(spec.path), "scale": scale} for i, (spec, scale) in enumerate(zip(specs, scales))]
 
 
 def slot_state(server, seq: int, req, busy: bool) -> dict:

@@ -120,6 +120,7 @@ class Server:
                                                    disk_bytes=options.prompt_cache_bytes)
         self.metrics = metrics or Metrics()
         self._embedder = None
+        self.adapters = None  # the LoRA scales of requests that give none (POST /lora-adapters); None: --lora's
         if options.context_shift and not self.engine.ctx.can_shift:
             self.close()
             raise UsageError(f"{self.llama.path.name}: this model's KV cache cannot shift positions "
@@ -185,8 +186,10 @@ class Server:
     def submit(self, tokens: list[int], params: SamplingParams, n: int = 1, *, shift: bool | None = None,
                keep: int | None = None, adapters: tuple[float, ...] | None = None) -> list:
         """One engine request per choice; with a seed, choice i samples with seed + i so the choices differ.
-        `shift` and `keep` default to the server's --context-shift and --keep."""
+        `shift` and `keep` default to the server's --context-shift and --keep, `adapters` (LoRA scales) to the
+        server's (--lora, or POST /lora-adapters)."""
         shift = self.options.context_shift if shift is None else shift
+        adapters = self.adapters if adapters is None else adapters
         keep = self.options.keep if keep is None else keep
         seeds = [None if params.seed is None else (params.seed + i) % lib.LLAMA_DEFAULT_SEED for i in range(n)]
         items = [(tokens, params if seed in (None, params.seed) else replace(params, seed=seed))

@@ -248,7 +248,7 @@ def test_server_applies_the_adapter(made):
         assert got != m.generate(TEXT, max_tokens=12, temperature=0).text
 
 
-def httpx_post(url: str, body: dict) -> dict:
+def httpx_post(url: str, body) -> dict | list:
     r = httpx.post(url, json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
@@ -296,5 +296,13 @@ def test_per_request_scales_in_the_server(made):
         for bad in ([{"id": 2, "scale": 1}], "x", [{"id": 0, "scale": "big"}], [{"id": 0, "weight": 1}]):
             r = httpx.post(server.base + "/completion", json={"prompt": TEXT, "lora": bad}, timeout=60)
             assert r.status_code == 400 and r.json()["error"]["param"] == "lora", r.text
+            assert httpx.post(server.base + "/lora-adapters", json=bad).status_code == 400
+        # POST /lora-adapters: the scales of requests that give none, until changed again
+        listing = httpx_post(server.base + "/lora-adapters", [{"id": 0, "scale": 1.0}])
+        assert [(a["id"], a["scale"]) for a in listing] == [(0, 1.0), (1, 0.0)]
+        assert httpx.get(server.base + "/lora-adapters").json() == listing
+        assert complete("default") == want["plain"] and complete("none") == want["none"]
+        httpx_post(server.base + "/lora-adapters", [{"id": 0, "scale": 0.5}, {"id": 1, "scale": 1}])
+        assert complete("default") == want["default"]
     finally:
         assert "Traceback" not in server.stop()
