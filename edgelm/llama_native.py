@@ -241,9 +241,10 @@ def unsupported(body: dict, server) -> None:
 
 def lora_scales(body: dict, server) -> tuple[float, ...] | None:
     """llama-server's per-request `lora`: [{"id", "scale"}, ...] over the server's --lora adapters (/lora-adapters
-    lists their ids), an adapter left out at scale 0; None without the field."""
+    lists their ids), an adapter left out at scale 0; None (the server's scales) without the field or with an empty
+    list, as llama-server takes it."""
     given = body.get("lora")
-    if given is None:
+    if given is None or given == []:
         return None
     specs = server.llama.lora.specs if server.llama.lora else ()
     if not isinstance(given, list) or not all(isinstance(a, dict) and set(a) <= {"id", "scale"} for a in given):

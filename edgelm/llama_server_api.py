@@ -57,6 +57,7 @@ def add_routes(app: FastAPI, models) -> None:
         server = await models.get(request, request.query_params.get("model"))
         if server.llama.lora is None:
             raise APIError(400, "the server has no LoRA adapters (--lora)", param="lora")
+        given = given or [{"id": 0, "scale": 0.0}]  # an empty list: every adapter off
         server.adapters = server.llama.lora.scales(lora_scales({"lora": given}, server))
         return adapter_list(server)
 

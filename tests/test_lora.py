@@ -263,7 +263,7 @@ def test_per_request_scales_in_the_server(made):
 
     plain, patterns = str(made["plain"]["gguf"]), str(made["patterns"]["gguf"])
     loads = {"default": [(plain, 0.5), (patterns, 1.0)], "none": None, "plain": [(plain, 1.0)]}
-    scales = {"default": None, "none": [], "plain": [{"id": 0, "scale": 1.0}]}
+    scales = {"default": None, "none": [{"id": 0, "scale": 0}], "plain": [{"id": 0, "scale": 1.0}]}
     want = {}
     for name, lora in loads.items():
         with edgelm.load(made["base"], n_ctx=512, n_threads=2, lora=lora) as m:
@@ -292,7 +292,8 @@ def test_per_request_scales_in_the_server(made):
         assert got == [want[name] for name in order]
         assert server.metrics()["edgelm_lora_switches_total"] - switches > len(order)  # they took turns, step by step
         scales["same"] = [{"id": 1, "scale": 1.0}, {"id": 0, "scale": 0.5}]  # the server's own scales
-        assert complete("same") == want["default"]
+        scales["empty"] = []  # as llama-server: the server's scales
+        assert complete("same") == complete("empty") == want["default"]
         for bad in ([{"id": 2, "scale": 1}], "x", [{"id": 0, "scale": "big"}], [{"id": 0, "weight": 1}]):
             r = httpx.post(server.base + "/completion", json={"prompt": TEXT, "lora": bad}, timeout=60)
             assert r.status_code == 400 and r.json()["error"]["param"] == "lora", r.text
