@@ -430,6 +430,9 @@ class Engine(SlotReuse, SlotDrafting):
             req.timings.prompt_s = now - slot.t0  # prefill, interleaved with the other streams
             req.timings.ttft_s = now - req.submitted  # queueing included
             slot.t_first = now
+            if req.params.max_tokens == 0:  # the prompt only (its KV stays for the next request, as llama-server's)
+                self._finish(slot, "length")
+                return
         if token is None or (model.is_eog(token) and (not req.params.ignore_eos or slot.sampler.constrained)):
             self._finish(slot, "stop")
             return

@@ -175,7 +175,7 @@ class Ask:
             kwargs["seed"] = None
         if "logit_bias" in kwargs:
             kwargs["logit_bias"] = logit_bias(server.llama, kwargs["logit_bias"])
-        n_predict = body.get("n_predict", body.get("max_tokens", -1))
+        n_predict = body.get("n_predict", body.get("max_tokens", server.defaults.get("max_tokens", -1)))
         cap = server.options.max_tokens_cap
         if isinstance(n_predict, bool) or not isinstance(n_predict, int) or n_predict < -1:
             raise APIError(400, f"n_predict must be an integer of at least -1, not {n_predict!r}", param="n_predict")

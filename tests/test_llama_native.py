@@ -94,6 +94,9 @@ def test_stop_types_and_logit_bias(server, reference):
                                        "ignore_eos": True})
     assert (out["stop_type"], out["stopping_word"]) == ("word", word)
     assert out["content"] == full.text[:full.text.index(word)]
+    # n_predict 0: the prompt evaluated, nothing generated (the engine used to sample one token)
+    out = post(server, "/completion", {"prompt": PROMPT, "n_predict": 0})
+    assert (out["content"], out["tokens_predicted"], out["stop_type"]) == ("", 0, "limit")
     eos = reference.llama.eos
     out = post(server, "/completion", {"prompt": PROMPT, "n_predict": 8, "temperature": 0,
                                        "logit_bias": [[eos, 1000]]})
