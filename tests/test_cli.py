@@ -216,6 +216,13 @@ def test_run_dry_mirostat_xtc_flags(tiny_gguf):
     assert r.returncode == 0 and json.loads(r.stdout)["completion_tokens"] >= 1, r.stderr
     r = edgelm("run", model, "-p", "x", "--dry-base", "0.5")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "dry_base" in r.stderr
+    # --samplers: only top-k (1) then temperature run, so the draw is the argmax whatever top-p and the seed say
+    r = edgelm("run", model, "-p", prompt, "-n", "12", "--ignore-eos", "--samplers", "top_k;temperature", "--top-k",
+               "1", "--top-p", "0.01", "--temp", "0.9", "--seed", "4", "--json")
+    with load(model, n_threads=2) as m:
+        assert json.loads(r.stdout)["text"] == m.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).text
+    r = edgelm("run", model, "-p", "x", "--samplers", "top_k;nucleus")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nucleus" in r.stderr
 
 
 def test_run_context_shift(tiny_gguf):
