@@ -151,8 +151,19 @@ def add_routes(app: FastAPI, models) -> None:
             reply.call(call)
         return reply.response(req)
 
+    async def input_tokens(request: Request):
+        """OpenAI's responses.input_tokens.count: the prompt tokens a Responses request would take."""
+        body = await read_body(request)
+        server = await models.get(request, body.get("model"))
+        try:
+            tools, _ = tool_setup(*chat_tools(body))
+        except UsageError as e:
+            raise APIError(400, str(e), param="tools") from None
+        return {"object": "response.input_tokens", "input_tokens": len(server.chat_prompt(chat_messages(body), tools))}
+
     for path in ("/v1/responses", "/responses"):
         app.post(path)(responses)
+        app.post(path + "/input_tokens")(input_tokens)
 
 
 class Reply:

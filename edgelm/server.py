@@ -322,6 +322,22 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         tokens = server.chat_prompt(body["messages"], tools, extra)
         return await _generate(server, request, body, tokens, params, chat=True, tools=tools)
 
+    @app.post("/v1/chat/completions/input_tokens")
+    @app.post("/chat/completions/input_tokens")
+    async def chat_input_tokens(request: Request):
+        """llama-server's: the prompt tokens a chat completion request would take."""
+        body = await read_body(request)
+        if "messages" not in body:
+            raise APIError(400, "messages is required", param="messages")
+        server = await models.get(request, body.get("model"))
+        try:
+            tools, _ = tool_setup(body.get("tools"), body.get("tool_choice"))
+            extra = template_kwargs(body.get("chat_template_kwargs"))
+        except UsageError as e:
+            raise APIError(400, str(e), param="tools") from None
+        tokens = server.chat_prompt(body["messages"], tools, extra)
+        return {"object": "response.input_tokens", "input_tokens": len(tokens)}
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         body = await read_body(request)

@@ -140,7 +140,8 @@ OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
 BLOBS = "/api/blobs/"  # Ollama's uploads (ollama_store.py): counted under one name
 # besides /v1/ and /api/: what an API key guards
 KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props", "/responses", "/chat/completions", "/completion",
-         "/completions", "/infill", "/embedding", "/embeddings", "/apply-template", "/slots"}
+         "/completions", "/infill", "/embedding", "/embeddings", "/apply-template", "/slots",
+         "/chat/completions/input_tokens", "/responses/input_tokens"}
 KEYED |= {"/models", "/models/load", "/models/unload"}  # router mode's (llama-server's)
 ROUTES = {*PUBLIC, "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
           "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", *KEYED,

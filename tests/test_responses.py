@@ -95,3 +95,22 @@ def test_bad_requests_are_400(server, body, param):
     r = httpx.post(server.base + "/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert httpx.post(server.base + "/responses", json={"input": "hi"}).status_code == 401  # the key guards it too
+
+
+def test_input_tokens_count_the_prompt(server, client):
+    """OpenAI's responses.input_tokens.count and llama-server's /v1/chat/completions/input_tokens: the prompt tokens
+    the request would take, as its usage reports them."""
+    tools = [{"type": "function", "name": "get_weather", "description": "Weather of a city.",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    out = client.responses.create(model="x", instructions="Be brief.", input="Say hello.", max_output_tokens=2,
+                                  temperature=0, tools=tools)
+    count = client.responses.input_tokens.count(model="x", instructions="Be brief.", input="Say hello.", tools=tools)
+    assert count.input_tokens == out.usage.input_tokens and count.object == "response.input_tokens"
+    messages = [{"role": "user", "content": "Say hello."}]
+    ref = chat(client, messages, max_tokens=2)
+    r = httpx.post(server.base + "/v1/chat/completions/input_tokens", json={"messages": messages},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.json() == {"object": "response.input_tokens", "input_tokens": ref.usage.prompt_tokens}
+    assert httpx.post(server.base + "/chat/completions/input_tokens", json={"messages": messages}).status_code == 401
+    r = httpx.post(server.base + "/v1/chat/completions/input_tokens", json={}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
