@@ -436,8 +436,11 @@ class Output:
     def indent_cut(self, start: int) -> int | None:
         """llama-server's n_indent: where a line after the first starts less indented than n_indent, the reply
         ends before that line's first character."""
-        line = self.text.rfind("\n", 0, start) + 1 if "\n" in self.text[:start] else self.text.find("\n", start) + 1
-        while 0 < line <= len(self.text):
+        first = self.text.find("\n")
+        if first < 0:
+            return None
+        line = max(first + 1, self.text.rfind("\n", 0, start) + 1)  # the line the new text starts in, or the second
+        while line <= len(self.text):
             q = line
             while q < len(self.text) and self.text[q] in " \t":
                 q += 1
