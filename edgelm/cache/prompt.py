@@ -90,16 +90,7 @@ class PromptCache:
                 raise UsageError(f"{name} must be a non-negative integer, not {value!r}")
         self.ctx = ctx
         self.ram_bytes, self.disk_bytes, self.min_tokens = ram_bytes, disk_bytes, max(1, min_tokens)
-        opts = ctx.options
-        self.signature = {
-            "model": ctx.model.fingerprint,
-            "llama_state_version": lib.LLAMA_STATE_SEQ_VERSION,
-            "llama_cpp": lib.__version__,
-            "n_ctx": ctx.n_ctx,
-            "type_k": opts.type_k,
-            "type_v": opts.type_v,
-            "flash_attn": opts.flash_attn,
-        }
+        self.signature = state_signature(ctx)
         self._sig_bytes = json.dumps(self.signature, sort_keys=True).encode()
         self.dir = None
         if path is not None:
@@ -251,14 +242,8 @@ class PromptCache:
         return self.dir / f"{key}.kvc"  # key is hex we derived: the path cannot leave the folder
 
     def _write(self, entry: Entry, payload: bytearray) -> None:
-        tokens = _token_bytes(entry.tokens)
-        digest = hashlib.sha256(tokens)
-        digest.update(payload)
-        header = json.dumps({**self.signature, "n_tokens": len(entry.tokens), "exact": entry.exact,
-                             "payload_bytes": len(payload), "sha256": digest.hexdigest()}, sort_keys=True).encode()
         try:
-            atomic_write(self._path(entry.key), [FIXED.pack(MAGIC, FORMAT_VERSION, len(header)), header, tokens,
-                                                  payload], private=True)
+            write_state(self._path(entry.key), self.signature, entry.tokens, entry.exact, payload)
         except OSError as e:
             log.debug("prompt cache: cannot write %s (%s)", entry.key, e.strerror or e)
             return
@@ -273,35 +258,7 @@ class PromptCache:
         return os.fdopen(fd, "rb")
 
     def _read_header(self, f, name: str, file_size: int) -> tuple[dict, tuple[int, ...]]:
-        fixed = f.read(FIXED.size)
-        if len(fixed) < FIXED.size:
-            raise CacheMiss(f"{name}: truncated header")
-        magic, version, hlen = FIXED.unpack(fixed)
-        if magic != MAGIC:
-            raise CacheMiss(f"{name}: not an edgelm cache entry")
-        if version != FORMAT_VERSION:
-            raise CacheMiss(f"{name}: format version {version}, this edgelm reads {FORMAT_VERSION}")
-        if hlen > MAX_HEADER:
-            raise CacheMiss(f"{name}: header of {hlen} bytes")
-        try:
-            header = json.loads(f.read(hlen))
-        except (UnicodeDecodeError, ValueError):
-            raise CacheMiss(f"{name}: unreadable header") from None
-        if not isinstance(header, dict):
-            raise CacheMiss(f"{name}: unreadable header")
-        for field, want in self.signature.items():
-            if header.get(field) != want:
-                raise CacheMiss(f"{name}: made with {field}={header.get(field)!r}, this context has {want!r}")
-        n, size, exact = header.get("n_tokens"), header.get("payload_bytes"), header.get("exact")
-        if not (isinstance(n, int) and isinstance(size, int) and isinstance(exact, int) and 0 < n <= self.ctx.n_ctx
-                and size > 0 and 0 <= exact <= n and isinstance(header.get("sha256"), str)):
-            raise CacheMiss(f"{name}: bad token or payload count")
-        if FIXED.size + hlen + 4 * n + size != file_size:
-            raise CacheMiss(f"{name}: {file_size} bytes, the header says {FIXED.size + hlen + 4 * n + size}")
-        raw = f.read(4 * n)
-        if len(raw) != 4 * n:
-            raise CacheMiss(f"{name}: truncated tokens")
-        return header, _tokens_from(raw)
+        return read_state_header(f, name, file_size, self.signature, self.ctx.n_ctx)
 
     def _read(self, entry: Entry) -> bytearray:
         name = entry.key + ".kvc"
@@ -309,13 +266,7 @@ class PromptCache:
             header, tokens = self._read_header(f, name, os.fstat(f.fileno()).st_size)
             if tokens != entry.tokens:
                 raise CacheMiss(f"{name}: holds other tokens than its index entry")
-            payload = bytearray(header["payload_bytes"])
-            if f.readinto(payload) != len(payload):
-                raise CacheMiss(f"{name}: truncated payload")
-        digest = hashlib.sha256(_token_bytes(tokens))
-        digest.update(payload)
-        if digest.hexdigest() != header["sha256"]:
-            raise CacheMiss(f"{name}: checksum mismatch (corrupt entry)")
+            payload = read_state_payload(f, name, header, tokens)
         try:
             os.utime(self._path(entry.key), follow_symlinks=False)  # LRU order across processes
         except (OSError, NotImplementedError):
@@ -407,3 +358,68 @@ class PromptCache:
             pass
         except OSError as e:
             log.debug("prompt cache: cannot remove %s (%s)", name, e.strerror or e)
+
+# ---------------------------------------------------------------------------- the file format
+
+
+def state_signature(ctx) -> dict:
+    """What a sequence state of `ctx` depends on: a state file made under anything else is refused."""
+    opts = ctx.options
+    return {"model": ctx.model.fingerprint, "llama_state_version": lib.LLAMA_STATE_SEQ_VERSION,
+            "llama_cpp": lib.__version__, "n_ctx": ctx.n_ctx, "type_k": opts.type_k, "type_v": opts.type_v,
+            "flash_attn": opts.flash_attn}
+
+
+def write_state(path: Path, signature: dict, tokens, exact: int, payload) -> None:
+    """A sequence state file, written atomically (OSError when it cannot be)."""
+    raw = _token_bytes(tokens)
+    digest = hashlib.sha256(raw)
+    digest.update(payload)
+    header = json.dumps({**signature, "n_tokens": len(tokens), "exact": exact, "payload_bytes": len(payload),
+                         "sha256": digest.hexdigest()}, sort_keys=True).encode()
+    atomic_write(path, [FIXED.pack(MAGIC, FORMAT_VERSION, len(header)), header, raw, payload], private=True)
+
+
+def read_state_header(f, name: str, file_size: int, signature: dict, n_ctx: int) -> tuple[dict, tuple[int, ...]]:
+    """A state file's header and tokens, checked against `signature`; CacheMiss naming what is wrong."""
+    fixed = f.read(FIXED.size)
+    if len(fixed) < FIXED.size:
+        raise CacheMiss(f"{name}: truncated header")
+    magic, version, hlen = FIXED.unpack(fixed)
+    if magic != MAGIC:
+        raise CacheMiss(f"{name}: not an edgelm cache entry")
+    if version != FORMAT_VERSION:
+        raise CacheMiss(f"{name}: format version {version}, this edgelm reads {FORMAT_VERSION}")
+    if hlen > MAX_HEADER:
+        raise CacheMiss(f"{name}: header of {hlen} bytes")
+    try:
+        header = json.loads(f.read(hlen))
+    except (UnicodeDecodeError, ValueError):
+        raise CacheMiss(f"{name}: unreadable header") from None
+    if not isinstance(header, dict):
+        raise CacheMiss(f"{name}: unreadable header")
+    for field, want in signature.items():
+        if header.get(field) != want:
+            raise CacheMiss(f"{name}: made with {field}={header.get(field)!r}, this context has {want!r}")
+    n, size, exact = header.get("n_tokens"), header.get("payload_bytes"), header.get("exact")
+    if not (isinstance(n, int) and isinstance(size, int) and isinstance(exact, int) and 0 < n <= n_ctx
+            and size > 0 and 0 <= exact <= n and isinstance(header.get("sha256"), str)):
+        raise CacheMiss(f"{name}: bad token or payload count")
+    if FIXED.size + hlen + 4 * n + size != file_size:
+        raise CacheMiss(f"{name}: {file_size} bytes, the header says {FIXED.size + hlen + 4 * n + size}")
+    raw = f.read(4 * n)
+    if len(raw) != 4 * n:
+        raise CacheMiss(f"{name}: truncated tokens")
+    return header, _tokens_from(raw)
+
+
+def read_state_payload(f, name: str, header: dict, tokens) -> bytearray:
+    """The payload after the tokens, checked against the header's sha256."""
+    payload = bytearray(header["payload_bytes"])
+    if f.readinto(payload) != len(payload):
+        raise CacheMiss(f"{name}: truncated payload")
+    digest = hashlib.sha256(_token_bytes(tokens))
+    digest.update(payload)
+    if digest.hexdigest() != header["sha256"]:
+        raise CacheMiss(f"{name}: checksum mismatch (corrupt entry)")
+    return payload
