@@ -25,6 +25,7 @@ import llama_cpp as lib
 
 from .drafting import SlotDrafting, Speculation, check_draft_options
 from .engine_reuse import SlotReuse
+from .engine_slots import SlotFiles
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.backend import release_workers, running_graphs
 from .runtime.canonical import ROW_GROUP, canonical_sequences
@@ -110,7 +111,7 @@ class _Slot:
         return self.prefilling and self.donor is None
 
 
-class Engine(SlotReuse, SlotDrafting):
+class Engine(SlotReuse, SlotDrafting, SlotFiles):
     def __init__(self, model: LlamaModel, options: EngineOptions | None = None, *, prompt_cache=None,
                  threaded: bool = True, draft_model: LlamaModel | None = None):
         """threaded=False: no worker thread; the caller drives it with run_until_idle(). Either way one thread
@@ -216,10 +217,6 @@ class Engine(SlotReuse, SlotDrafting):
     @property
     def active(self) -> int:
         return sum(s.req is not None for s in self._slots)
-
-    def slot_states(self) -> list[tuple[int, Request | None, bool]]:
-        """(slot, the request it serves or served last, whether it is serving it now), read from any thread."""
-        return [(s.seq, s.last, s.req is not None) for s in self._slots]
 
     def close(self) -> None:
         with self._cv:

@@ -3,11 +3,14 @@ to set the scales of requests that give none) and /slots, in its shapes, so that
 (editors, web UIs, scripts) work unchanged."""
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 
 from ._version import __version__
+from .blobs import check_file_name
 from .errors import EdgelmError, UsageError
 from .llama_native import lora_scales, settings
 from .openai_api import APIError, piece
@@ -39,6 +42,31 @@ def add_routes(app: FastAPI, models) -> None:
         if request.query_params.get("fail_on_no_slot") == "1" and all(busy for _, _, busy in states):
             raise APIError(503, "no slot available", type="unavailable_error", headers={"Retry-After": "1"})
         return [slot_state(server, seq, req, busy) for seq, req, busy in states]
+
+    @app.post("/slots/{index}")
+    async def slot_action(request: Request, index: str):
+        """llama-server's ?action=save|restore (body {"filename"}, a file in --slot-save-path) and ?action=erase."""
+        action = request.query_params.get("action")
+        if action not in ("save", "restore", "erase"):
+            raise APIError(400, f"action must be save, restore or erase, not {action!r}", param="action")
+        body = await read_body(request) if action != "erase" else {}
+        server = await models.get(request, request.query_params.get("model"))
+        if not index.isdecimal():
+            raise APIError(400, f"no slot {index!r}", param="id_slot")
+        engine, n = server.engine, int(index)
+        if action == "erase":
+            return {"id_slot": n, **await _engine_result(engine.erase_slot(n))}
+        folder = server.options.slot_save_path
+        if folder is None:
+            raise APIError(400, "slot files are off: start the server with --slot-save-path DIR")
+        try:
+            name = check_file_name(body.get("filename"))
+        except UsageError as e:
+            raise APIError(400, str(e), param="filename") from None
+        path = Path(folder) / name
+        result = await _engine_result(engine.save_slot(n, path) if action == "save" else engine.restore_slot(n, path))
+        timing = result.pop(f"{action}_ms")
+        return {"id_slot": n, "filename": name, **result, "timings": {f"{action}_ms": timing}}
 
     @app.get("/lora-adapters")
     async def lora_adapters(request: Request):  # llama-server's listing: the adapters requests run with
@@ -92,6 +120,16 @@ def add_routes(app: FastAPI, models) -> None:
         except UsageError as e:
             raise APIError(400, str(e), param="tokens") from None
         return {"content": server.llama.detokenize(tokens, special=True)}
+
+
+async def _engine_result(future) -> dict:
+    """What an engine call returned; its UsageError a 400, a missing file a 404."""
+    try:
+        return await asyncio.wrap_future(future)
+    except FileNotFoundError as e:
+        raise APIError(404, str(e), type="not_found_error") from None
+    except UsageError as e:
+        raise APIError(400, str(e)) from None
 
 
 def adapter_list(server) -> list[dict]:

@@ -16,6 +16,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import llama_cpp as lib
@@ -87,6 +88,7 @@ class ServerOptions:
     context_shift: bool = False  # OpenAI's routes: generate past the context's end (Ollama's shift by default)
     keep: int = 0  # prompt tokens a context shift keeps (-1: all; BOS always)
     spm_infill: bool = False  # /infill lays out suffix before prefix (llama-server's --spm-infill)
+    slot_save_path: str | None = None  # the folder of POST /slots/N?action=save|restore files (off without it)
 
 
 class Server:
@@ -95,6 +97,12 @@ class Server:
     def __init__(self, options: ServerOptions, metrics: Metrics | None = None):
         self.options = options
         check_keep(options.keep)
+        if options.slot_save_path is not None:
+            folder = Path(options.slot_save_path).expanduser()
+            try:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"--slot-save-path {folder}: cannot create the folder ({e.strerror or e})") from None
         model = resolve_model(options.model)  # once: an hf:// reference asks the Hub (or its cache) here
         self.memory = None  # the memory-fit estimate: what /api/ps reports a loaded model's size as
         if options.memory_check:  # the engine's one context holds every slot's cells

@@ -116,7 +116,7 @@ class Guard:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             key = self.options.api_key
-            if key is not None and (path.startswith(("/v1/", OLLAMA)) or path in KEYED) and path not in PUBLIC:
+            if key is not None and (path.startswith(KEYED_PREFIXES) or path in KEYED) and path not in PUBLIC:
                 _check_key(headers, key)
             size = headers.get("content-length")
             limited = scope["method"] == "POST" and not path.startswith(BLOBS)  # a blob is a model's size
@@ -137,6 +137,7 @@ class Guard:
 
 PUBLIC = {"/health", "/v1/health"}  # what an API key never guards
 OLLAMA = "/api/"  # Ollama's routes (ollama_api.py)
+KEYED_PREFIXES = ("/v1/", OLLAMA, "/slots/")  # what an API key guards: OpenAI's, Ollama's and /slots/N routes
 BLOBS = "/api/blobs/"  # Ollama's uploads (ollama_store.py): counted under one name
 # besides /v1/ and /api/: what an API key guards
 KEYED = {"/tokenize", "/detokenize", "/lora-adapters", "/props", "/responses", "/chat/completions", "/completion",

@@ -308,3 +308,47 @@ def test_suffix_asks_ollama_and_openai_to_insert(fim_server, server):
     error = post(server, "/api/generate", {"model": "x", "prompt": "a", "suffix": "b", "stream": False}, status=400)
     assert error["error"].endswith("does not support insert: no FIM prefix, suffix, middle token")
     post(server, "/v1/completions", {"model": "x", "prompt": "a", "suffix": "b"}, status=400)
+
+
+def test_slot_files(tmp_path):
+    """llama-server's /slots/N?action=save|restore|erase with --slot-save-path: a slot's prompt KV saved, erased,
+    restored in this server and in a new one; the restored prefix is reused and the reply is the cold one."""
+    folder = tmp_path / "slots"
+    prompt = "def fibonacci(n):\n    " + "a, b = b, a + b\n    " * 40
+    body = {"prompt": prompt, "n_predict": 8, "temperature": 0, "return_tokens": True}
+
+    def start():
+        return ServerProcess("--parallel", "1", "--ctx", "1024", "--api-key", KEY, "--slot-save-path", str(folder))
+
+    server = start()
+    try:
+        cold = post(server, "/completion", body)
+        warm = post(server, "/completion", body)["tokens_cached"]  # what exact reuse takes of the slot's KV
+        assert warm > 0
+        saved = post(server, "/slots/0?action=save", {"filename": "fib.bin"})
+        assert saved["id_slot"] == 0 and saved["filename"] == "fib.bin" and saved["n_written"] > 0
+        assert 0 < saved["n_saved"] <= cold["tokens_evaluated"] and (folder / "fib.bin").is_file()
+        assert post(server, "/slots/0?action=erase", {})["n_erased"] == saved["n_saved"]
+        assert post(server, "/completion", body)["tokens_cached"] == 0  # erased: evaluated again
+        post(server, "/slots/0?action=erase", {})
+        restored = post(server, "/slots/0?action=restore", {"filename": "fib.bin"})
+        assert (restored["n_restored"], restored["n_read"]) == (saved["n_saved"], saved["n_written"])
+        again = post(server, "/completion", body)
+        assert again["tokens_cached"] == warm and again["tokens"] == cold["tokens"]
+        for name, status in (("../x.bin", 400), ("a/b", 400), ("missing.bin", 404)):
+            post(server, "/slots/0?action=restore", {"filename": name}, status=status)
+        (folder / "bad.bin").write_bytes(b"EDGELMKV" + b"\0" * 40)
+        assert "not a slot file" in post(server, "/slots/0?action=restore", {"filename": "bad.bin"},
+                                          status=400)["error"]["message"]
+        post(server, "/slots/3?action=save", {"filename": "x.bin"}, status=400)
+        post(server, "/slots/0?action=load", {"filename": "x.bin"}, status=400)
+        assert httpx.post(server.base + "/slots/0?action=erase").status_code == 401
+    finally:
+        assert "Traceback" not in server.stop()
+    server = start()  # a new process restores what the last one saved
+    try:
+        post(server, "/slots/0?action=restore", {"filename": "fib.bin"})
+        again = post(server, "/completion", body)
+        assert again["tokens_cached"] == warm and again["tokens"] == cold["tokens"]
+    finally:
+        assert "Traceback" not in server.stop()

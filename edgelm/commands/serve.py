@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_control_arguments(p)
     add_template_arguments(p)
     add_speculative_arguments(p, early_exit=False)
+    p.add_argument("--slot-save-path", metavar="DIR",
+                   help="let POST /slots/N?action=save|restore write and read slot KV files in DIR (llama-server's)")
     p.add_argument("--spm-infill", action="store_true",
                    help="/infill gives the suffix before the prefix (llama-server's flag, for models trained so)")
     p.add_argument("--alias", metavar="NAME", help="the model's name in /v1/models and answers (default: the file's)")
@@ -81,7 +83,7 @@ def main(argv: list[str]) -> int:
                             max_tokens_cap=args.max_tokens_cap, prompt_cache=args.prompt_cache,
                             lora=tuple(lora_from_args(args) or ()), chat_template=template_from_args(args),
                             alias=args.alias, context_shift=args.context_shift, keep=args.keep,
-                            spm_infill=args.spm_infill,
+                            spm_infill=args.spm_infill, slot_save_path=args.slot_save_path,
                             **control_from_args(args), **context_from_args(args),
                             **speculative_from_args(args))
     if args.prompt_cache_size is not None:
