@@ -37,8 +37,8 @@ from .runtime.model import LlamaModel
 from .runtime.sampling import SamplerChain, SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 
-NO_DRAFTS = ((), None)
-_ALL = object()  # Engine._adapter_turn: every request runs with the model's own LoRA scales  # what drafted.get() gives a slot without drafts this step
+NO_DRAFTS = ((), None)  # what drafted.get() gives a slot without drafts this step
+_ALL = object()  # Engine._adapter_turn: every request runs with the model's own LoRA scales
 
 
 @dataclass(frozen=True)
