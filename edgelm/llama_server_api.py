@@ -14,8 +14,10 @@ from .blobs import check_file_name
 from .errors import EdgelmError, UsageError
 from .llama_native import lora_scales, settings
 from .openai_api import APIError, piece
+from .runtime.chat import template_kwargs
 from .runtime.generate import Completion
 from .runtime.sampling import SamplingParams
+from .runtime.tools import tool_setup
 from .serving import read_body
 
 
@@ -88,6 +90,22 @@ def add_routes(app: FastAPI, models) -> None:
         given = given or [{"id": 0, "scale": 0.0}]  # an empty list: every adapter off
         server.adapters = server.llama.lora.scales(lora_scales({"lora": given}, server))
         return adapter_list(server)
+
+    @app.post("/v1/chat/completions/input_tokens")
+    @app.post("/chat/completions/input_tokens")
+    async def chat_input_tokens(request: Request):
+        """llama-server's: the prompt tokens a chat completion request would take."""
+        body = await read_body(request)
+        if "messages" not in body:
+            raise APIError(400, "messages is required", param="messages")
+        server = await models.get(request, body.get("model"))
+        try:
+            tools, _ = tool_setup(body.get("tools"), body.get("tool_choice"))
+            extra = template_kwargs(body.get("chat_template_kwargs"))
+        except UsageError as e:
+            raise APIError(400, str(e), param="tools") from None
+        tokens = server.chat_prompt(body["messages"], tools, extra)
+        return {"object": "response.input_tokens", "input_tokens": len(tokens)}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

@@ -67,9 +67,10 @@ def sampling_params(body: dict, chat: bool, default_max_tokens: int, defaults: d
     if unknown:
         raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
     choices(body)
-    if body.get("echo") or body.get("best_of", 1) != 1:
-        field = next(f for f in ("echo", "best_of") if body.get(f) not in (None, False, 1))
-        raise APIError(400, f"{field} is not supported", param=field)
+    if body.get("best_of", 1) not in (None, 1):
+        raise APIError(400, "best_of is not supported", param="best_of")
+    if body.get("echo") not in (None, False, True) or (chat and body.get("echo")):
+        raise APIError(400, "echo is true or false, on /v1/completions", param="echo")
     kwargs = {**(defaults or {}),
               **{SAMPLING_FIELDS[k]: v for k, v in body.items() if k in SAMPLING_FIELDS and v is not None}}
     kwargs["logprobs"] = requested_logprobs(body, chat)
@@ -164,3 +165,31 @@ def stopping_word(llama: LlamaModel, completion, stops) -> str | None:
 
 def finish_reason(reason: str | None) -> str | None:
     return reason if reason in (None, "stop", "length") else "stop"
+
+
+async def echoes(server, prompts: list[list[int]], params: SamplingParams, n: int) -> list[tuple]:
+    """OpenAI's `echo` on /v1/completions: (the prompt's text, its logprobs object or None) for each choice, the
+    prompt's token log-probabilities (the first token has none) read in a context of their own, as evaluation
+    harnesses (lm-evaluation-harness's local-completions) score a continuation."""
+    out = []
+    for tokens in prompts:
+        texts = [token_text(server.llama, t)[0] for t in tokens]
+        logprobs = None
+        if params.logprobs is not None:
+            scored = await server.score(tokens, params.logprobs)
+            top = [None] + [{token_text(server.llama, t)[0]: v for t, v in lp.top} for lp in scored]
+            logprobs = {"tokens": texts, "token_logprobs": [None] + [lp.logprob for lp in scored],
+                        "top_logprobs": top if params.logprobs else None,
+                        "text_offset": list(itertools.accumulate(map(len, texts[:-1]), initial=0))}
+        out += [("".join(texts), logprobs)] * n
+    return out
+
+
+def joined(first: dict | None, then: dict | None) -> dict | None:
+    """Two completions logprobs objects, one after the other (the echoed prompt's, the reply's)."""
+    if first is None or then is None:
+        return first or then
+    top = first["top_logprobs"] + then["top_logprobs"] if first["top_logprobs"] is not None else None
+    return {"tokens": first["tokens"] + then["tokens"], "top_logprobs": top,
+            "token_logprobs": first["token_logprobs"] + then["token_logprobs"],
+            "text_offset": first["text_offset"] + then["text_offset"]}

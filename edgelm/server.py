@@ -38,8 +38,8 @@ from .runtime.generate import check_keep
 from .runtime.backend import release_workers
 from .runtime.memory import ensure_fits
 from .runtime.model import LlamaModel, LoadOptions, resolve_model
-from .openai_api import (APIError, chat_logprobs, choices, completion_logprobs, finish_reason,
-                         sampling_params)
+from .openai_api import (MAX_CHOICES, APIError, chat_logprobs, choices, completion_logprobs, echoes, finish_reason,
+                         joined, sampling_params)
 from .anthropic_api import add_routes as add_anthropic_routes
 from .llama_native import add_routes as add_native_routes
 from .llama_native import insert, lora_scales
@@ -51,7 +51,7 @@ from .runtime.sampling import SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 from .runtime.reasoning import prompt_opens_thinking
 from .runtime.tools import ReplyStream, ToolCall, forcing_call, split_reply, tool_setup
-from .serving import Guard, follow, read_body, wait_for
+from .serving import Guard, cancel_unfinished, follow, read_body, wait_for
 
 
 
@@ -128,6 +128,7 @@ class Server:
                                                    disk_bytes=options.prompt_cache_bytes)
         self.metrics = metrics or Metrics()
         self._embedder = None
+        self._scorer = None  # a context of its own for prompt log-probabilities (echo)
         self.adapters = None  # the LoRA scales of requests that give none (POST /lora-adapters); None: --lora's
         if options.context_shift and not self.engine.ctx.can_shift:
             self.close()
@@ -139,6 +140,8 @@ class Server:
         self.engine.close()
         if self._embedder is not None:
             self._embedder.close()
+        if self._scorer is not None:
+            self._scorer.close()
         for model in (self.draft, self.llama):
             if model is not None:
                 model.close()
@@ -157,14 +160,36 @@ class Server:
         except ContextOverflowError as e:
             raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
 
+    async def score(self, tokens: list[int], n_top: int) -> list:
+        """Each prompt token's TokenLogprob after the ones before it (tokens[1:]), with `n_top` alternatives:
+        evaluated on the engine's thread between its steps, in a context of its own."""
+        from .runtime.context import Context, ContextOptions
+        from .runtime.logprobs import prompt_logprobs
+
+        def run():
+            if self._scorer is None:
+                o = self.options
+                self._scorer = Context(self.llama, ContextOptions(n_ctx=o.n_ctx, n_batch=o.n_batch,
+                                                                  n_threads=o.n_threads))
+            return prompt_logprobs(self._scorer, tokens, n_top)
+        return await asyncio.wrap_future(self.engine.call(run))
+
     # ------------------------------------------------------------ request -> engine
 
     def sampling(self, body: dict, chat: bool) -> SamplingParams:
         return sampling_params(body, chat, min(self.options.default_max_tokens, self.options.max_tokens_cap),
                                self.defaults)
 
+    def prompts(self, prompt: Any) -> list[list[int]]:
+        """OpenAI's `prompt`: a text or token ids, or a list of texts or of token-id lists (a reply each)."""
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            if len(prompt) > MAX_CHOICES:
+                raise APIError(400, f"at most {MAX_CHOICES} prompts per request", param="prompt")
+            return [self.prompt_tokens(p) for p in prompt]
+        return [self.prompt_tokens(prompt)]
+
     def prompt_tokens(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
             tokens = self.llama.tokenize(prompt)
@@ -172,8 +197,7 @@ class Server:
                                                          for t in prompt):
             tokens = list(prompt)
         else:
-            raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)",
-                           param="prompt")
+            raise APIError(400, "prompt must be a string, a list of token ids, or a list of those", param="prompt")
         if not tokens:
             raise APIError(400, "prompt is empty", param="prompt")
         return tokens
@@ -304,10 +328,12 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         if suffix:  # insert: what goes between the prompt and the suffix, by the model's FIM tokens
             if not isinstance(suffix, str) or not isinstance(body["prompt"], str):
                 raise APIError(400, "suffix needs a string prompt and a string suffix", param="suffix")
-            tokens = insert(server, body["prompt"], suffix, "suffix is not supported by this model")
+            prompts = [insert(server, body["prompt"], suffix, "suffix is not supported by this model")]
         else:
-            tokens = server.prompt_tokens(body["prompt"])
-        return await _generate(server, request, body, tokens, params, chat=False)
+            prompts = server.prompts(body["prompt"])
+        if body.get("echo") and suffix:
+            raise APIError(400, "echo and suffix exclude each other", param="echo")
+        return await _generate(server, request, body, prompts, params, chat=False)
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")  # llama-server's alias
@@ -328,23 +354,7 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         except UsageError as e:
             raise APIError(400, str(e), param="chat_template_kwargs") from None
         tokens = server.chat_prompt(body["messages"], tools, extra)
-        return await _generate(server, request, body, tokens, params, chat=True, tools=tools)
-
-    @app.post("/v1/chat/completions/input_tokens")
-    @app.post("/chat/completions/input_tokens")
-    async def chat_input_tokens(request: Request):
-        """llama-server's: the prompt tokens a chat completion request would take."""
-        body = await read_body(request)
-        if "messages" not in body:
-            raise APIError(400, "messages is required", param="messages")
-        server = await models.get(request, body.get("model"))
-        try:
-            tools, _ = tool_setup(body.get("tools"), body.get("tool_choice"))
-            extra = template_kwargs(body.get("chat_template_kwargs"))
-        except UsageError as e:
-            raise APIError(400, str(e), param="tools") from None
-        tokens = server.chat_prompt(body["messages"], tools, extra)
-        return {"object": "response.input_tokens", "input_tokens": len(tokens)}
+        return await _generate(server, request, body, [tokens], params, chat=True, tools=tools)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
@@ -361,10 +371,18 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
                 "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
-    async def _generate(server: Server, request: Request, body: dict, tokens: list[int], params: SamplingParams, chat: bool,
-                        tools: list[dict] | None = None):
-        # one request per choice, started in the same step; llama-server's per-request `lora` scales
-        reqs = server.submit(tokens, params, choices(body), adapters=lora_scales(body, server))
+    async def _generate(server: Server, request: Request, body: dict, prompts: list[list[int]],
+                        params: SamplingParams, chat: bool, tools: list[dict] | None = None):
+        """The reply to `prompts` (one for chat), `n` choices each: choice i * n + j is prompt i's j-th."""
+        n, adapters, tokens = choices(body), lora_scales(body, server), prompts[0]
+        reqs = []
+        try:
+            for prompt in prompts:  # one request per choice, started in the same step; llama-server's `lora`
+                reqs += server.submit(prompt, params, n, adapters=adapters)
+        except BaseException:
+            cancel_unfinished(reqs)
+            raise
+        echoed = await echoes(server, prompts, params, n) if not chat and body.get("echo") else None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -372,13 +390,14 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         opened = chat and prompt_opens_thinking(server.llama, tokens)  # the template started the thinking
 
         def usage() -> dict:
-            t = reqs[0].timings  # one prompt, counted once
+            firsts = reqs[::n]  # each prompt counted once
+            prompt, cached = (sum(getattr(r.timings, f) for r in firsts) for f in ("prompt_tokens", "cached_tokens"))
             completion = sum(r.timings.completion_tokens for r in reqs)
-            return {"prompt_tokens": t.prompt_tokens, "completion_tokens": completion,
-                    "total_tokens": t.prompt_tokens + completion,
-                    "prompt_tokens_details": {"cached_tokens": t.cached_tokens}}
+            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                    "prompt_tokens_details": {"cached_tokens": cached}}
 
-        offsets = [0] * len(reqs)  # completions' text_offset: characters of each choice's token texts sent so far
+        # completions' text_offset: characters of each choice's token texts sent so far (the echoed prompt's first)
+        offsets = [len(e[0]) for e in echoed] if echoed else [0] * len(reqs)
 
         def logprobs_body(i: int, logprobs) -> dict | None:
             if params.logprobs is None or logprobs is None:
@@ -414,6 +433,10 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
                 if chat:
                     for i in range(len(reqs)):
                         yield event(i, None, None, role=True)
+                for i, (text, logprobs) in enumerate(echoed or ()):  # the prompt first, with its log-probabilities
+                    obj = {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
+                           "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": None}]}
+                    yield f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
                 replies = [ReplyStream(tools, opened) for _ in reqs] if chat else None
                 async for i, chunk in follow(server, request, reqs):
                     reason, text, calls, reasoning = finish_reason(chunk.finish_reason), chunk.text, None, ""
@@ -456,6 +479,8 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
                 if calls:
                     message["tool_calls"] = [c.to_openai() for c in calls]
                     reason = "tool_calls"
+            if echoed:
+                text, logprobs = echoed[i][0] + text, joined(echoed[i][1], logprobs)
             out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason} if chat else
                        {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
         obj = {"id": rid, "object": kind, "created": created, "model": server.model_id, "choices": out,
@@ -465,3 +490,4 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
         return obj
 
     return app
+

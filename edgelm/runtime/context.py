@@ -316,17 +316,17 @@ class Context:
         for seq, (start, tokens) in runs.items():
             self._record(seq, start, tokens)
 
-    def _output_rows(self, n_outputs: int) -> np.ndarray:
+    def output_rows(self, n_outputs: int) -> np.ndarray:
         """Every output row of the last decode, in batch order, in place: (n_outputs, n_vocab)."""
         return np.ctypeslib.as_array(lib.llama_get_logits(self._ptr), shape=(n_outputs, self.model.n_vocab))
 
     def all_logits(self, n_outputs: int) -> np.ndarray:
         """A copy of every output row of the last decode, in batch order: (n_outputs, n_vocab)."""
-        return self._output_rows(n_outputs).copy()
+        return self.output_rows(n_outputs).copy()
 
     def output_argmax(self, n_outputs: int) -> np.ndarray:
         """The argmax of every output row of the last decode, in batch order (the rows read in place)."""
-        return self._output_rows(n_outputs).argmax(axis=1)
+        return self.output_rows(n_outputs).argmax(axis=1)
 
     def logits(self, index: int = -1) -> np.ndarray:
         """A copy of the logits row of output `index` (-1: the last one)."""

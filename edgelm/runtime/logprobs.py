@@ -49,3 +49,20 @@ def token_logprob(row: np.ndarray, token: int, n_top: int = 0) -> TokenLogprob:
         ids = ids[np.lexsort((ids, -row[ids]))]
         top = tuple((int(t), float(row[t]) - log_z) for t in ids)
     return TokenLogprob(int(token), float(row[token]) - log_z, top)
+
+
+def prompt_logprobs(ctx, tokens: list[int], n_top: int = 0) -> list[TokenLogprob]:
+    """Each prompt token's log-probability after the tokens before it (tokens[1:]: the first has no context), and
+    the `n_top` most likely tokens there: `tokens` evaluated from position 0 of a cleared context (sequence 0), in
+    chunks of its batch, every row read in place."""
+    if len(tokens) > ctx.n_ctx:
+        raise UsageError(f"{len(tokens)} prompt tokens do not fit the scoring context of {ctx.n_ctx}")
+    ctx.clear()
+    out = []
+    for lo in range(0, len(tokens), ctx.n_batch):
+        chunk = tokens[lo:lo + ctx.n_batch]
+        ctx.decode(chunk, lo, logits_last=False, logits_from=0)
+        rows = ctx.output_rows(len(chunk))
+        for i, target in enumerate(tokens[lo + 1:lo + len(chunk) + 1]):  # row i predicts token lo + i + 1
+            out.append(token_logprob(rows[i], target, n_top))
+    return out
