@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import llama_cpp as lib
 
 from .drafting import SlotDrafting, Speculation, check_draft_options
-from .engine_reuse import SlotReuse
+from .engine_reuse import _ALL, SlotReuse
 from .engine_slots import SlotFiles
 from .errors import ContextOverflowError, EdgelmError, ModelLoadError, UsageError
 from .runtime.backend import release_workers, running_graphs
@@ -38,7 +38,6 @@ from .runtime.sampling import SamplerChain, SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 
 NO_DRAFTS = ((), None)  # what drafted.get() gives a slot without drafts this step
-_ALL = object()  # Engine._adapter_turn: every request runs with the model's own LoRA scales
 
 
 @dataclass(frozen=True)
@@ -140,6 +139,7 @@ class Engine(SlotReuse, SlotDrafting, SlotFiles):
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
         self._adapters: tuple[float, ...] | None = None  # the LoRA scales set on the context (None: the model's)
+        self._turn_steps = 0  # steps decoded under them in a row
         self._closed = False
         self._paused = False  # submit_many holds admission until all its requests are queued
         self._calls: deque = deque()  # (function, future) to run on the engine's thread between steps
@@ -406,20 +406,6 @@ class Engine(SlotReuse, SlotDrafting, SlotFiles):
             # a step of decoding rows only, all told (drafts' verification and rollback too; a draft model's time
             # is its own cost): the cost model's data
             self.speculation.observe(n, time.perf_counter() - t_step)
-
-    def _adapter_turn(self, slots: list[_Slot]):
-        """The LoRA scales this step decodes with, set on the context: one set per step, taking turns step by
-        step when requests ask for several (as llama-server never batches requests of other scales together);
-        _ALL when every request has the model's own."""
-        wanted = sorted({s.req.adapters for s in slots}, key=lambda a: (a is not None, a or ()))
-        if wanted == [None] and self._adapters is None:
-            return _ALL
-        turn = wanted[self.stats["steps"] % len(wanted)]
-        if turn != self._adapters:
-            self.model.lora.apply(self.ctx.ptr, turn)
-            self._adapters = turn
-            self.stats["lora_switches"] += 1
-        return turn
 
     def _sampled(self, slot: _Slot, token: int | None, now: float, index: int) -> None:
         req, model = slot.req, self.model

@@ -1,7 +1,9 @@
 """How the batching engine's slots reuse KV they or others already hold: a request keeps the prefix its slot
 holds, copies a longer one from another slot or the prompt cache, or waits for another slot that is prefilling the
 same prefix and copies it then (requests that arrive together behind one system prompt, the n choices of one).
-Every reuse keeps to the exact-reuse rule (runtime/canonical.py), so a reused prefix gives a cold run's output.
+Every reuse keeps to the exact-reuse rule (runtime/canonical.py), so a reused prefix gives a cold run's output,
+and only KV computed under a request's own LoRA scales is reused (per-request `lora`: each step runs under one set
+of scales, the sets taking turns).
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from .runtime.canonical import reusable
 
 if TYPE_CHECKING:
     from .engine import _Slot
+
+_ALL = object()  # SlotReuse._adapter_turn: every request runs with the model's own LoRA scales
+TURN_STEPS = 16  # steps one set of LoRA scales keeps the context while requests of another set wait
 
 
 class SlotReuse:
@@ -100,3 +105,20 @@ class SlotReuse:
             self.ctx.remove(dst)
             return False
         return True
+
+    def _adapter_turn(self, slots: list[_Slot]):
+        """The LoRA scales this step decodes with, set on the context: one set per step (llama-server never
+        batches requests of other scales together either), kept for up to TURN_STEPS steps while its requests
+        run, then the next set's turn (a switch makes llama.cpp reserve its graphs again); _ALL when every request
+        has the model's own."""
+        wanted = sorted({s.req.adapters for s in slots}, key=lambda a: (a is not None, a or ()))
+        if wanted == [None] and self._adapters is None:
+            return _ALL
+        if self._adapters in wanted and (len(wanted) == 1 or self._turn_steps < TURN_STEPS):
+            self._turn_steps += 1
+            return self._adapters
+        turn = wanted[(wanted.index(self._adapters) + 1) % len(wanted)] if self._adapters in wanted else wanted[0]
+        self.model.lora.apply(self.ctx.ptr, turn)
+        self._adapters, self._turn_steps = turn, 1
+        self.stats["lora_switches"] += 1
+        return turn
