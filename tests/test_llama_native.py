@@ -352,3 +352,25 @@ def test_slot_files(tmp_path):
         assert again["tokens_cached"] == warm and again["tokens"] == cold["tokens"]
     finally:
         assert "Traceback" not in server.stop()
+
+
+BAD = [None, {}, [], [[]], [1.5], ["a", {}], "x", -1, 10**12, True, [[1, 2], "x"], [{"id": 0}], {"a": "b"}, [["x"]]]
+ROUTES = {"/completion": ({"prompt": "hi", "n_predict": 2}, ["prompt", "n_predict", "n_probs", "samplers", "logit_bias",
+                                                           "lora", "response_fields", "id_slot", "n_indent", "stop"]),
+          "/infill": ({"input_prefix": "a", "input_suffix": "b"}, ["input_prefix", "input_extra", "prompt"]),
+          "/v1/completions": ({"prompt": "hi", "max_tokens": 2}, ["prompt", "echo", "suffix", "logprobs", "lora"]),
+          "/embedding": ({"content": "hi"}, ["content", "embd_normalize"]),
+          "/apply-template": ({"messages": [{"role": "user", "content": "hi"}]}, ["messages", "tools"])}
+
+
+def test_bad_values_are_never_a_server_error(server):
+    """Every field of the new routes, given values of the wrong shape: an answer below 500 each time."""
+    with httpx.Client(headers=H, timeout=60) as c:
+        for path, (body, fields) in ROUTES.items():
+            for field in fields:
+                for value in BAD:
+                    r = c.post(server.base + path, json={**body, field: value})
+                    assert r.status_code < 500, (path, field, value, r.text)
+        for value in BAD:
+            assert c.post(server.base + "/lora-adapters", json=value).status_code < 500
+            assert c.post(server.base + "/slots/0?action=save", json={"filename": value}).status_code < 500
