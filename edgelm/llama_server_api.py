@@ -14,11 +14,9 @@ from .blobs import check_file_name
 from .errors import EdgelmError, UsageError
 from .llama_native import lora_scales, settings
 from .openai_api import APIError, piece
-from .runtime.chat import template_kwargs
 from .runtime.generate import Completion
 from .runtime.sampling import SamplingParams
-from .runtime.tools import tool_setup
-from .serving import read_body
+from .serving import chat_request, read_body
 
 
 def add_routes(app: FastAPI, models) -> None:
@@ -95,15 +93,7 @@ def add_routes(app: FastAPI, models) -> None:
     @app.post("/chat/completions/input_tokens")
     async def chat_input_tokens(request: Request):
         """llama-server's: the prompt tokens a chat completion request would take."""
-        body = await read_body(request)
-        if "messages" not in body:
-            raise APIError(400, "messages is required", param="messages")
-        server = await models.get(request, body.get("model"))
-        try:
-            tools, _ = tool_setup(body.get("tools"), body.get("tool_choice"))
-            extra = template_kwargs(body.get("chat_template_kwargs"))
-        except UsageError as e:
-            raise APIError(400, str(e), param="tools") from None
+        body, server, tools, _, extra = await chat_request(request, models)
         tokens = server.chat_prompt(body["messages"], tools, extra)
         return {"object": "response.input_tokens", "input_tokens": len(tokens)}
 

@@ -33,7 +33,7 @@ from .errors import (ChatTemplateError, ContextOverflowError, DownloadError, Edg
 from .metrics import Metrics, prometheus_text
 from .router import One, Router, RouterOptions
 from .router import add_routes as add_router_routes
-from .runtime.chat import chat_tokens, template_for, template_kwargs
+from .runtime.chat import chat_tokens, template_for
 from .runtime.generate import check_keep
 from .runtime.backend import release_workers
 from .runtime.memory import ensure_fits
@@ -50,8 +50,8 @@ from .responses_api import add_routes as add_responses_routes
 from .runtime.sampling import SamplingParams
 from .runtime.speculative import DRAFT_MAX, THRESHOLD
 from .runtime.reasoning import prompt_opens_thinking
-from .runtime.tools import ReplyStream, ToolCall, forcing_call, split_reply, tool_setup
-from .serving import Guard, cancel_unfinished, follow, read_body, wait_for
+from .runtime.tools import ReplyStream, ToolCall, forcing_call, split_reply
+from .serving import Guard, cancel_unfinished, chat_request, follow, read_body, wait_for
 
 
 
@@ -338,21 +338,13 @@ def create_app(options: ServerOptions, router: RouterOptions | None = None) -> F
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")  # llama-server's alias
     async def chat_completions(request: Request):
-        body = await read_body(request)
-        if "messages" not in body:
-            raise APIError(400, "messages is required", param="messages")
-        server = await models.get(request, body.get("model"))
+        body, server, tools, grammar, extra = await chat_request(request, models)
         params = server.sampling(body, chat=True)
-        try:
-            tools, grammar = tool_setup(body.get("tools"), body.get("tool_choice"))
-            if grammar is not None:
+        if grammar is not None:
+            try:
                 params = forcing_call(params, grammar)
-        except UsageError as e:
-            raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
-        try:
-            extra = template_kwargs(body.get("chat_template_kwargs"))
-        except UsageError as e:
-            raise APIError(400, str(e), param="chat_template_kwargs") from None
+            except UsageError as e:
+                raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
         tokens = server.chat_prompt(body["messages"], tools, extra)
         return await _generate(server, request, body, [tokens], params, chat=True, tools=tools)
 

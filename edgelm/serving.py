@@ -11,9 +11,11 @@ import time
 from fastapi import Request
 
 from .request import POLL_S
+from .errors import UsageError
 from .openai_api import APIError
 from .router import RELEASE
-from .runtime.tools import ReplyStream
+from .runtime.chat import template_kwargs
+from .runtime.tools import ReplyStream, tool_setup
 
 MAX_BODY_BYTES = 4 << 20
 DISCONNECT_EVERY = 10  # ticks between checks for a client that went away
@@ -31,6 +33,25 @@ async def read_body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
+
+
+async def chat_request(request: Request, models) -> tuple[dict, object, list | None, object, dict]:
+    """(body, its model's server, tools, the grammar forcing its tool_choice or None, chat_template_kwargs) of a
+    request carrying chat messages: what chat completions, their token count and /apply-template read first; a
+    400 names the bad field."""
+    body = await read_body(request)
+    if "messages" not in body:
+        raise APIError(400, "messages is required", param="messages")
+    server = await models.get(request, body.get("model"))
+    try:
+        tools, grammar = tool_setup(body.get("tools"), body.get("tool_choice"))
+    except UsageError as e:
+        raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
+    try:
+        extra = template_kwargs(body.get("chat_template_kwargs"))
+    except UsageError as e:
+        raise APIError(400, str(e), param="chat_template_kwargs") from None
+    return body, server, tools, grammar, extra
 
 
 async def follow(server, request: Request, reqs: list):
